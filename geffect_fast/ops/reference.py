@@ -1,0 +1,188 @@
+"""Reference implementations of the kernel contract (DESIGN.md §4), in plain torch.
+
+These functions are the *specification* every other backend is tested against. They never form a
+per-sample gradient and never hold more than one tile of intermediates: tokens are processed in tiles of
+at most ``TILE_BYTES`` of transient memory, whatever N is.
+
+Common conventions
+------------------
+* ``seg`` [N] (int32 or int64): the sample id of each token row, in ``[0, B)``. Rows of one sample need not
+  be contiguous (packed sequences work). Per-position values are the special case ``seg = arange(N)``,
+  ``B = N``.
+* ``v`` holds K directions stacked on dim 0.
+* Accumulation dtype: float64 if any input is float64, else float32 (bf16 / fp16 / fp32 inputs are upcast
+  tile by tile). Outputs are [K, B] in the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: upper bound on the transient memory of one tile, in bytes
+TILE_BYTES = 4 << 20
+
+
+def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _rows_per_tile(row_elems: int, itemsize: int) -> int:
+    return max(1, TILE_BYTES // max(1, row_elems * itemsize))
+
+
+def _check_seg(seg: Tensor, n: int, B: int) -> None:
+    if seg.dim() != 1 or seg.shape[0] != n:
+        raise ValueError(f"seg must have shape [{n}], got {tuple(seg.shape)}")
+    if seg.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seg must be int32 or int64, got {seg.dtype}")
+    if B < 1:
+        raise ValueError(f"B must be >= 1, got {B}")
+
+
+def linear_dot(
+    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Tensor, B: int, vb: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-sample inner products of a linear layer's gradient with K fixed directions.
+
+    For y_t = W a_t + b with input rows a [N, i] and output gradients g [N, o]::
+
+        out_w[k, b] = Σ_{t: seg_t = b} g_tᵀ V_k a_t        = ⟨Σ_t g_t a_tᵀ, V_k⟩   (weight)
+        out_b[k, b] = Σ_{t: seg_t = b} g_t · vb_k                                     (bias)
+
+    ``v`` is [K, o, i] (any strides; HF ``Conv1D`` passes a transposed view) or None (bias only, ``a`` may
+    then be None too), ``vb`` [K, o] or None; the matching output is None when its direction is.
+    Cost: 2·N·i·o·K FLOPs, the same as the weight-gradient GEMM; the contraction runs over whichever of
+    i and o is larger so the tile intermediate is [K, n, min(i, o)].
+    """
+    if g.dim() != 2:
+        raise ValueError(f"g must be [N, o], got {tuple(g.shape)}")
+    N, o = g.shape
+    if v is None and vb is None:
+        raise ValueError("linear_dot needs at least one of v, vb")
+    if v is not None:
+        if a is None or a.dim() != 2 or a.shape[0] != N:
+            raise ValueError(f"a must be [{N}, i], got {None if a is None else tuple(a.shape)}")
+        i = a.shape[1]
+        if v.dim() != 3 or v.shape[1:] != (o, i):
+            raise ValueError(f"v must be [K, {o}, {i}], got {tuple(v.shape)}")
+    K = v.shape[0] if v is not None else vb.shape[0]
+    if vb is not None and vb.shape != (K, o):
+        raise ValueError(f"vb must be [{K}, {o}], got {tuple(vb.shape)}")
+    _check_seg(seg, N, B)
+    acc = acc_dtype(a, g, v, vb)
+    out_w = None if v is None else torch.zeros(K, B, dtype=acc, device=g.device)
+    out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
+    seg = seg.long()
+    if v is None:
+        vbc = vb.to(acc)
+        n = _rows_per_tile(o + K, torch.finfo(acc).bits // 8)
+        for n0 in range(0, N, n):
+            out_b.index_add_(1, seg[n0 : n0 + n], (g[n0 : n0 + n].to(acc) @ vbc.T).T)
+        return out_w, out_b
+    itemsize = torch.finfo(acc).bits // 8
+    g_side = i <= o  # contract g with V over o (result [K, n, i]); else a with Vᵀ over i
+    inner, outer = (o, i) if g_side else (i, o)
+    # V is converted to the accumulation dtype in chunks of the contracted dim, so that the converted
+    # chunk is itself bounded by one tile; no copy at all when V already has that dtype.
+    if v.dtype == acc:
+        vchunk = inner
+    else:
+        vchunk = max(1, min(inner, TILE_BYTES // max(1, K * outer * itemsize)))
+    # per-row transients: the product p [K, n, outer], plus the upcast copies of a and g when they need one
+    row = K * outer + (0 if a.dtype == acc else i) + (0 if g.dtype == acc else o)
+    n = _rows_per_tile(row, itemsize)
+    vbc = None if vb is None else vb.to(acc)
+    for n0 in range(0, N, n):
+        n1 = min(N, n0 + n)
+        gt = g[n0:n1].to(acc)
+        at = a[n0:n1].to(acc)
+        p = None
+        for c0 in range(0, inner, vchunk):
+            c1 = min(inner, c0 + vchunk)
+            if g_side:
+                part = torch.matmul(gt[:, c0:c1], v[:, c0:c1, :].to(acc))  # [K, n, i]
+            else:
+                part = torch.matmul(at[:, c0:c1], v[:, :, c0:c1].to(acc).transpose(1, 2))  # [K, n, o]
+            p = part if p is None else p.add_(part)
+        r = p.mul_(at if g_side else gt).sum(-1)  # [K, n]
+        out_w.index_add_(1, seg[n0:n1], r)
+        if vbc is not None:
+            out_b.index_add_(1, seg[n0:n1], (gt @ vbc.T).T)
+    return out_w, out_b
+
+
+def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int, padding_idx: int | None = None) -> Tensor:
+    """Per-sample inner products of an embedding table's gradient with K fixed directions.
+
+    For y_t = E[x_t] with ids x [N] and output gradients g [N, d], ``v`` [K, vocab, d]::
+
+        out[k, b] = Σ_{t: seg_t = b, x_t ≠ padding_idx} g_t · V_k[x_t]
+
+    (torch gives the ``padding_idx`` row no gradient). A gather-dot: V[ids] is gathered one tile at a time,
+    never for all N tokens.
+    """
+    if ids.dim() != 1 or g.dim() != 2 or ids.shape[0] != g.shape[0]:
+        raise ValueError(f"ids [N] and g [N, d] expected, got {tuple(ids.shape)} and {tuple(g.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    N, d = g.shape
+    if v.dim() != 3 or v.shape[2] != d:
+        raise ValueError(f"v must be [K, vocab, {d}], got {tuple(v.shape)}")
+    K = v.shape[0]
+    _check_seg(seg, N, B)
+    acc = acc_dtype(g, v)
+    out = torch.zeros(K, B, dtype=acc, device=g.device)
+    seg = seg.long()
+    n = _rows_per_tile(K * d + d, torch.finfo(acc).bits // 8)
+    for n0 in range(0, N, n):
+        n1 = min(N, n0 + n)
+        it = ids[n0:n1].long()
+        r = (v[:, it, :].to(acc) * g[n0:n1].to(acc)).sum(-1)  # [K, n]
+        if padding_idx is not None:
+            r = r.masked_fill(it == padding_idx, 0)
+        out.index_add_(1, seg[n0:n1], r)
+    return out
+
+
+def norm_dot(
+    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Tensor, B: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Per-sample inner products of a normalisation layer's affine gradients with K directions.
+
+    For y_t = γ ⊙ x̂_t + β (LayerNorm), y_t = γ ⊙ x̂_t (RMSNorm) or y_t = (1 + γ) ⊙ x̂_t (Gemma), with the
+    normalised inputs x̂ [N, d] and output gradients g [N, d]; the gradient with respect to γ is the same
+    Σ_t g_t ⊙ x̂_t in all three forms::
+
+        out_w[k, b] = Σ_{t: seg_t = b} (g_t ⊙ x̂_t) · vw_k         vw [K, d]
+        out_b[k, b] = Σ_{t: seg_t = b} g_t · vb_k                  vb [K, d]
+    """
+    if xhat.shape != g.shape or g.dim() != 2:
+        raise ValueError(f"xhat and g must both be [N, d], got {tuple(xhat.shape)} and {tuple(g.shape)}")
+    N, d = g.shape
+    K = None
+    for name, t in (("vw", vw), ("vb", vb)):
+        if t is not None:
+            if t.dim() != 2 or t.shape[1] != d or (K is not None and t.shape[0] != K):
+                raise ValueError(f"{name} must be [K, {d}], got {tuple(t.shape)}")
+            K = t.shape[0]
+    if K is None:
+        raise ValueError("norm_dot needs at least one of vw, vb")
+    _check_seg(seg, N, B)
+    acc = acc_dtype(xhat, g, vw, vb)
+    out_w = None if vw is None else torch.zeros(K, B, dtype=acc, device=g.device)
+    out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
+    seg = seg.long()
+    vwc = None if vw is None else vw.to(acc)
+    vbc = None if vb is None else vb.to(acc)
+    n = _rows_per_tile(2 * d + 2 * K, torch.finfo(acc).bits // 8)
+    for n0 in range(0, N, n):
+        n1 = min(N, n0 + n)
+        gt = g[n0:n1].to(acc)
+        s = seg[n0:n1]
+        if vwc is not None:
+            out_w.index_add_(1, s, ((gt * xhat[n0:n1].to(acc)) @ vwc.T).T)
+        if vbc is not None:
+            out_b.index_add_(1, s, (gt @ vbc.T).T)
+    return out_w, out_b
