@@ -1,0 +1,17 @@
+"""geffect_fast: exact per-instance, per-layer G-effects of LLM unlearning objectives.
+
+import geffect_fast as gf
+v = gf.Direction.from_objective(model, objective, forget_batch)
+res = gf.measure(model, v, {"unlearn": forget_batch, "retain": retain_batch}, per_instance=True)
+print(res)
+"""
+
+from . import capture, groups, ops
+from ._version import __version__
+from .api import measure
+from .direction import Direction
+from .loss import risk
+from .ops import backends
+from .result import Result
+
+__all__ = ["Direction", "Result", "__version__", "backends", "capture", "groups", "measure", "ops", "risk"]

@@ -1,0 +1,255 @@
+"""``measure()``: the measuring pass of DESIGN.md §2.
+
+For each risk batch: one forward, the per-token NLL, and one backward of the sum of the per-sample mean
+NLLs, L = Σ_b ℓ_b, with every parameter frozen. Each covered layer's output carries a tap; in backward the
+tap contracts the layer's output gradient g (whose row t is ∂ℓ_b/∂y_t for the sample b that owns token t)
+with the direction, per sample and per group, and lets g go. Aggregates follow exactly from the
+per-instance values: ⟨∇R, v⟩ = Σ_b c_b e_b. No
+per-sample gradient is formed, no weight gradient is computed, and nothing of size O(B·|θ|) exists: the
+cost is about one ordinary forward+backward of the batch.
+
+The model comes back as it was: ``.grad``, ``requires_grad``, train/eval mode, hooks and RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import groups as groups_mod
+from .capture import CaptureSession, ModulePlan, Slot, UnsupportedModuleError, find_adapter
+from .direction import Direction
+from .loss import REDUCTIONS, check_batch, forward_logits, sample_weights, token_nll
+from .ops import resolve
+from .result import UNCOVERED, Result
+from .state import MODES, preserved
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device of the model's input embeddings (where batches must live)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    if callable(get_in):
+        try:
+            emb = get_in()
+            if emb is not None and getattr(emb, "weight", None) is not None:
+                return emb.weight.device
+        except (AttributeError, NotImplementedError):  # pragma: no cover
+            pass
+    for p in model.parameters():
+        return p.device
+    raise ValueError("the model has no parameters")
+
+
+class _Plan:
+    """Which module each nonzero-direction parameter is tapped in, and which are left uncovered."""
+
+    def __init__(self, model: nn.Module, V: dict[str, Tensor], grouping: groups_mod.Grouping):
+        pname = {id(p): n for n, p in model.named_parameters()}
+        owners: dict[str, list[tuple[str, nn.Module, str]]] = {}
+        modules = list(model.named_modules())
+        for mname, m in modules:
+            for local, p in m.named_parameters(recurse=False):
+                n = pname[id(p)]
+                if n in V:
+                    owners.setdefault(n, []).append((mname, m, local))
+        adapters: dict[int, Any] = {}
+        reasons: dict[str, str] = {}
+        for n, uses in owners.items():
+            for mname, m, local in uses:
+                if id(m) not in adapters:
+                    ad = find_adapter(m)
+                    why = None if ad is None else ad.unsupported_reason(m)
+                    adapters[id(m)] = (ad, why)
+                ad, why = adapters[id(m)]
+                if ad is None:
+                    reasons[n] = f"{mname or '<model>'} ({type(m).__name__}) has no adapter"
+                elif why is not None:
+                    reasons[n] = f"{mname} ({type(m).__name__}): {why}"
+                elif local not in ad.param_names:
+                    reasons[n] = f"{mname} ({type(m).__name__}): its adapter does not cover {local!r}"
+        #: parameter -> why it is not covered (every use of a parameter must be covered for it to be)
+        self.uncovered: dict[str, str] = reasons
+        self.plans: list[ModulePlan] = []
+        by_module: dict[int, ModulePlan] = {}
+        for n, uses in owners.items():
+            if n in reasons:
+                continue
+            for mname, m, local in uses:
+                plan = by_module.get(id(m))
+                if plan is None:
+                    plan = by_module[id(m)] = ModulePlan(mname, m, adapters[id(m)][0])
+                    self.plans.append(plan)
+                plan.slots[local] = Slot(n, V[n], grouping.of[n])
+        tapped = set(by_module)
+        roots = [m for _, m in modules if isinstance(m, nn.Embedding) and id(m) not in tapped]
+        get_in = getattr(model, "get_input_embeddings", None)
+        if callable(get_in):
+            try:
+                emb = get_in()
+            except (AttributeError, NotImplementedError):  # pragma: no cover
+                emb = None
+            if isinstance(emb, nn.Module) and id(emb) not in tapped and all(emb is not r for r in roots):
+                roots.append(emb)
+        #: modules whose output becomes a leaf requiring grad (so gradients flow with frozen parameters)
+        self.roots: list[nn.Module] = roots
+
+
+def measure(
+    model: nn.Module,
+    direction: Direction | Mapping[str, Tensor],
+    risks: Mapping[str, Mapping[str, Tensor]] | Mapping[str, Tensor],
+    groups: groups_mod.GroupSpec = "block",
+    per_instance: bool = False,
+    reduction: str = "token_mean",
+    backend: str = "auto",
+    strict: bool = True,
+    mode: str = "eval",
+) -> Result:
+    """G-effects e = ⟨∇θ R(D), v⟩ of each risk set D, per group and per instance, in one backward per set.
+
+    Args:
+        model: a causal LM (Hugging Face or alike: ``model(input_ids=..., attention_mask=...)`` -> logits).
+        direction: a :class:`Direction` (K directions), or a mapping parameter name -> tensor.
+        risks: ``{name: batch}``, or a single batch (then named ``"risk"``). A batch is a dict with
+            ``input_ids``, ``labels`` (−100 ignored, shifted as in HF) and optionally ``attention_mask``.
+        groups: ``"block"``, ``"paper"``, ``"module"`` or ``fn(param_name) -> group`` (see
+            :mod:`geffect_fast.groups`).
+        per_instance: keep e_b = ⟨∇ℓ_b, v⟩ per sample (they are computed anyway; this keeps them).
+        reduction: ``"token_mean"`` (R pools tokens over the batch, as the paper's code and HF's loss) or
+            ``"sample_mean"`` (R averages the per-sample means).
+        backend: op backend, ``"auto"`` or a name from :func:`geffect_fast.backends`.
+        strict: raise for a parameter with a nonzero direction that no adapter covers (default); if False,
+            such parameters form the group ``uncovered``, computed by ordinary autograd (aggregate only).
+        mode: ``"eval"`` (default: dropout off, so per-sample gradients are not random), ``"train"`` (what
+            training sees; HF applies gradient checkpointing only in train mode) or ``"keep"``.
+            The model's own mode is restored afterwards.
+
+    Returns:
+        :class:`Result`; see :mod:`geffect_fast.result` for its shape.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    model = unwrap(model)
+    if not isinstance(direction, Direction):
+        if not isinstance(direction, Mapping):
+            raise TypeError(
+                f"direction must be a Direction or a mapping name -> tensor, got {type(direction).__name__}"
+            )
+        direction = Direction(direction)
+    if isinstance(risks, Mapping) and "input_ids" in risks:
+        risks = {"risk": risks}
+    if not isinstance(risks, Mapping) or not risks:
+        raise ValueError("risks must be a non-empty dict {name: batch} (or one batch)")
+    device = input_device(model)
+    for rname, batch in risks.items():
+        check_batch(batch, rname, device)
+
+    named = dict(model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    V = direction.bind(named, trainable)
+    if not V:
+        raise ValueError("the direction is zero on every parameter: every G-effect would be 0")
+    grouping = groups_mod.assign(model, groups, list(named))
+    plan = _Plan(model, V, grouping)
+    if plan.uncovered and strict:
+        items = [f"{n}: {why}" for n, why in list(plan.uncovered.items())[:5]]
+        more = f" (and {len(plan.uncovered) - 5} more)" if len(plan.uncovered) > 5 else ""
+        raise UnsupportedModuleError(
+            "these parameters have a nonzero direction but no adapter covers them: "
+            + "; ".join(items)
+            + more
+            + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure them "
+            "by ordinary autograd in group 'uncovered' (aggregate only)."
+        )
+    ops = resolve(backend, device)
+    K = direction.k
+    acc = (
+        torch.float64
+        if any(p.dtype == torch.float64 for p in named.values()) or any(v.dtype == torch.float64 for v in V.values())
+        else torch.float32
+    )
+    group_names = tuple(grouping.names) + ((UNCOVERED,) if plan.uncovered else ())
+    G = len(group_names)
+    uncovered = list(plan.uncovered)
+
+    group_totals: dict[str, Tensor] = {}
+    instances: dict[str, Tensor] = {}
+    weights: dict[str, Tensor] = {}
+    n_tokens: dict[str, Tensor] = {}
+    losses: dict[str, float] = {}
+    with preserved(model, mode=mode):
+        for p in named.values():
+            p.requires_grad_(False)
+        for n in uncovered:
+            named[n].requires_grad_(True)
+        with CaptureSession(plan.plans, plan.roots, ops, K, G, acc) as session:
+            for rname, batch in risks.items():
+                B = batch["input_ids"].shape[0]
+                session.start(B, device)
+                nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
+                c, n = sample_weights(mask, reduction)
+                # Backpropagate L = Σ_b s_b ℓ_b. With s_b = 1 each tap's gradient rows are exactly those of
+                # the sample's own ℓ_b, as a per-sample backward would give them (bit for bit where the model
+                # rounds through lower precision). Uncovered parameters need ∇R itself from the same
+                # backward, so then s_b = c_b and L = R.
+                s = c.clone() if uncovered else (n > 0).double()
+                w = (s.to(nll.device) / n.clamp_min(1)).to(nll.dtype)
+                L = (nll * w[:, None]).sum()
+                if not bool(torch.isfinite(L.detach())):
+                    raise ValueError(
+                        f"risk set {rname!r}: the risk is not finite ({L.item()}); check the model and batch"
+                    )
+                if not L.requires_grad:
+                    raise RuntimeError(
+                        "the risk does not depend on any tapped layer: no gradient can flow (is the model's input "
+                        "embedding an nn.Embedding?)"
+                    )
+                ell = (nll.detach().sum(1) / n.clamp_min(1).to(nll.dtype)).double().cpu()
+                del nll
+                L.backward()
+                out = session.out.double().cpu()  # [K, B, G]: s_b · e_b
+                e = torch.where(s[None, :, None] > 0, out / s.clamp_min(1e-300)[None, :, None], torch.zeros_like(out))
+                totals = (e * c[None, :, None]).sum(1)  # Σ_b c_b e_b
+                if uncovered:
+                    totals[:, -1] = 0
+                    for pn in uncovered:
+                        p = named[pn]
+                        if p.grad is not None:
+                            flat = p.grad.reshape(1, -1).to(V[pn].dtype)
+                            totals[:, -1] += (V[pn].reshape(K, -1) @ flat.T).squeeze(1).double().cpu()
+                            p.grad = None
+                    e[:, :, -1] = float("nan")
+                group_totals[rname] = totals
+                instances[rname] = e
+                weights[rname] = c.cpu()
+                n_tokens[rname] = n.cpu()
+                losses[rname] = float((ell * c.cpu()).sum())
+                del ell
+    return Result(
+        directions=direction.names,
+        risks=tuple(risks),
+        groups=group_names,
+        reduction=reduction,
+        group_totals=group_totals,
+        instances=instances if per_instance else None,
+        weights=weights,
+        n_tokens=n_tokens,
+        losses=losses,
+        uncovered=tuple(uncovered),
+        meta={"backend": ops.name, "mode": mode, "dtype": str(acc).replace("torch.", "")},
+    )

@@ -1,0 +1,25 @@
+"""Per-layer capture: one file per layer kind, each registering its adapter (Opacus ``grad_sample`` style).
+
+- :mod:`.linear` — ``nn.Linear``, HF ``Conv1D``
+- :mod:`.embedding` — ``nn.Embedding`` and subclasses (token, learned position, scaled)
+- :mod:`.norm` — ``nn.LayerNorm``, ``nn.RMSNorm``, HF ``*RMSNorm`` classes (incl. Gemma's (1 + γ))
+
+Tied parameters (lm_head = embedding) are tapped at each use; the contributions add, by linearity.
+"""
+
+from . import embedding, linear, norm  # noqa: F401  (registration side effects)
+from .base import Adapter, Slot, UnsupportedModuleError, tap
+from .registry import find_adapter, register, register_recogniser
+from .session import CaptureSession, ModulePlan
+
+__all__ = [
+    "Adapter",
+    "CaptureSession",
+    "ModulePlan",
+    "Slot",
+    "UnsupportedModuleError",
+    "find_adapter",
+    "register",
+    "register_recogniser",
+    "tap",
+]

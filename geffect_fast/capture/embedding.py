@@ -1,0 +1,100 @@
+"""Embedding tables: ``torch.nn.Embedding`` and its subclasses (learned position embeddings such as OPT's,
+scaled word embeddings such as Gemma's).
+
+For y_t = E[x_t] the per-sample gradient of E is Σ_{t∈b} g_t e_{x_t}ᵀ; its dot with V is the gather-dot
+Σ_{t∈b} g_t · V[x_t] (ops ``embedding_dot``), with tokens at ``padding_idx`` adding nothing, as torch
+gives that row no gradient.
+
+Subclasses compute their ids (OPT: from the attention mask, plus an offset) or scale the result (Gemma:
+by √d) inside their own ``forward``. So the tap is placed on the inner ``F.embedding`` call — caught by a
+``TorchFunctionMode`` live only while the module runs — where ids and output are exactly the table's.
+Position ids shared by the batch ([1, T]) are expanded to the batch so that each sample gets its own
+gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .base import Adapter, Slot, UnsupportedModuleError, tap
+from .registry import register
+
+
+class _EmbeddingCall(TorchFunctionMode):
+    """Taps the ``F.embedding`` call on one table while its module's forward runs."""
+
+    def __init__(self, weight: nn.Parameter, on_call):
+        super().__init__()
+        self.weight = weight
+        self.on_call = on_call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is self.weight:
+                ids = args[0] if args else kwargs["input"]
+                return self.on_call(ids, out)
+        return out
+
+
+@register(nn.Embedding)
+class EmbeddingAdapter(Adapter):
+    param_names = ("weight",)
+    covers_subclass_forward = True
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if getattr(module, "max_norm", None) is not None:
+            return "max_norm renormalises the table in place during forward"
+        if getattr(module, "scale_grad_by_freq", False):
+            return "scale_grad_by_freq scales gradients by batch-wide token counts, so no per-sample gradient exists"
+        return None
+
+    def attach(self, module, slots: dict[str, Slot], session):
+        slot = slots["weight"]
+        padding_idx = module.padding_idx
+
+        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
+            (ids,) = saved
+            d = g.shape[-1]
+            seg = session.rows(g, d, module)
+            out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), slot.v, seg, session.B, padding_idx)
+            session.add(slot, out)
+
+        def on_call(ids: Tensor, y: Tensor) -> Tensor:
+            if not torch.is_grad_enabled():
+                return y
+            B = session.B
+            if ids.dim() >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
+                ids = ids.expand(B, *ids.shape[1:])
+                y = y.expand(B, *y.shape[1:])
+            elif ids.dim() < 2 or ids.shape[0] != B:
+                raise UnsupportedModuleError(
+                    f"embedding {session.module_name(module)!r} was called with ids of shape {tuple(ids.shape)}, "
+                    f"which cannot be split into the batch's {B} samples"
+                )
+            return tap(y, backward, ids)
+
+        mode = _EmbeddingCall(module.weight, on_call)
+        entered: list[bool] = []
+
+        def pre_hook(mod, args):
+            if torch.is_grad_enabled():
+                mode.__enter__()
+                entered.append(True)
+
+        def post_hook(mod, args, out):
+            if entered:
+                entered.pop()
+                mode.__exit__(None, None, None)
+
+        return [
+            module.register_forward_pre_hook(pre_hook),
+            module.register_forward_hook(post_hook, always_call=True),
+        ]

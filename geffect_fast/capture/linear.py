@@ -1,0 +1,70 @@
+"""Linear maps: ``torch.nn.Linear`` (y = a Wᵀ + b, W [o, i]) and Hugging Face GPT-2 ``Conv1D``
+(y = a W + b, W stored [i, o]).
+
+Per sample b the weight gradient is G_b = Σ_{t∈b} g_t a_tᵀ; it is never formed. The tap contracts it with
+the direction at once: ⟨G_b, V⟩ = Σ_{t∈b} g_tᵀ V a_t and ⟨Σ_{t∈b} g_t, v_bias⟩ (ops ``linear_dot``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, Slot, first_input, tap
+from .registry import register, register_recogniser
+
+
+class _LinearLike(Adapter):
+    param_names = ("weight", "bias")
+    #: whether the weight is stored transposed ([i, o], as Conv1D does)
+    transposed = False
+
+    def attach(self, module, slots: dict[str, Slot], session):
+        sw, sb = slots.get("weight"), slots.get("bias")
+        vw = None
+        if sw is not None:
+            vw = sw.v.transpose(1, 2) if self.transposed else sw.v  # [K, o, i]
+        vb = None if sb is None else sb.v
+
+        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
+            o = g.shape[-1]
+            seg = session.rows(g, o, module)
+            a = saved[0] if saved else None
+            a2 = None if a is None else a.reshape(-1, a.shape[-1])
+            out_w, out_b = session.ops.linear_dot(a2, g.reshape(-1, o), vw, seg, session.B, vb)
+            session.add(sw, out_w)
+            session.add(sb, out_b)
+
+        def hook(mod, args, kwargs, out):
+            if not torch.is_grad_enabled():
+                return None
+            saved = (first_input(args, kwargs, "input"),) if sw is not None else ()
+            return tap(out, backward, *saved)
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+
+@register(nn.Linear)
+class LinearAdapter(_LinearLike):
+    """``torch.nn.Linear`` (also LoRA's A and B, which are plain ``nn.Linear``)."""
+
+
+class Conv1DAdapter(_LinearLike):
+    """Hugging Face ``Conv1D`` (GPT-2, GPT): a linear map with its weight stored [in, out]."""
+
+    transposed = True
+
+
+_CONV1D = Conv1DAdapter()
+
+
+@register_recogniser
+def _recognise_conv1d(module: nn.Module) -> Adapter | None:
+    t = type(module)
+    if t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and hasattr(module, "nf"):
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[1] == module.nf:
+            return _CONV1D
+    return None

@@ -1,0 +1,183 @@
+"""Normalisation layers: ``torch.nn.LayerNorm`` (weight and bias), ``torch.nn.RMSNorm``, and the RMSNorm
+classes of Hugging Face models (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, GemmaRMSNorm, …), recognised
+by structure.
+
+With x̂_t the normalised input — (a_t − μ_t)/√(σ²_t + ε) for LayerNorm, a_t/√(mean(a_t²) + ε) for RMSNorm —
+the layer computes γ ⊙ x̂_t (+ β), or (1 + γ) ⊙ x̂_t in Gemma's form. In every form the per-sample
+gradient of γ is Σ_{t∈b} g_t ⊙ x̂_t and that of β is Σ_{t∈b} g_t (ops ``norm_dot``). x̂ is recomputed from
+the saved input during backward, at the precision the layer itself uses: torch's layers compute in the
+input dtype (float32 for bf16/fp16 here), Hugging Face's RMSNorms in float32 whatever the input dtype.
+
+A class recognised only by structure is checked once per pass: its output must equal γ ⊙ x̂ or
+(1 + γ) ⊙ x̂ of its input, or the pass stops with an error naming it, rather than return wrong numbers.
+The check also picks the precision of x̂ (float32, or float64 for a float64 layer that computes in it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Adapter, Slot, UnsupportedModuleError, first_input, tap
+from .registry import register, register_recogniser
+
+#: relative tolerance of the structural check, by the coarser of the output dtype and the precision of x̂
+_CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+_CHECK_RTOL_LOW = 3e-2  # bf16 / fp16
+
+
+def _rtol(*dtypes: torch.dtype) -> float:
+    return max(_CHECK_RTOL.get(d, _CHECK_RTOL_LOW) for d in dtypes)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _NormAdapter(Adapter):
+    param_names = ("weight", "bias")
+    #: check the module's output against γ ⊙ x̂ on its first call in a pass
+    verify = False
+
+    def normalized_dims(self, module: nn.Module) -> int:
+        return 1
+
+    def precisions(self, a: Tensor) -> tuple[torch.dtype, ...]:
+        """Candidate precisions of x̂ for input ``a``, the default first."""
+        return (_acc(a),)
+
+    def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
+        """x̂ of input ``a``, computed in ``prec``, returned in the accumulation dtype of ``a``."""
+        raise NotImplementedError
+
+    def attach(self, module, slots: dict[str, Slot], session):
+        sw, sb = slots.get("weight"), slots.get("bias")
+        nd = self.normalized_dims(module)
+        d = 1
+        for s in module.weight.shape if module.weight is not None else module.bias.shape:
+            d *= s
+        vw = None if sw is None else sw.v.reshape(sw.v.shape[0], d)
+        vb = None if sb is None else sb.v.reshape(sb.v.shape[0], d)
+        prec: dict[str, torch.dtype] = {}  # set by the first call's check (structural classes only)
+
+        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
+            seg = session.rows(g.flatten(-nd) if nd > 1 else g, d, module)
+            g2 = g.reshape(-1, d)
+            if sw is not None:
+                a = saved[0]
+                xh = self.xhat(module, a, prec.get("x", self.precisions(a)[0])).reshape(-1, d)
+            else:
+                xh = g2  # norm_dot ignores x̂ when there is no weight direction
+            out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
+            session.add(sw, out_w)
+            session.add(sb, out_b)
+
+        def hook(mod, args, kwargs, out):
+            if not torch.is_grad_enabled():
+                return None
+            if not isinstance(out, Tensor):
+                raise UnsupportedModuleError(
+                    f"norm {session.module_name(mod)!r} returned {type(out).__name__}, not a tensor"
+                )
+            a = first_input(args, kwargs, "hidden_states")
+            if self.verify and "x" not in prec:
+                prec["x"] = self._verify(mod, a, out, session.module_name(mod))
+            return tap(out, backward, *((a,) if sw is not None else ()))
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+    def _verify(self, module: nn.Module, a: Tensor, out: Tensor, name: str) -> torch.dtype:
+        """Check out == γ⊙x̂ or (1+γ)⊙x̂; return the precision of x̂ that matches best."""
+        best, best_err, best_tol = None, float("inf"), 0.0
+        with torch.no_grad():
+            for p in self.precisions(a):
+                xh = self.xhat(module, a, p)
+                w = module.weight.to(xh.dtype)
+                y = out.to(xh.dtype)
+                scale = y.abs().max().clamp_min(torch.finfo(xh.dtype).tiny)
+                err = min(((y - w * xh).abs().max() / scale).item(), ((y - (1 + w) * xh).abs().max() / scale).item())
+                if err < best_err:
+                    best, best_err, best_tol = p, err, _rtol(out.dtype, p)
+        if best_err > best_tol:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__name__}) looks like an RMSNorm but its output is neither "
+                f"γ⊙x̂ nor (1+γ)⊙x̂ of its input (relative error {best_err:.2e}); register an adapter for it "
+                "with geffect_fast.capture.register"
+            )
+        return best
+
+
+@register(nn.LayerNorm)
+class LayerNormAdapter(_NormAdapter):
+    """``torch.nn.LayerNorm`` with ``elementwise_affine`` (weight, and bias unless ``bias=False``)."""
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None if module.elementwise_affine else "LayerNorm without affine parameters has nothing to measure"
+
+    def normalized_dims(self, module: nn.Module) -> int:
+        return len(module.normalized_shape)
+
+    def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
+        return F.layer_norm(a.to(prec), module.normalized_shape, None, None, module.eps)
+
+
+@register(nn.RMSNorm)
+class TorchRMSNormAdapter(_NormAdapter):
+    """``torch.nn.RMSNorm`` (ε = finfo(dtype).eps when None, as torch does)."""
+
+    param_names = ("weight",)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        return None if module.elementwise_affine else "RMSNorm without affine parameters has nothing to measure"
+
+    def normalized_dims(self, module: nn.Module) -> int:
+        return len(module.normalized_shape)
+
+    def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
+        eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
+        return F.rms_norm(a.to(prec), module.normalized_shape, None, eps)
+
+
+_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps", "rms_norm_eps")
+
+
+class HFRMSNormAdapter(_NormAdapter):
+    """RMSNorm classes found by structure: a class named ``*RMSNorm`` with one 1-D ``weight`` and an ε
+    attribute. Gemma's (1 + γ) form has the same γ-gradient. Verified once per pass."""
+
+    param_names = ("weight",)
+    verify = True
+
+    @staticmethod
+    def eps(module: nn.Module) -> float:
+        for attr in _EPS_ATTRS:
+            v = getattr(module, attr, None)
+            if isinstance(v, (int, float)):
+                return float(v)
+        raise UnsupportedModuleError(f"{type(module).__name__} has no epsilon attribute")
+
+    def precisions(self, a: Tensor) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.float64) if a.dtype == torch.float64 else (torch.float32,)
+
+    def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
+        x = a.to(prec)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps(module))).to(_acc(a))
+
+
+_HF_RMSNORM = HFRMSNormAdapter()
+
+
+@register_recogniser
+def _recognise_rmsnorm(module: nn.Module) -> Adapter | None:
+    if not type(module).__name__.lower().endswith("rmsnorm"):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    w = params.get("weight")
+    if set(params) != {"weight"} or w.dim() != 1:
+        return None
+    if not any(isinstance(getattr(module, a, None), (int, float)) for a in _EPS_ATTRS):
+        return None
+    return _HF_RMSNORM

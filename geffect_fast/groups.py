@@ -1,0 +1,163 @@
+"""Parameter name -> group, for the layer-wise split e = Σ_g ⟨∇_g R, v_g⟩ (DESIGN.md §1).
+
+Schemes
+-------
+``"block"`` (default)
+    ``embed``, ``block.0`` … ``block.{L-1}``, ``final_norm``, ``lm_head``. Every parameter lands in exactly
+    one group, so the groups sum to the total.
+``"paper"``
+    The official G-effect code's five buckets: ``embed``; ``shallow`` = blocks 0–9; ``middle`` = 10–19;
+    ``deep`` = blocks ≥ 20 plus the final norm; ``lm`` = the LM head. (Unlike the official code, no DDP
+    ``module.`` prefix is needed for blocks to be found.)
+``"module"``
+    One group per parameter-owning module (``model.layers.3.self_attn.q_proj``, …).
+a callable
+    ``fn(parameter_name) -> group name``.
+
+Only groups that own at least one parameter are listed, in model order.
+
+The layout is found from the module tree, not from a list of names: the blocks are the ``nn.ModuleList``
+holding the most parameters (Llama/Mistral/Qwen/Gemma/Phi ``model.layers``, GPT-2 ``transformer.h``,
+GPT-NeoX ``gpt_neox.layers``, OPT ``model.decoder.layers``), wherever wrappers put it (DDP ``module.``,
+PEFT ``base_model.model.``); the LM head is ``get_output_embeddings()`` where the model has it, else a
+top-level ``lm_head``/``embed_out``; what is left goes to ``embed`` if it is an embedding (or named like
+one) and to ``final_norm`` otherwise (the final norm, OPT's ``project_out``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from torch import nn
+
+GroupSpec = Union[str, Callable[[str], str]]
+SCHEMES = ("block", "paper", "module")
+
+_HEAD_NAMES = ("lm_head", "embed_out")
+_EMBED_HINT = re.compile(r"(emb|wte|wpe|project_in)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Group names in order, and the group index of every parameter (by canonical name)."""
+
+    names: tuple[str, ...]
+    of: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the transformer blocks and the LM head sit in a model's module tree."""
+
+    blocks: str | None  #: module name of the blocks' ModuleList
+    n_blocks: int
+    head: str | None  #: module name of the LM head
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, m in model.named_modules():
+        if m is target:
+            return name
+    return None
+
+
+def find_layout(model: nn.Module) -> Layout:
+    """Locate the blocks (the ModuleList with the most parameters) and the LM head."""
+    best, best_n, best_len = None, 0, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n, best_len = name, n, len(m)
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = _module_name(model, get_out())
+        except (AttributeError, NotImplementedError):  # pragma: no cover - models without a head
+            head = None
+    if head is None:
+        for name, _ in model.named_modules():
+            if name.rsplit(".", 1)[-1] in _HEAD_NAMES and (best is None or not name.startswith(best + ".")):
+                head = name
+                break
+    return Layout(blocks=best, n_blocks=best_len, head=head)
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def block_group(model: nn.Module, layout: Layout | None = None) -> Callable[[str], str]:
+    """The ``block`` scheme as a function of the canonical parameter name."""
+    layout = layout or find_layout(model)
+    modules = dict(model.named_modules())
+
+    def fn(pname: str) -> str:
+        if _under(pname, layout.blocks):
+            return f"block.{int(pname[len(layout.blocks) + 1 :].split('.', 1)[0])}"
+        if _under(pname, layout.head):
+            return "lm_head"
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        mod = modules.get(owner)
+        if isinstance(mod, nn.Embedding) or _EMBED_HINT.search(owner.rsplit(".", 1)[-1] if owner else pname):
+            return "embed"
+        return "final_norm"
+
+    return fn
+
+
+def paper_bucket(block_name: str) -> str:
+    """Map a ``block``-scheme group to the official code's bucket."""
+    if block_name.startswith("block."):
+        i = int(block_name.split(".", 1)[1])
+        return "shallow" if i < 10 else "middle" if i < 20 else "deep"
+    return {"embed": "embed", "final_norm": "deep", "lm_head": "lm"}[block_name]
+
+
+_PAPER_ORDER = ("embed", "shallow", "middle", "deep", "lm")
+
+
+def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Grouping:
+    """Group every name in ``param_names`` (canonical names of ``model``) by ``spec``."""
+    if callable(spec):
+        fn = spec
+    elif spec == "block":
+        fn = block_group(model)
+    elif spec == "paper":
+        bfn = block_group(model)
+
+        def fn(n: str) -> str:
+            return paper_bucket(bfn(n))
+    elif spec == "module":
+
+        def fn(n: str) -> str:
+            return n.rsplit(".", 1)[0] if "." in n else n
+    else:
+        raise ValueError(f"unknown groups {spec!r}; use one of {', '.join(SCHEMES)} or a callable name -> group")
+    labels: dict[str, str] = {}
+    for n in param_names:
+        g = fn(n)
+        if not isinstance(g, str) or not g:
+            raise ValueError(f"groups callable returned {g!r} for parameter {n!r}; expected a non-empty str")
+        labels[n] = g
+    order: list[str] = []
+    seen: set[str] = set()
+    for g in labels.values():
+        if g not in seen:
+            seen.add(g)
+            order.append(g)
+    if spec == "paper":
+        order = [g for g in _PAPER_ORDER if g in seen]
+    elif spec == "block":
+        rank = {"embed": (0, 0), "final_norm": (2, 0), "lm_head": (3, 0)}
+        order.sort(key=lambda g: rank.get(g, (1, int(g.split(".")[1]) if g.startswith("block.") else 0)))
+    index = {g: i for i, g in enumerate(order)}
+    return Grouping(names=tuple(order), of={n: index[g] for n, g in labels.items()})

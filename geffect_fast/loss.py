@@ -1,0 +1,129 @@
+"""The risk: negative log-likelihood of labelled tokens, as Hugging Face causal LMs define it.
+
+A batch is a dict with ``input_ids`` [B, T], ``labels`` [B, T] (−100 = ignored) and optionally
+``attention_mask``, ``position_ids``, ``token_type_ids``. Labels are shifted: the logits at position t
+predict ``labels[:, t + 1]``.
+
+Per sample b with n_b labelled tokens, ℓ_b = (1/n_b) Σ_{t∈b} nll_t. The risk pools them:
+
+* ``token_mean`` (the paper's code, HF's ``.loss``): R = Σ_t nll_t / N = Σ_b (n_b/N) ℓ_b, N = Σ_b n_b;
+* ``sample_mean``: R = (1/B') Σ_{b: n_b>0} ℓ_b, over the B' samples that have labelled tokens.
+
+Both are R = Σ_b c_b ℓ_b with the weights c_b of :func:`sample_weights`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("token_mean", "sample_mean")
+#: batch keys passed to the model's forward (besides input_ids)
+FORWARD_KEYS = ("attention_mask", "position_ids", "token_type_ids")
+
+
+def check_batch(batch: Any, name: str, device: torch.device | None = None) -> None:
+    """Raise a clear error for a batch that cannot be measured."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"risk set {name!r}: a batch must be a dict with input_ids and labels, got {type(batch).__name__}"
+        )
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise KeyError(f"risk set {name!r}: batch has no {key!r} (keys: {', '.join(map(str, batch))})")
+    ids, labels = batch["input_ids"], batch["labels"]
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError(f"risk set {name!r}: input_ids must be a [B, T] tensor")
+    for key in ("labels", *FORWARD_KEYS):
+        t = batch.get(key)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"risk set {name!r}: {key} must be a tensor, got {type(t).__name__}")
+        if key != "position_ids" and t.shape != ids.shape:
+            raise ValueError(
+                f"risk set {name!r}: {key} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}"
+            )
+        if t.device != ids.device:
+            raise ValueError(f"risk set {name!r}: {key} is on {t.device} but input_ids on {ids.device}")
+    if device is not None and ids.device != device:
+        raise ValueError(
+            f"risk set {name!r}: the batch is on {ids.device} but the model's input embeddings are on {device}; "
+            "move the batch (or the model) first"
+        )
+    if ids.shape[0] == 0:
+        raise ValueError(f"risk set {name!r}: the batch is empty")
+    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+        raise ValueError(
+            f"risk set {name!r}: no labelled tokens (every label after the first position is {IGNORE_INDEX}); "
+            "nothing to measure"
+        )
+
+
+def forward_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Run the model on a batch (no cache) and return its logits [B, T, vocab]."""
+    kwargs = {k: batch[k] for k in FORWARD_KEYS if batch.get(k) is not None}
+    if _takes_use_cache(type(model)):
+        kwargs["use_cache"] = False
+    out = model(input_ids=batch["input_ids"], **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        raise ValueError("the model's forward must return logits [B, T, vocab] (or an output with .logits)")
+    return logits
+
+
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` accepts ``use_cache`` (HF models do; a plain nn.Module may not)."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token NLL of the shifted labels, and the mask of labelled positions, both [B, T−1].
+
+    Computed in float32 (float64 for float64 logits); ignored positions hold 0.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    # shift the labels, not the logits (as HF does): slicing [B, T, vocab] logits would copy them
+    lb = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    lg = logits.to(acc)
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(lb.shape)[:, :-1], (lb != IGNORE_INDEX)[:, :-1]
+
+
+def sample_weights(mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """(c, n): the reduction weights c_b with R = Σ_b c_b ℓ_b, and the labelled-token counts n_b."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    n = mask.sum(1)
+    if reduction == "token_mean":
+        c = n.double() / n.sum()
+    else:
+        has = (n > 0).double()
+        c = has / has.sum()
+    return c, n
+
+
+def sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(ℓ, n): each sample's mean token NLL ℓ_b (0 for a sample with no labelled token) and n_b."""
+    nll, mask = token_nll(logits, labels)
+    n = mask.sum(1)
+    return nll.sum(1) / n.clamp_min(1).to(nll.dtype), n
+
+
+def risk(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "token_mean") -> Tensor:
+    """R(batch) = Σ_b c_b ℓ_b, differentiable (the scalar whose gradient the G-effect dots)."""
+    nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
+    c, n = sample_weights(mask, reduction)
+    w = (c / n.clamp_min(1)).to(nll.dtype)
+    return (nll * w[:, None]).sum()
