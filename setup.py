@@ -1,0 +1,5 @@
+"""setuptools entry point; project metadata lives in pyproject.toml."""
+
+from setuptools import setup
+
+setup()
