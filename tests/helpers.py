@@ -1,0 +1,241 @@
+"""Tiny models of several families, batches with padding and masked prompts, and the float64 oracle."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+from torch import Tensor, nn
+
+from geffect_fast.loss import forward_logits, sample_nll
+
+VOCAB = 61  # odd on purpose
+
+# name -> (config class, kwargs); dropout 0 so train-mode checks are deterministic
+FAMILIES: dict[str, tuple[type, dict]] = {
+    "llama": (
+        tf.LlamaConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "gpt2": (
+        tf.GPT2Config,
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ),
+    "qwen2": (
+        tf.Qwen2Config,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "phi": (
+        tf.PhiConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
+    "gemma": (
+        tf.GemmaConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+        ),
+    ),
+    "gpt_neox": (
+        tf.GPTNeoXConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
+    "opt": (
+        tf.OPTConfig,
+        dict(
+            hidden_size=32,
+            ffn_dim=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            pad_token_id=1,
+        ),
+    ),
+}
+# a few more layouts, for grouping and a wider oracle sweep
+EXTRA_FAMILIES: dict[str, tuple[type, dict]] = {
+    "mistral": (
+        tf.MistralConfig,
+        dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen3": (
+        tf.Qwen3Config,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "phi3": (
+        tf.Phi3Config,
+        dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
+}
+ALL_FAMILIES = {**FAMILIES, **EXTRA_FAMILIES}
+
+
+def make_model(family: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny randomly initialised causal LM of ``family`` (eval mode)."""
+    cls, kw = ALL_FAMILIES[family]
+    kw = {**kw, **overrides}
+    cfg = cls(vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="sdpa", **kw)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    # norms start at exactly 1 (or 0 for Gemma) and biases at 0: randomise them so every term is exercised
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def pad_id(model: nn.Module) -> int:
+    pid = getattr(model.config, "pad_token_id", None)
+    return 0 if pid is None else int(pid)
+
+
+def make_batch(
+    model: nn.Module,
+    B: int = 4,
+    T: int = 9,
+    side: str = "right",
+    seed: int = 1,
+    empty_sample: bool = False,
+) -> dict[str, Tensor]:
+    """Random ids; sample lengths vary (padding on ``side``); the first 2–3 tokens of each sample are a
+    masked prompt. With ``empty_sample`` the last sample has no labelled token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    labels = ids.clone()
+    for b in range(B):
+        length = T - (b % 3)
+        prompt = 2 + (b % 2)
+        if side == "right":
+            mask[b, length:] = 0
+            labels[b, length:] = -100
+            labels[b, :prompt] = -100
+        else:
+            mask[b, : T - length] = 0
+            labels[b, : T - length + prompt] = -100
+    ids[mask == 0] = pad_id(model)
+    if empty_sample:
+        labels[-1] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def random_direction(
+    model: nn.Module, K: int = 1, seed: int = 2, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """name -> [K, *shape] random normal tensors (never zeros) for every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn((K, *p.shape), generator=g, dtype=torch.float64).to(dtype or p.dtype)
+        for n, p in model.named_parameters()
+    }
+
+
+def oracle(
+    model: nn.Module,
+    V: dict[str, Tensor],
+    batch: dict[str, Tensor],
+    group_of: dict[str, int],
+    n_groups: int,
+    reduction: str = "token_mean",
+) -> tuple[Tensor, Tensor]:
+    """Per-sample autograd, one sample at a time, dotted with V per group, in float64.
+
+    Returns (e [K, B, G], c [B]) with e[k, b, g] = ⟨∇ℓ_b, V_k⟩ restricted to group g and c the reduction
+    weights (token_mean: n_b / N; sample_mean: 1/B' over samples with labels).
+    """
+    model = model.eval()
+    names = [n for n in V]
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    B = batch["input_ids"].shape[0]
+    K = next(iter(V.values())).shape[0]
+    e = torch.zeros(K, B, n_groups, dtype=torch.float64)
+    ns = []
+    try:
+        for b in range(B):
+            sub = {k: t[b : b + 1] for k, t in batch.items()}
+            ell, n = sample_nll(forward_logits(model, sub), sub["labels"])
+            ns.append(int(n))
+            if int(n) == 0:
+                continue
+            grads = torch.autograd.grad(ell.sum(), [params[x] for x in names], allow_unused=True)
+            for name, gr in zip(names, grads):
+                if gr is None:
+                    continue
+                for k in range(K):
+                    e[k, b, group_of[name]] += (gr.double() * V[name][k].double()).sum()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    n = torch.tensor(ns, dtype=torch.float64)
+    if reduction == "token_mean":
+        c = n / n.sum()
+    else:
+        c = (n > 0).double() / (n > 0).sum()
+    return e, c
+
+
+def assert_close_per_group(ours: Tensor, ref: Tensor, rtol: float, what: str = "") -> float:
+    """max_b |ours − ref| ≤ rtol · max_b |ref| in every (direction, group) column; returns the worst ratio."""
+    ours = ours.double()
+    ref = ref.double()
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    scale = ref.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30)
+    err = ((ours - ref).abs() / scale).max().item()
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+    return err
