@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['case']} | {r['method']} | {r['median_s']:.3f} | {r['vs_plain']:.2f} | "
             f"{r['peak_extra_mb']:.0f} | {agree} |"
         )
+    lines.append("")
     for case in cases:
         m = next(r for r in rows if r["case"] == case and r["method"] == "measure")
         loop = next(r for r in rows if r["case"] == case and r["method"] == "per_sample_loop")
-        lines.append("")
         lines.append(
             f"- {case}: measure = {m['vs_plain']:.2f}× plain fwd+bwd; per-sample loop / measure = "
             f"{loop['median_s'] / m['median_s']:.2f}×"
