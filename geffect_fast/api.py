@@ -176,7 +176,13 @@ def measure(
             + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure them "
             "by ordinary autograd in group 'uncovered' (aggregate only)."
         )
-    ops = resolve(backend, device)
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    act_dtype = (
+        emb.weight.dtype
+        if isinstance(getattr(emb, "weight", None), torch.Tensor)
+        else next(p.dtype for p in named.values() if p.is_floating_point())
+    )
+    ops = resolve(backend, device, act_dtype)
     K = direction.k
     acc = (
         torch.float64

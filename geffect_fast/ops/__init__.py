@@ -1,6 +1,6 @@
 """The kernel contract (DESIGN.md §4): a torch reference beside each backend, and the dispatcher."""
 
-from . import reference
-from .dispatch import Backend, available, backends, resolve
+from . import contract, reference
+from .dispatch import AUTO, Backend, available, backends, resolve
 
-__all__ = ["Backend", "available", "backends", "reference", "resolve"]
+__all__ = ["AUTO", "Backend", "available", "backends", "contract", "reference", "resolve"]

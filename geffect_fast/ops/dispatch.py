@@ -1,77 +1,113 @@
 """Backend selection for the kernel ops.
 
-A backend is a module that implements the contract of :mod:`geffect_fast.ops.reference`
-(``linear_dot``, ``embedding_dot``, ``norm_dot``). ``resolve("auto", device)`` picks the best usable one
-for a device; naming a backend that cannot run raises a clear error.
+Backends implement the contract of :mod:`geffect_fast.ops.contract` (``reference.py`` is the spec):
+
+==========  ==============================================  =====================================
+name        what                                            runs on
+==========  ==============================================  =====================================
+reference   plain torch, tiled                              anything torch runs on
+native      C++/OpenMP kernels (``csrc/cpu``)               CPU tensors
+cuda        CUDA kernels (``csrc/cuda``)                    CUDA tensors
+triton      Triton kernels (``ops/triton``)                 CUDA tensors; CPU under TRITON_INTERPRET=1
+==========  ==============================================  =====================================
+
+``resolve("auto", device, dtype)`` picks per op from :data:`AUTO`, a table filled from measurements
+(benchmarks/results/ops_cpu.md on CPU): the first backend in an op's list that is usable on the device
+and supports the dtype. Naming a backend that cannot run raises a clear error.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
 import torch
 
-from . import reference
+from .contract import OPS
+
+_MODULES = {
+    "reference": "geffect_fast.ops.reference",
+    "native": "geffect_fast.ops.native",
+    "cuda": "geffect_fast.ops.cuda",
+    "triton": "geffect_fast.ops.triton",
+}
+
+#: per device type and op, backends in order of preference (measured; see the module docstring)
+AUTO: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {
+        "linear_dot": ("reference",),
+        "embedding_dot": ("native", "reference"),
+        "norm_dot": ("native", "reference"),
+    },
+    # provisional until measured on a GPU (benchmarks/gpu_check.sh): Triton's tl.dot uses tensor cores
+    "cuda": {
+        "linear_dot": ("triton", "cuda", "reference"),
+        "embedding_dot": ("cuda", "triton", "reference"),
+        "norm_dot": ("cuda", "triton", "reference"),
+    },
+}
+_DEFAULT_AUTO = {op: ("reference",) for op in OPS}
 
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the op contract."""
+    """The three ops to use; ``name`` says which implementation serves each."""
 
     name: str
-    module: ModuleType
-    #: device -> None if usable there, else the reason it is not
-    unusable_reason: Callable[[torch.device], str | None]
-
-    @property
-    def linear_dot(self):
-        return self.module.linear_dot
-
-    @property
-    def embedding_dot(self):
-        return self.module.embedding_dot
-
-    @property
-    def norm_dot(self):
-        return self.module.norm_dot
+    linear_dot: Callable
+    embedding_dot: Callable
+    norm_dot: Callable
 
 
-_REGISTRY: dict[str, Backend] = {
-    "reference": Backend("reference", reference, lambda device: None),
-}
-#: preference order of ``backend="auto"``
-_AUTO_ORDER: tuple[str, ...] = ("reference",)
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def _op(name: str, op: str) -> Callable:
+    mod = _module(name)
+    return mod.get_op(op) if hasattr(mod, "get_op") else getattr(mod, op)
+
+
+def _reason(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    mod = _module(name)
+    why = mod.unusable_reason(device)
+    if why is None and dtype is not None and not mod.supports(dtype):
+        why = f"the {name} backend does not support {dtype}"
+    return why
 
 
 def available() -> list[str]:
     """Names of every known backend."""
-    return list(_REGISTRY)
+    return list(_MODULES)
 
 
 def backends(device: str | torch.device = "cpu") -> dict[str, dict[str, object]]:
-    """``{name: {"built": bool, "usable": bool, "reason": str}}`` for ``device``."""
+    """``{name: {"built": bool, "usable": bool, "reason": str}}``; usable means: on ``device``."""
     dev = torch.device(device)
     out: dict[str, dict[str, object]] = {}
-    for name, b in _REGISTRY.items():
-        reason = b.unusable_reason(dev)
-        out[name] = {"built": True, "usable": reason is None, "reason": reason or ""}
+    for name in _MODULES:
+        mod = _module(name)
+        built, why = mod.built()
+        reason = why if not built else _reason(name, dev, None)
+        out[name] = {"built": built, "usable": reason is None, "reason": reason or ""}
     return out
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The backend to use for ``name`` ("auto" or a registered name) on ``device``."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The ops to use for backend ``name`` ("auto" or a name from :func:`available`) on ``device`` with
+    activations of ``dtype``."""
     if name == "auto":
-        for cand in _AUTO_ORDER:
-            b = _REGISTRY[cand]
-            if b.unusable_reason(device) is None:
-                return b
-        raise RuntimeError(f"no usable op backend for device {device}")  # pragma: no cover - reference always runs
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(['auto', *_REGISTRY])}")
-    b = _REGISTRY[name]
-    reason = b.unusable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
-    return b
+        table = AUTO.get(device.type, _DEFAULT_AUTO)
+        chosen = {}
+        for op in OPS:
+            chosen[op] = next((b for b in table[op] if _reason(b, device, dtype) is None), "reference")
+        label = "auto(" + ", ".join(f"{op}={b}" for op, b in chosen.items()) + ")"
+        return Backend(label, *(_op(chosen[op], op) for op in OPS))
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(['auto', *_MODULES])}")
+    why = _reason(name, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run here: {why}")
+    return Backend(name, *(_op(name, op) for op in OPS))

@@ -19,26 +19,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .contract import FLOAT_DTYPES, acc_dtype, check_embedding, check_linear, check_norm
+
+NAME = "reference"
+
 #: upper bound on the transient memory of one tile, in bytes
 TILE_BYTES = 4 << 20
 
 
-def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 if any given tensor is float64, else float32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def built() -> tuple[bool, str]:
+    return True, ""
+
+
+def unusable_reason(device: torch.device) -> str | None:
+    return None  # runs wherever torch runs
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in FLOAT_DTYPES
 
 
 def _rows_per_tile(row_elems: int, itemsize: int) -> int:
     return max(1, TILE_BYTES // max(1, row_elems * itemsize))
-
-
-def _check_seg(seg: Tensor, n: int, B: int) -> None:
-    if seg.dim() != 1 or seg.shape[0] != n:
-        raise ValueError(f"seg must have shape [{n}], got {tuple(seg.shape)}")
-    if seg.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"seg must be int32 or int64, got {seg.dtype}")
-    if B < 1:
-        raise ValueError(f"B must be >= 1, got {B}")
 
 
 def linear_dot(
@@ -56,21 +58,7 @@ def linear_dot(
     Cost: 2·N·i·o·K FLOPs, the same as the weight-gradient GEMM; the contraction runs over whichever of
     i and o is larger so the tile intermediate is [K, n, min(i, o)].
     """
-    if g.dim() != 2:
-        raise ValueError(f"g must be [N, o], got {tuple(g.shape)}")
-    N, o = g.shape
-    if v is None and vb is None:
-        raise ValueError("linear_dot needs at least one of v, vb")
-    if v is not None:
-        if a is None or a.dim() != 2 or a.shape[0] != N:
-            raise ValueError(f"a must be [{N}, i], got {None if a is None else tuple(a.shape)}")
-        i = a.shape[1]
-        if v.dim() != 3 or v.shape[1:] != (o, i):
-            raise ValueError(f"v must be [K, {o}, {i}], got {tuple(v.shape)}")
-    K = v.shape[0] if v is not None else vb.shape[0]
-    if vb is not None and vb.shape != (K, o):
-        raise ValueError(f"vb must be [{K}, {o}], got {tuple(vb.shape)}")
-    _check_seg(seg, N, B)
+    N, i, o, K = check_linear(a, g, v, seg, B, vb)
     acc = acc_dtype(a, g, v, vb)
     out_w = None if v is None else torch.zeros(K, B, dtype=acc, device=g.device)
     out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
@@ -123,15 +111,7 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int, paddin
     (torch gives the ``padding_idx`` row no gradient). A gather-dot: V[ids] is gathered one tile at a time,
     never for all N tokens.
     """
-    if ids.dim() != 1 or g.dim() != 2 or ids.shape[0] != g.shape[0]:
-        raise ValueError(f"ids [N] and g [N, d] expected, got {tuple(ids.shape)} and {tuple(g.shape)}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
-    N, d = g.shape
-    if v.dim() != 3 or v.shape[2] != d:
-        raise ValueError(f"v must be [K, vocab, {d}], got {tuple(v.shape)}")
-    K = v.shape[0]
-    _check_seg(seg, N, B)
+    N, d, K, _ = check_embedding(ids, g, v, seg, B)
     acc = acc_dtype(g, v)
     out = torch.zeros(K, B, dtype=acc, device=g.device)
     seg = seg.long()
@@ -158,18 +138,7 @@ def norm_dot(
         out_w[k, b] = Σ_{t: seg_t = b} (g_t ⊙ x̂_t) · vw_k         vw [K, d]
         out_b[k, b] = Σ_{t: seg_t = b} g_t · vb_k                  vb [K, d]
     """
-    if xhat.shape != g.shape or g.dim() != 2:
-        raise ValueError(f"xhat and g must both be [N, d], got {tuple(xhat.shape)} and {tuple(g.shape)}")
-    N, d = g.shape
-    K = None
-    for name, t in (("vw", vw), ("vb", vb)):
-        if t is not None:
-            if t.dim() != 2 or t.shape[1] != d or (K is not None and t.shape[0] != K):
-                raise ValueError(f"{name} must be [K, {d}], got {tuple(t.shape)}")
-            K = t.shape[0]
-    if K is None:
-        raise ValueError("norm_dot needs at least one of vw, vb")
-    _check_seg(seg, N, B)
+    N, d, K = check_norm(xhat, g, vw, vb, seg, B)
     acc = acc_dtype(xhat, g, vw, vb)
     out_w = None if vw is None else torch.zeros(K, B, dtype=acc, device=g.device)
     out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)

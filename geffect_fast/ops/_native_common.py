@@ -1,0 +1,135 @@
+"""Shared by the compiled backends (native CPU, CUDA): tensors -> the raw descriptors the extension
+modules take (see csrc/common/bind_args.h), and the argument handling both wrap around their kernels."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .contract import acc_dtype, check_embedding, check_linear, check_norm
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+NULL2 = (0, 0, 0, 0)
+NULL3 = (0, 0, 0, 0, 0)
+
+
+def _code(t: Tensor) -> int:
+    try:
+        return DTYPE_CODE[t.dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {t.dtype}; expected one of {list(DTYPE_CODE)}") from None
+
+
+def mat(t: Tensor | None) -> tuple:
+    return NULL2 if t is None else (t.data_ptr(), _code(t), t.stride(0), t.stride(1))
+
+
+def mat3(t: Tensor | None) -> tuple:
+    return NULL3 if t is None else (t.data_ptr(), _code(t), t.stride(0), t.stride(1), t.stride(2))
+
+
+def index(t: Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype == torch.int64, t.stride(0))
+
+
+def ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation: the kernels write every element (tests poison this to check that they do)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class KernelOps:
+    """linear_dot / embedding_dot / norm_dot over one extension module.
+
+    ``call(fn, *args)`` runs a kernel: the CPU backend appends the thread count, the CUDA backend the device
+    and stream. Activations (a, g, x̂) share one dtype and directions (v, vb) another, as the kernels
+    expect; mismatches are converted on the small side or the rare one.
+    """
+
+    def __init__(self, module_getter: Callable[[], object], call: Callable[..., None]):
+        self._module = module_getter
+        self._call = call
+
+    def linear_dot(self, a, g, v, seg, B, vb=None):
+        N, i, o, K = check_linear(a, g, v, seg, B, vb)
+        if a is not None and a.dtype != g.dtype:
+            a = a.to(g.dtype)
+        if v is not None and vb is not None and vb.dtype != v.dtype:
+            vb = vb.to(v.dtype)
+        acc = acc_dtype(a, g, v, vb)
+        out_w = None if v is None else empty((K, B), acc, g.device)
+        out_b = None if vb is None else empty((K, B), acc, g.device)
+        m = self._module()
+        self._call(
+            m.linear_dot,
+            mat(a if v is not None else None),
+            mat(g),
+            mat3(v),
+            mat(vb),
+            index(seg),
+            N,
+            i,
+            o,
+            K,
+            B,
+            ptr(out_w),
+            ptr(out_b),
+            acc == torch.float64,
+            device=g.device,
+        )
+        return out_w, out_b
+
+    def embedding_dot(self, ids, g, v, seg, B, padding_idx=None):
+        N, d, K, vocab = check_embedding(ids, g, v, seg, B)
+        acc = acc_dtype(g, v)
+        out = empty((K, B), acc, g.device)
+        pad = -1 if padding_idx is None else int(padding_idx)
+        self._call(
+            self._module().embedding_dot,
+            index(ids),
+            mat(g),
+            mat3(v),
+            index(seg),
+            N,
+            d,
+            K,
+            B,
+            vocab,
+            pad,
+            ptr(out),
+            acc == torch.float64,
+            device=g.device,
+        )
+        return out
+
+    def norm_dot(self, xhat, g, vw, vb, seg, B):
+        N, d, K = check_norm(xhat, g, vw, vb, seg, B)
+        if xhat.dtype != g.dtype:
+            xhat = xhat.to(g.dtype)
+        if vw is not None and vb is not None and vb.dtype != vw.dtype:
+            vb = vb.to(vw.dtype)
+        acc = acc_dtype(xhat, g, vw, vb)
+        out_w = None if vw is None else empty((K, B), acc, g.device)
+        out_b = None if vb is None else empty((K, B), acc, g.device)
+        self._call(
+            self._module().norm_dot,
+            mat(xhat),
+            mat(g),
+            mat(vw),
+            mat(vb),
+            index(seg),
+            N,
+            d,
+            K,
+            B,
+            ptr(out_w),
+            ptr(out_b),
+            acc == torch.float64,
+            device=g.device,
+        )
+        return out_w, out_b

@@ -1,0 +1,47 @@
+"""The ``triton`` backend: one kernel per op file (linear_dot.py, embedding_dot.py, norm_dot.py).
+
+Runs on CUDA GPUs (sm_80/sm_90), and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+set before triton is imported), which is how the tests run it here. float32, bfloat16 and float16 inputs,
+float32 accumulation and outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ._common import DTYPES, interpreting
+
+NAME = "triton"
+
+
+def built() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    return True, ""
+
+
+def unusable_reason(device: torch.device) -> str | None:
+    ok, why = built()
+    if not ok:
+        return why
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"Triton kernels need a CUDA device (got {device.type}); on CPU they run only under the interpreter "
+        "(TRITON_INTERPRET=1 before triton is imported)"
+    )
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in DTYPES
+
+
+def get_op(name: str):
+    """The kernel wrapper ``name`` (imports triton on first use)."""
+    if name not in ("linear_dot", "embedding_dot", "norm_dot"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.{name}"), name)
