@@ -1,0 +1,70 @@
+"""Every compiled/JIT backend against the torch reference (Liger-Kernel style: one test file per op)."""
+
+import pytest
+import torch
+
+import geffect_fast.ops._native_common as native_common
+from geffect_fast.ops import dispatch
+
+KERNEL_BACKENDS = ["native", "triton", "cuda"]
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    """(name, ops, device) of a backend usable here; skipped with the backend's own reason otherwise."""
+    name = request.param
+    dev = device_for(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"{name}: needs a CUDA GPU (this machine has none; benchmarks/gpu_check.sh runs it on one)")
+    why = dispatch.backends(dev)[name]["reason"]
+    if why:
+        pytest.skip(f"{name}: {why}")
+    return name, dispatch.resolve(name, dev), dev
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Outputs start as NaN: a kernel that does not write (or zero) every element fails."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(native_common, "empty", poisoned)
+
+
+# float64 runs on the reference, native and cuda backends; Triton takes float32/bf16/fp16
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+
+
+def skip_unsupported(name: str, dtype: torch.dtype) -> None:
+    mod = dispatch._module(name)
+    if not mod.supports(dtype):
+        pytest.skip(f"{name} does not take {dtype} (the dispatcher sends it to another backend)")
+
+
+def assert_matches(ours, ref, dtype, what=""):
+    """Both computed from the same (rounded) inputs with float32/float64 accumulation: only the order of
+    summation differs."""
+    assert ours is not None and ref is not None
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert torch.isfinite(ours).all(), f"{what}: non-finite output (an element was never written)"
+    ours = ours.double().cpu()
+    ref = ref.double().cpu()
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = ((ours - ref).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def segments(N: int, B: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Sample ids: contiguous runs (one sample spanning several blocks), or packed/shuffled with the last
+    sample empty; int32 (the kernel contract) or int64 alternate."""
+    if kind == "contiguous":
+        seg = torch.arange(B).repeat_interleave((N + B - 1) // B)[:N]
+    else:
+        seg = torch.randint(0, max(1, B - 1), (N,), generator=gen)
+    return seg.to(torch.int32 if N % 2 else torch.int64)

@@ -1,0 +1,82 @@
+"""Backend selection, and measure() end to end with each usable backend against the reference backend."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAMILIES, assert_close_per_group, make_batch, make_model, random_direction
+
+import geffect_fast as gf
+from geffect_fast.ops import dispatch
+
+
+def _nvcc_present() -> bool:
+    return shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+
+
+def test_backends_report():
+    info = gf.backends()
+    assert set(info) == {"reference", "native", "cuda", "triton"}
+    for name, d in info.items():
+        assert set(d) == {"built", "usable", "reason"}
+        assert d["usable"] == (d["reason"] == ""), name
+    assert info["reference"]["usable"]
+    assert info["native"]["built"], info["native"]["reason"]  # the CPU module always builds
+    if _nvcc_present():
+        # CI compiles the CUDA part wherever nvcc is; it must import without a GPU
+        assert info["cuda"]["built"], info["cuda"]["reason"]
+    if not torch.cuda.is_available():
+        assert not info["cuda"]["usable"] and info["cuda"]["reason"]
+
+
+def test_cuda_module_loads_without_a_gpu():
+    if not _nvcc_present():
+        pytest.skip("built without nvcc: there is no CUDA module to load")
+    from geffect_fast import _C_cuda
+
+    n, why = _C_cuda.device_count()
+    assert _C_cuda.runtime_version() >= 12000
+    if not torch.cuda.is_available():
+        assert n == 0 and why
+
+
+def test_naming_a_backend_that_cannot_run_is_a_clear_error():
+    model = make_model("llama")
+    V = {n: t[0] for n, t in random_direction(model).items()}
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here"):
+            gf.measure(model, V, make_batch(model), backend="cuda")
+    with pytest.raises(RuntimeError, match="triton backend does not support torch.float64"):
+        dispatch.resolve("triton", torch.device("cpu"), torch.float64)
+
+
+def test_auto_follows_the_measured_table():
+    b = dispatch.resolve("auto", torch.device("cpu"), torch.float32)
+    for op in ("linear_dot", "embedding_dot", "norm_dot"):
+        first_usable = next(n for n in dispatch.AUTO["cpu"][op] if gf.backends()[n]["usable"])
+        assert f"{op}={first_usable}" in b.name
+    model = make_model("llama")
+    V = {n: t[0] for n, t in random_direction(model).items()}
+    want = dispatch.resolve("auto", torch.device("cpu"), torch.float64).name
+    assert gf.measure(model, V, make_batch(model)).meta["backend"] == want
+
+
+def _usable_cpu_backends():
+    return [n for n, d in gf.backends("cpu").items() if d["usable"] and n != "reference"]
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_measure_with_each_backend_equals_reference(backend, family):
+    if backend not in _usable_cpu_backends():
+        pytest.skip(f"{backend}: {gf.backends()[backend]['reason']}")
+    dtype = torch.float64 if dispatch._module(backend).supports(torch.float64) else torch.float32
+    model = make_model(family, dtype=dtype)
+    batch = make_batch(model)
+    v = gf.Direction(random_direction(model, K=2), names=["a", "b"])
+    ref = gf.measure(model, v, {"r": batch}, per_instance=True, backend="reference")
+    ours = gf.measure(model, v, {"r": batch}, per_instance=True, backend=backend)
+    assert ours.meta["backend"] == backend
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_per_group(ours.instances["r"], ref.instances["r"], tol, f"{backend} {family}")

@@ -1,0 +1,85 @@
+"""GPU-only checks (run by benchmarks/gpu_check.sh on a lent GPU): large shapes for the CUDA and Triton
+kernels, float64 on CUDA, and measure() end to end on the GPU against the CPU reference."""
+
+import pytest
+import torch
+from helpers import FAMILIES, assert_close_per_group, make_batch, make_model, random_direction
+
+import geffect_fast as gf
+from geffect_fast.ops import dispatch, reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none here); benchmarks/gpu_check.sh runs these on one"
+)
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def _ops(name, dtype):
+    dev = torch.device("cuda")
+    why = dispatch.backends(dev)[name]["reason"]
+    if why:
+        pytest.fail(f"{name} should run on this GPU: {why}")
+    if not dispatch._module(name).supports(dtype):
+        pytest.skip(f"{name} does not take {dtype}")
+    return dispatch.resolve(name, dev, dtype)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("N,i,o,K", [(4099, 1024, 4096, 1), (1000, 4096, 1031, 3), (257, 576, 49152, 1)])
+def test_linear_dot_large(name, dtype, tol, N, i, o, K):
+    ops = _ops(name, dtype)
+    gen = torch.Generator().manual_seed(N)
+    a, g = torch.randn(N, i, generator=gen).to(dtype), torch.randn(N, o, generator=gen).to(dtype)
+    v, vb = torch.randn(K, o, i, generator=gen).to(dtype), torch.randn(K, o, generator=gen).to(dtype)
+    seg = torch.randint(0, 16, (N,), generator=gen).sort().values.int()
+    ref_w, ref_b = reference.linear_dot(a.double(), g.double(), v.double(), seg, 16, vb.double())
+    w, b = ops.linear_dot(a.cuda(), g.cuda(), v.cuda(), seg.cuda(), 16, vb.cuda())
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
+    # bf16 inputs are exact in float32 products; only the summation order differs from the float64 reference
+    assert _rel(w, ref_w) <= tol * 10 and _rel(b, ref_b) <= tol * 10
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_and_norm_large(name, dtype):
+    ops = _ops(name, dtype)
+    gen = torch.Generator().manual_seed(0)
+    N, vocab, d, K, B = 8191, 32000, 4096, 2, 32
+    ids = torch.randint(0, vocab, (N,), generator=gen)
+    g = torch.randn(N, d, generator=gen).to(dtype)
+    V = torch.randn(K, vocab, d, generator=gen).to(dtype)
+    seg = torch.arange(N) * B // N
+    want = reference.embedding_dot(ids, g.double(), V.double(), seg, B, padding_idx=7)
+    got = ops.embedding_dot(ids.cuda(), g.cuda(), V.cuda(), seg.cuda(), B, padding_idx=7)
+    assert _rel(got, want) <= 1e-5
+    xh = torch.randn(N, d, generator=gen).to(dtype)
+    vw, vb = V[:, 0], V[:, 1]
+    ww, wb = reference.norm_dot(xh.double(), g.double(), vw.double(), vb.double(), seg, B)
+    gw, gb = ops.norm_dot(xh.cuda(), g.cuda(), vw.cuda(), vb.cuda(), seg.cuda(), B)
+    assert _rel(gw, ww) <= 1e-5 and _rel(gb, wb) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "reference"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_measure_on_gpu_equals_cpu_reference(backend, family):
+    model = make_model(family, dtype=torch.float32)
+    batch = make_batch(model)
+    V = random_direction(model, K=2)
+    want = gf.measure(model, gf.Direction(V, names=["a", "b"]), {"r": batch}, per_instance=True, backend="reference")
+    model.cuda()
+    Vc = {n: t.cuda() for n, t in V.items()}
+    got = gf.measure(
+        model,
+        gf.Direction(Vc, names=["a", "b"]),
+        {"r": {k: t.cuda() for k, t in batch.items()}},
+        per_instance=True,
+        backend=backend,
+    )
+    assert_close_per_group(got.instances["r"], want.instances["r"], 1e-4, f"{family} {backend}")
