@@ -23,6 +23,10 @@ def test_backends_report():
         assert d["usable"] == (d["reason"] == ""), name
     assert info["reference"]["usable"]
     assert info["native"]["built"], info["native"]["reason"]  # the CPU module always builds
+    # the test extras install triton, and conftest turns its interpreter on where there is no GPU: the Triton
+    # kernels must run in every test session, never be skipped quietly
+    assert info["triton"]["built"], info["triton"]["reason"]
+    assert gf.backends("cuda" if torch.cuda.is_available() else "cpu")["triton"]["usable"]
     if _nvcc_present():
         # CI compiles the CUDA part wherever nvcc is; it must import without a GPU
         assert info["cuda"]["built"], info["cuda"]["reason"]
