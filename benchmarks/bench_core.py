@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._common import cpu_name, llama_case, methods, peak_mb, reset_peak, rss_mb
 
 CASES = {
     # name: (hidden, layers, intermediate, heads, vocab, B, T)
@@ -36,112 +37,20 @@ QUICK_CASES = {"llama64x2_B4_T32": (64, 2, 128, 4, 512, 4, 32)}
 METHODS = ("plain_fwd_bwd", "measure", "per_sample_loop")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM), so the peak covers the timed repeats only."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
-
-
-def _build(case):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, layers, inter, heads, vocab, B, T = case
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max(T, 128),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, : T // 4] = -100  # a masked prompt
-    mask = torch.ones_like(ids)
-    for b in range(B):  # varied lengths, right padding
-        cut = T - (b % 4) * (T // 16)
-        mask[b, cut:] = 0
-        labels[b, cut:] = -100
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    V = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
-    return model, batch, V
-
-
 def _worker(case_name: str, method: str, repeats: int, dump: str | None) -> dict:
-    import geffect_fast as gf
-    from geffect_fast.groups import assign
-    from geffect_fast.loss import forward_logits, sample_nll
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    case = {**CASES, **QUICK_CASES}[case_name]
-    model, batch, V = _build(case)
-    names = [n for n, _ in model.named_parameters()]
-    grouping = assign(model, "block", names)
-    direction = gf.Direction(V, "v")
-    params = dict(model.named_parameters())
-    values = None
-
-    if method == "plain_fwd_bwd":
-
-        def run():
-            loss = gf.risk(model, batch)
-            loss.backward()
-            for p in model.parameters():
-                p.grad = None
-
-    elif method == "measure":
-
-        def run():
-            nonlocal values
-            res = gf.measure(model, direction, {"r": batch}, per_instance=True)
-            values = res.per_instance["r"]
-
-    elif method == "per_sample_loop":
-        plist = [params[n] for n in names]
-        gidx = torch.tensor([grouping.of[n] for n in names])
-        B = batch["input_ids"].shape[0]
-
-        def run():
-            nonlocal values
-            out = torch.zeros(B, len(grouping), dtype=torch.float64)
-            for b in range(B):
-                sub = {k: t[b : b + 1] for k, t in batch.items()}
-                ell, n = sample_nll(forward_logits(model, sub), sub["labels"])
-                grads = torch.autograd.grad(ell.sum(), plist)
-                dots = torch.stack([(g * V[nm]).sum() for g, nm in zip(grads, names)]).double()
-                out[b].index_add_(0, gidx, dots)
-            values = out
-
-    else:  # pragma: no cover
-        raise ValueError(method)
-
-    run()  # warm-up
-    base = _rss_mb()
-    _reset_peak()
+    hidden, layers, inter, heads, vocab, B, T = {**CASES, **QUICK_CASES}[case_name]
+    model, batch, V = llama_case(hidden, layers, inter, heads, vocab, B, T)
+    run = methods(model, batch, V)[method]
+    values = run()  # warm-up
+    base = rss_mb()
+    reset_peak()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run()
+        values = run()
         times.append(time.perf_counter() - t0)
-    peak = _peak_mb()
+    peak = peak_mb()
     if dump and values is not None:
         torch.save(values, dump)
     return {
@@ -218,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             w.writerow(r)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    cpu = _cpu_name()
+    cpu = cpu_name()
     lines = [
         f"# Core engine on CPU ({cpu})",
         "",
@@ -248,16 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

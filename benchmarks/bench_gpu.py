@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._common import llama_case, methods
+
 OP_SHAPES = {
     # name: (op, dims)
     "llama7b.q_proj": ("linear_dot", dict(N=4096, i=4096, o=4096, K=1)),
@@ -203,69 +205,26 @@ def bench_ops(dev: torch.device, quick: bool, ceil: dict, repeats: int) -> list[
 
 
 def _e2e_case(name: str, spec: tuple, dev: torch.device, repeats: int) -> list[dict]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import geffect_fast as gf
-    from geffect_fast.groups import assign
-    from geffect_fast.loss import forward_logits, sample_nll
-
     hidden, layers, inter, heads, vocab, Bn, T, dtype = spec
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max(T, 128),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (Bn, T), generator=gen)
-    labels = ids.clone()
-    labels[:, : T // 4] = -100
-    batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev)}
-    V = {n: torch.randn(p.shape, generator=gen).to(device=dev, dtype=dtype) for n, p in model.named_parameters()}
-    direction = gf.Direction(V, "v")
-    names = [n for n, _ in model.named_parameters()]
-    grouping = assign(model, "block", names)
-    params = dict(model.named_parameters())
+    model, batch, V = llama_case(hidden, layers, inter, heads, vocab, Bn, T, dtype=dtype, device=dev)
     values = {}
-
-    def plain():
-        loss = gf.risk(model, batch)
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
-
-    def ours():
-        values["measure"] = gf.measure(model, direction, {"r": batch}, per_instance=True).per_instance["r"]
-
-    def loop():
-        out = torch.zeros(Bn, len(grouping), dtype=torch.float64)
-        for b in range(Bn):
-            sub = {k: t[b : b + 1] for k, t in batch.items()}
-            ell, _ = sample_nll(forward_logits(model, sub), sub["labels"])
-            grads = torch.autograd.grad(ell.sum(), [params[n] for n in names])
-            for n, gr in zip(names, grads):
-                out[b, grouping.of[n]] += float((gr.float() * V[n].float()).sum())
-        values["loop"] = out
-
     rows = []
-    for method, fn in (("plain_fwd_bwd", plain), ("measure", ours), ("per_sample_loop", loop)):
+    for method, fn in methods(model, batch, V).items():
         base = 0
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        t = _time(fn, dev, repeats if method != "per_sample_loop" else max(2, repeats // 3))
+
+        def run(fn=fn, method=method):
+            values[method] = fn()
+
+        t = _time(run, dev, repeats if method != "per_sample_loop" else max(2, repeats // 3))
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
         rows.append(dict(case=name, method=method, ms=t * 1e3, peak_extra_mib=peak))
         print(f"{name:<28}{method:<18}{t * 1e3:10.2f} ms  peak +{peak:9.1f} MiB", flush=True)
     plain_ms = rows[0]["ms"]
-    ref = values["loop"]
-    agree = float(((values["measure"] - ref).abs() / ref.abs().amax(0).clamp_min(1e-30)).max())
+    ref = values["per_sample_loop"]
+    agree = float(((values["measure"].cpu() - ref).abs() / ref.abs().amax(0).clamp_min(1e-30)).max())
     for r in rows:
         r["x_plain"] = r["ms"] / plain_ms
         if r["method"] == "measure":

@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._common import peak_mb, reset_peak, rss_mb
 
 # name: (op, dims, dtype)
 SHAPES = {
@@ -48,25 +49,6 @@ QUICK = {
     "tiny.norm": ("norm_dot", dict(N=64, d=48, K=1), "float32"),
 }
 B = 8
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM), so the peak covers the timed repeats only."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
 
 
 def _inputs(op: str, dims: dict, dtype: torch.dtype):
@@ -111,14 +93,14 @@ def _worker(shape: str, backend: str, repeats: int, dump: str) -> dict:
     args = _inputs(op, dims, dtype)
     fn = getattr(dispatch.resolve(backend, torch.device("cpu"), dtype), op)
     out = fn(*args)
-    base = _rss_mb()
-    _reset_peak()
+    base = rss_mb()
+    reset_peak()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn(*args)
         times.append(time.perf_counter() - t0)
-    peak = _peak_mb()
+    peak = peak_mb()
     res = out[0] if isinstance(out, tuple) else out
     torch.save(res, dump)
     flops, nbytes = _flops_bytes(op, dims, torch.finfo(dtype).bits // 8)

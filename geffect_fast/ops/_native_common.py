@@ -15,6 +15,11 @@ NULL2 = (0, 0, 0, 0)
 NULL3 = (0, 0, 0, 0, 0)
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """The compiled kernels take float32, float64, bfloat16 and float16."""
+    return dtype in DTYPE_CODE
+
+
 def _code(t: Tensor) -> int:
     try:
         return DTYPE_CODE[t.dtype]
@@ -51,9 +56,15 @@ class KernelOps:
     expect; mismatches are converted on the small side or the rare one.
     """
 
-    def __init__(self, module_getter: Callable[[], object], call: Callable[..., None]):
-        self._module = module_getter
+    def __init__(self, ext: object | None, missing: Callable[[], str], call: Callable[..., None]):
+        self._ext = ext
+        self._missing = missing
         self._call = call
+
+    def _module(self):
+        if self._ext is None:
+            raise RuntimeError(self._missing())
+        return self._ext
 
     def linear_dot(self, a, g, v, seg, B, vb=None):
         N, i, o, K = check_linear(a, g, v, seg, B, vb)

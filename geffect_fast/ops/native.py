@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._native_common import DTYPE_CODE, KernelOps
+from ._native_common import KernelOps, supports  # noqa: F401  (re-exported: the backend interface)
 
 try:
     from .. import _C_cpu as _ext
@@ -36,23 +36,13 @@ def unusable_reason(device: torch.device) -> str | None:
     return None
 
 
-def supports(dtype: torch.dtype) -> bool:
-    return dtype in DTYPE_CODE
-
-
-def _module():
-    if _ext is None:
-        raise RuntimeError(built()[1])
-    return _ext
-
-
 def _call(fn, *args, device):
     if device.type != "cpu":
         raise ValueError(f"the native backend takes CPU tensors, got {device}")
     fn(*args, torch.get_num_threads())
 
 
-_ops = KernelOps(_module, _call)
+_ops = KernelOps(_ext, lambda: built()[1], _call)
 linear_dot = _ops.linear_dot
 embedding_dot = _ops.embedding_dot
 norm_dot = _ops.norm_dot
