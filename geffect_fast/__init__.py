@@ -6,12 +6,26 @@ res = gf.measure(model, v, {"unlearn": forget_batch, "retain": retain_batch}, pe
 print(res)
 """
 
-from . import capture, groups, ops
+from . import capture, data, groups, objectives, ops
 from ._version import __version__
 from .api import measure
 from .direction import Direction
 from .loss import risk
 from .ops import backends
 from .result import Result
+from .tracker import Tracker
 
-__all__ = ["Direction", "Result", "__version__", "backends", "capture", "groups", "measure", "ops", "risk"]
+__all__ = [
+    "Direction",
+    "Result",
+    "Tracker",
+    "__version__",
+    "backends",
+    "capture",
+    "data",
+    "groups",
+    "measure",
+    "objectives",
+    "ops",
+    "risk",
+]

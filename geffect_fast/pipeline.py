@@ -1,0 +1,158 @@
+"""The TOFU protocol in small: fine-tune a model until it knows a QA set, then unlearn a forget split with an
+objective while a :class:`~geffect_fast.tracker.Tracker` records the G-effects of every step.
+
+Used by ``geffect-fast demo``/``run`` and by ``benchmarks/objectives_synthetic.py``; each function also
+works on its own with any HF causal LM and batches from :mod:`geffect_fast.data`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .loss import IGNORE_INDEX, forward_logits, risk
+from .objectives import Objective
+from .tracker import Tracker
+
+
+def batches(batch: Mapping[str, Tensor], size: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
+    """A shuffled split of ``batch`` into mini-batches of ``size`` rows."""
+    B = batch["input_ids"].shape[0]
+    perm = torch.randperm(B, generator=generator)
+    return [{k: v[perm[i : i + size]] for k, v in batch.items()} for i in range(0, B, size)]
+
+
+@torch.no_grad()
+def answer_accuracy(model: nn.Module, batch: Mapping[str, Tensor], chunk: int = 64) -> dict[str, float]:
+    """Teacher-forced answer accuracy: ``token`` = share of answer tokens whose argmax is right; ``exact`` =
+    share of samples whose every answer token is right (greedy decoding would reproduce the answer)."""
+    was = model.training
+    model.eval()
+    right = total = exact = n = 0
+    try:
+        for i in range(0, batch["input_ids"].shape[0], chunk):
+            sub = {k: v[i : i + chunk] for k, v in batch.items()}
+            pred = forward_logits(model, sub)[:, :-1].argmax(-1)
+            lab = sub["labels"][:, 1:]
+            mask = lab != IGNORE_INDEX
+            ok = (pred == lab) & mask
+            right += int(ok.sum())
+            total += int(mask.sum())
+            exact += int((ok.sum(1) == mask.sum(1)).sum())
+            n += sub["input_ids"].shape[0]
+    finally:
+        model.train(was)
+    return {"token": right / max(1, total), "exact": exact / max(1, n)}
+
+
+def finetune(
+    model: nn.Module,
+    data: Mapping[str, Tensor],
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[float]:
+    """Plain AdamW fine-tuning on ``data`` (the TOFU "learn the facts" stage); returns the mean loss of each
+    epoch. ``progress(epoch, epochs, loss)`` is called after every epoch."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, epochs * _n_batches(data, batch_size)), pct_start=0.1
+    )
+    model.train()
+    losses = []
+    for ep in range(epochs):
+        tot = 0.0
+        mbs = batches(data, batch_size, g)
+        for mb in mbs:
+            loss = risk(model, mb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+        losses.append(tot / len(mbs))
+        if progress is not None:
+            progress(ep + 1, epochs, losses[-1])
+    model.eval()
+    return losses
+
+
+def _n_batches(data: Mapping[str, Tensor], size: int) -> int:
+    return (data["input_ids"].shape[0] + size - 1) // size
+
+
+def unlearn(
+    model: nn.Module,
+    objective: Objective,
+    forget: Mapping[str, Tensor],
+    retain: Mapping[str, Tensor],
+    steps: int,
+    lr: float,
+    ref_model: nn.Module | None = None,
+    idk: Mapping[str, Tensor] | None = None,
+    probes: Mapping[str, Mapping[str, Tensor]] | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    **tracker_kwargs: Any,
+) -> Tracker:
+    """Unlearn ``forget`` with ``objective`` for ``steps`` AdamW steps (retain data where the objective uses
+    it), tracking G-effects on ``probes`` (default: the forget and retain sets) at each step. Returns the
+    tracker: its records hold per-step, per-group and cumulative G-effects and the forget/retain risk
+    before each step (``loss``) with the measured change."""
+    probes = probes or {"unlearn": forget, "retain": retain}
+    tracker = Tracker(model, probes, ref_model=ref_model, **tracker_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    fb, rb = batches(forget, batch_size, g), batches(retain, batch_size, g)
+    ib = batches(idk, batch_size, torch.Generator().manual_seed(seed)) if idk is not None else None
+    model.train()
+    for step in range(steps):
+        inputs: dict[str, Any] = {"forget": fb[step % len(fb)], "retain": rb[step % len(rb)]}
+        if ib is not None:
+            inputs["idk"] = ib[step % len(ib)]
+        loss = objective(model, inputs, ref_model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with tracker.step(opt, loss=loss):
+            opt.step()
+        if progress is not None:
+            progress(step + 1, steps)
+    model.eval()
+    return tracker
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode copy (the reference model of NPO/TNPO/KL)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``"""
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+def signs(records: Sequence[Mapping[str, Any]], objective: str) -> dict[str, float]:
+    """Cumulative G-effect per risk set of ``objective``'s records (the last cumulative value)."""
+    out: dict[str, float] = {}
+    for r in records:
+        if r["objective"] == objective:
+            out[r["risk"]] = r["cumulative"]
+    return out
