@@ -25,7 +25,17 @@ FAMILIES: dict[str, tuple[type, dict]] = {
     ),
     "gpt2": (
         tf.GPT2Config,
-        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        dict(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=1,
+        ),
     ),
     "qwen2": (
         tf.Qwen2Config,
