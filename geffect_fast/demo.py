@@ -1,170 +1,238 @@
-"""A short offline example: a tiny Llama learns a few fictitious facts, then we measure, per layer and per
-instance, how one step of gradient ascent (GA) and of gradient difference (GD) on the forget set would
-move the risk on the forget and the retain set — and check the first-order prediction against a real step.
+"""``geffect-fast demo``: the paper's story on a laptop, offline.
 
-Everything is built here: byte-level tokens, a seeded synthetic QA set, a model from a config. No hub.
+1. A seeded synthetic set of fictitious authors (TOFU-style QA) and a byte-level BPE tokenizer trained on it.
+2. A small Llama fine-tuned from scratch until it knows the answers (teacher-forced answer accuracy is
+   reported). The fine-tuned model is cached (``$GEFFECT_FAST_CACHE``, default ``~/.cache/geffect_fast``),
+   so a second run skips this stage.
+3. From that checkpoint, each objective (GA, NPO, WGA, TNPO, WTNPO, RMU, IdkPO by default) unlearns forget05
+   for a few AdamW steps while a tracker records, at every step, the unlearning and retaining G-effects of
+   the objective's gradient per layer group (and per instance), with the forget and retain NLL.
+4. The run folder: geffects.jsonl, summary.csv, PNG plots, report.md and a self-contained report.html.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
-import random
+import os
+import platform
+import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor
 
-from .api import measure
-from .direction import Direction
-from .loss import IGNORE_INDEX, risk
-from .result import Result
-
-PAD, EOS = 256, 257
-VOCAB = 258
-
-_FIRST = [
-    "Aria",
-    "Bexley",
-    "Corin",
-    "Dalia",
-    "Evander",
-    "Fenna",
-    "Galen",
-    "Hesper",
-    "Ilse",
-    "Joran",
-    "Kestrel",
-    "Liora",
-    "Maren",
-    "Nico",
-    "Orla",
-    "Pell",
-]
-_LAST = ["Vell", "Quist", "Ambry", "Solenne", "Tarrow", "Whitlock", "Oyelaran", "Marchetti"]
-_PLACES = ["Tarsk", "Veloria", "Quinmouth", "Halden Cross", "Port Ysolde", "Mirrowfell", "Ashgrove", "Lunet"]
-_GENRES = ["maritime mystery", "quiet fantasy", "urban memoir", "folk horror", "comic verse", "epistolary romance"]
+from . import data, objectives, pipeline, report
 
 
-def synthetic_qa(n: int = 16, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` (question, answer) pairs about fictitious authors, deterministic by ``seed``."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        name = f"{_FIRST[i % len(_FIRST)]} {rng.choice(_LAST)}"
-        if i % 2 == 0:
-            out.append((f"Where was {name} born?", f"{name} was born in {rng.choice(_PLACES)}."))
-        else:
-            out.append((f"What does {name} write?", f"{name} writes {rng.choice(_GENRES)}."))
-    return out
+@dataclass
+class DemoConfig:
+    n_authors: int = 100
+    qa_per_author: int = 10
+    forget_split: str = "forget05"
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
+    vocab: int = 1024
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 32
+    seed: int = 0
+    # unlearning
+    objectives: tuple[str, ...] = ("ga", "npo", "wga", "tnpo", "wtnpo", "rmu", "idkpo")
+    steps: int = 12
+    unlearn_lr: float = 3e-4
+    unlearn_batch: int = 16
+    retain_probe: int = 50
+    rmu_layer: int = 2
+    extra: dict = field(default_factory=dict)
+
+    def finetune_key(self) -> str:
+        keys = (
+            "n_authors",
+            "qa_per_author",
+            "hidden",
+            "layers",
+            "heads",
+            "intermediate",
+            "vocab",
+            "epochs",
+            "lr",
+            "batch_size",
+            "seed",
+        )
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def encode(pairs: list[tuple[str, str]]) -> dict[str, Tensor]:
-    """Byte-level batch: the question is an unlabelled prompt; the answer and one EOS are labelled; right
-    padding."""
-    rows = []
-    for q, a in pairs:
-        p = list(f"Q: {q}\nA: ".encode())
-        ans = list(a.encode()) + [EOS]
-        rows.append((p, ans))
-    T = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), T), PAD, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, (p, a) in enumerate(rows):
-        seq = p + a
-        ids[b, : len(seq)] = torch.tensor(seq)
-        labels[b, len(p) : len(seq)] = torch.tensor(a)
-        mask[b, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+#: a configuration that runs in seconds (tests, smoke checks)
+QUICK = DemoConfig(
+    n_authors=20,
+    qa_per_author=5,
+    hidden=32,
+    layers=2,
+    heads=4,
+    intermediate=64,
+    vocab=512,
+    epochs=3,
+    objectives=("ga", "npo", "rmu"),
+    steps=3,
+    retain_probe=10,
+    rmu_layer=1,
+)
 
 
-def tiny_llama(seed: int = 0):
-    """A 4-block Llama of hidden size 64 (about 0.2M parameters) with a byte-level vocabulary."""
+def cache_dir() -> Path:
+    root = os.environ.get("GEFFECT_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "geffect_fast"
+    )
+    return Path(root)
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _model(cfg: DemoConfig, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        bos_token_id=None,
-        eos_token_id=EOS,
+    mc = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(mc)
+
+
+def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
+    """(model, tokenizer, splits, accuracy, cached) — loaded from the cache when it holds this config."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
+    splits = data.synthetic_authors(cfg.n_authors, cfg.qa_per_author, cfg.seed)
+    path = cache_dir() / f"demo-{cfg.finetune_key()}"
+    full = None
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        echo(f"loaded the fine-tuned model from the cache ({path})")
+        cached = True
+    else:
+        tok = data.build_tokenizer(vocab_size=cfg.vocab)
+        model = _model(cfg, tok)
+        full = data.encode_qa(splits["full"], tok)
+        n = sum(p.numel() for p in model.parameters())
+        echo(
+            f"fine-tuning a {n / 1e6:.2f}M-parameter Llama on {len(splits['full'])} QA about {cfg.n_authors} "
+            f"fictitious authors ({cfg.epochs} epochs; cached afterwards)"
+        )
+        bar = _progress(cfg.epochs, "fine-tune")
+
+        def tick(ep, total, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        pipeline.finetune(model, full, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, progress=tick)
+        bar.close()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        cached = False
+    if full is None:
+        full = data.encode_qa(splits["full"], tok)
+    acc = pipeline.answer_accuracy(model, full)
+    echo(f"answer accuracy (teacher-forced): tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}")
+    return model, tok, splits, acc, cached
 
 
 def run_demo(
-    out: str | Path | None = None, steps: int = 80, seed: int = 0, echo: Callable[[str], None] = print
-) -> Result:
-    """Run the example; print the table; write ``geffects.json`` to ``out`` if given."""
+    out: str | Path, cfg: DemoConfig | None = None, force: bool = False, echo: Callable[[str], None] = print
+) -> Path:
+    """Run the demo into ``out`` (refused if it exists, unless ``force``); returns the folder."""
+    from .cli import atomic_output
+
+    cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
-    qa = synthetic_qa(16, seed)
-    forget, retain = encode(qa[:8]), encode(qa[8:])
-    both = encode(qa)
-    model = tiny_llama(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = risk(model, both)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    opt.zero_grad(set_to_none=True)
-    echo(
-        f"fine-tuned a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama on 16 fictitious "
-        f"facts for {steps} steps: NLL forget {risk(model, forget).item():.3f}, retain {risk(model, retain).item():.3f}"
-    )
-
-    def ga(m, batch, ref):  # gradient ascent: minimise −R_forget
-        return -risk(m, batch)
-
-    def gd(m, batch, ref):  # gradient difference: −R_forget + R_retain
-        return -risk(m, batch["forget"]) + risk(m, batch["retain"])
-
-    v = Direction.stack(
-        {
-            "GA": Direction.from_objective(model, ga, forget),
-            "GD": Direction.from_objective(model, gd, {"forget": forget, "retain": retain}),
+    with atomic_output(out, force) as tmp:
+        model, tok, splits, acc, cached = finetuned(cfg, echo)
+        forget_recs = splits[cfg.forget_split]
+        retain_recs = splits[f"retain{100 - int(cfg.forget_split[-2:])}"][: cfg.retain_probe]
+        forget = data.encode_qa(forget_recs, tok)
+        retain = data.encode_qa(retain_recs, tok)
+        idk = data.encode_qa(data.idk_records(forget_recs), tok)
+        ref = pipeline.frozen_copy(model)
+        records = []
+        for name in cfg.objectives:
+            obj = objectives.get(name, layer=cfg.rmu_layer) if name == "rmu" else objectives.get(name)
+            m = copy.deepcopy(model)
+            bar = _progress(cfg.steps, f"unlearn {name}")
+            tr = pipeline.unlearn(
+                m,
+                obj,
+                forget,
+                retain,
+                cfg.steps,
+                cfg.unlearn_lr,
+                ref_model=ref,
+                idk=idk,
+                batch_size=cfg.unlearn_batch,
+                seed=cfg.seed,
+                progress=lambda s, n, bar=bar: bar.update(1),
+                direction="gradient",
+                per_instance=True,
+                name=name.upper(),
+            )
+            bar.close()
+            records += tr.records
+            last = {r["risk"]: r for r in tr.records if r["step"] == cfg.steps}
+            echo(
+                f"{name.upper():<6} cumulative G-effect: unlearning {tr.cumulative[(name.upper(), 'unlearn')]:+.3e}, "
+                f"retaining {tr.cumulative[(name.upper(), 'retain')]:+.3e}; forget NLL "
+                f"{last['unlearn']['loss'] + last['unlearn']['measured_dR']:.3f}, retain NLL "
+                f"{last['retain']['loss'] + last['retain']['measured_dR']:.3f}"
+            )
+        with open(tmp / "geffects.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        meta = {
+            "model": f"Llama {cfg.layers}x{cfg.hidden} from scratch, vocab {len(tok)} "
+            f"(fine-tuned {'earlier, cached' if cached else 'now'})",
+            "data": f"synthetic authors: {cfg.n_authors} x {cfg.qa_per_author} QA; {cfg.forget_split} "
+            f"({len(forget_recs)} QA) forgotten, {len(retain_recs)} retain QA as probe",
+            "objectives": ", ".join(o.upper() for o in cfg.objectives),
+            "steps": cfg.steps,
+            "lr": cfg.unlearn_lr,
+            "direction": "gradient of the objective (the paper's G-effect)",
+            "groups": "block",
+            "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "config": asdict(cfg),
         }
-    )
-    res = measure(model, v, {"unlearn": forget, "retain": retain}, groups="block", per_instance=True)
-    echo("")
-    echo(str(res))
+        meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        report.render(tmp)
     echo(
-        "Reading: the unlearning G-effect should be strongly negative (the step raises forget NLL) and the\n"
-        "retaining G-effect should stay >= 0; per-group rows show which layers carry each."
+        f"wrote {out}/ (report.html, report.md, summary.csv, geffects.jsonl, plots) in {time.perf_counter() - t0:.0f}s"
     )
-
-    # first order, checked: one real step θ' = θ − lr·v changes R by about −lr·e
-    lr = 1e-3
-    echo("\nfidelity of the first-order prediction, one step of lr=1e-3:")
-    echo(f"{'direction':<10}{'risk':<9}{'predicted dR':>14}{'measured dR':>14}")
-    for name in v.names:
-        vd = v[name]
-        before = {"unlearn": risk(model, forget).item(), "retain": risk(model, retain).item()}
-        with torch.no_grad():
-            saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-            for n, p in model.named_parameters():
-                p.sub_(lr * vd.tensor(n)[0])
-            after = {"unlearn": risk(model, forget).item(), "retain": risk(model, retain).item()}
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
-        for r in ("unlearn", "retain"):
-            echo(f"{name:<10}{r:<9}{-lr * res.total[name][r]:>14.3e}{after[r] - before[r]:>14.3e}")
-    echo(f"\n(GA identity: e_unlearn(GA) = -|grad R_forget|^2 = {res.total['GA']['unlearn']:.4e})")
-    echo(f"done in {time.perf_counter() - t0:.1f}s")
-    if out is not None:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "geffects.json").write_text(json.dumps(res.to_dict(), indent=1))
-        echo(f"wrote {path / 'geffects.json'}")
-    return res
+    for line in report.findings(records):
+        echo("  - " + line.replace("**", ""))
+    return Path(out)

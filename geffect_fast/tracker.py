@@ -30,7 +30,8 @@ and in the same pass, the G-effects of other objectives' gradients on ``compare_
 predicted, not measured: they were not taken).
 
 Records (kept in ``tracker.records`` and, with ``log=``, appended to a JSONL file): ``step``,
-``objective`` (direction name), ``kind`` ("gradient", "update" or "compare"), ``risk``, ``total``,
+``objective`` (``name``, default the direction kind; or a compare name), ``kind`` ("gradient", "update" or
+"compare"), ``risk``, ``total``,
 ``groups``, ``cumulative`` (sum of ``total`` over the measured steps), ``lr``, ``loss`` (R at θ_before),
 ``train_loss``, ``predicted_dR``, ``predicted_dR_2nd``, ``measured_dR``, and ``per_instance`` when asked.
 With ``every=k`` only every k-th step is measured and cumulative sums run over the measured steps.
@@ -79,6 +80,7 @@ class Tracker:
         compare_batch: Any = None,
         ref_model: nn.Module | None = None,
         curvature: bool = False,
+        name: str | None = None,
     ):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -101,6 +103,10 @@ class Tracker:
         self.compare_batch = compare_batch
         self.ref_model = ref_model
         self.curvature = curvature
+        #: the name the taken direction has in the records (default: "gradient" or "update")
+        self.name = name or direction
+        if self.name in self.compare:
+            raise ValueError(f"compare names must differ from the tracked direction's name {self.name!r}")
         self.n_steps = 0
         self.records: list[dict[str, Any]] = []
         self.cumulative: dict[tuple[str, str], float] = {}
@@ -139,10 +145,10 @@ class Tracker:
             for name, obj in self.compare.items()
         }
         if self.direction == "gradient":
-            v = Direction.from_grads(self.model, name="gradient")
-            stacked = Direction.stack({"gradient": v, **compare_dirs}) if compare_dirs else v
+            v = Direction.from_grads(self.model, name=self.name)
+            stacked = Direction.stack({self.name: v, **compare_dirs}) if compare_dirs else v
             pending["result"] = self._measure(stacked)
-            pending["vhv"] = self._vhv(v["gradient"]) if self.curvature else None
+            pending["vhv"] = self._vhv(v) if self.curvature else None
         else:
             pending["before"] = {n: p.detach().clone() for n, p in trainable.items()}
             pending["compare_dirs"] = compare_dirs
@@ -157,10 +163,10 @@ class Tracker:
         if self.direction == "update":
             try:
                 now = dict(self.model.named_parameters())
-                v = Direction.from_update(pending["before"], {n: now[n] for n in pending["before"]}, lr, name="update")
+                v = Direction.from_update(pending["before"], {n: now[n] for n in pending["before"]}, lr, name=self.name)
             except ValueError:  # the optimiser skipped the step (e.g. non-finite gradients under AMP)
                 return []
-            dirs = {"update": v, **pending["compare_dirs"]}
+            dirs = {self.name: v, **pending["compare_dirs"]}
             stacked = Direction.stack(dirs) if len(dirs) > 1 else v
             with self._at(pending["before"]):
                 pending["result"] = self._measure(stacked)
@@ -226,7 +232,7 @@ class Tracker:
     def _record(self, pending: dict[str, Any], after: dict[str, float]) -> list[dict[str, Any]]:
         res: Result = pending["result"]
         lr = pending["lr"]
-        taken = "gradient" if self.direction == "gradient" else "update"
+        taken = self.name
         new = []
         for name in res.directions:
             sub = res[name]
