@@ -5,9 +5,10 @@ loop, side by side in one run, on CPU Llama configs.
     python -m benchmarks.bench_core --quick              # a small smoke run (seconds)
 
 Each (case, method) runs in its own subprocess so that its peak memory can be read off the process: the
-reported peak is max RSS during the timed repeats minus the RSS before them (model, direction and batch
-already allocated). Times are medians over repeats after one warm-up. The per-sample values of
-``measure`` and of the loop are compared in the same run (the ``agree`` column: max relative error).
+reported peak is the peak RSS of the warm-up and the timed repeats minus the RSS before them (model,
+direction and batch already allocated; free heap returned to the OS first). Times are medians over repeats
+after one warm-up. The per-sample values of ``measure`` and of the loop are compared in the same run (the
+``agree`` column: max relative error).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _worker(case_name: str, method: str, repeats: int, dump: str | None) -> dict
     hidden, layers, inter, heads, vocab, B, T = {**CASES, **QUICK_CASES}[case_name]
     model, batch, V = llama_case(hidden, layers, inter, heads, vocab, B, T)
     run = methods(model, batch, V)[method]
-    values = run()  # warm-up
-    base = rss_mb()
     reset_peak()
+    base = rss_mb()
+    values = run()  # warm-up; its allocations count towards the peak
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {machine}; {os.environ.get('BENCH_THREADS', '2')} threads. Command: "
         f"`python -m benchmarks.bench_core{' --quick' if args.quick else ''}`.",
-        "Times: median of the repeats after a warm-up. Peak: peak RSS during the repeats (VmHWM, reset before",
-        "them) minus RSS before them.",
+        "Times: median of the repeats after a warm-up. Peak: peak RSS of the warm-up and repeats (VmHWM, reset",
+        "first, free heap returned to the OS) minus RSS before them.",
         "`agree`: max relative error of the per-instance, per-group values against the per-sample loop.",
         "",
         "| case | method | median s | × plain fwd+bwd | peak extra MB | agree |",

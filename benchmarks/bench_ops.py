@@ -4,9 +4,9 @@
     python -m benchmarks.bench_ops --quick    # small shapes, seconds
 
 Shapes are layers of 0.1B–7B models (SmolLM-135M, Llama-2-7B) at token counts this 2-core CPU handles.
-Each (op, shape, backend) runs in its own subprocess: peak = the peak RSS of the repeats (VmHWM, reset
-before them) minus the RSS before them. Times are medians after a warm-up. ``agree`` is the max relative
-difference from the reference's output in the same run.
+Each (op, shape, backend) runs in its own subprocess: peak = the peak RSS of the warm-up and repeats (VmHWM,
+reset first, free heap returned to the OS) minus the RSS before them. Times are medians after a warm-up.
+``agree`` is the max relative difference from the reference's output in the same run.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def _worker(shape: str, backend: str, repeats: int, dump: str) -> dict:
     dtype = getattr(torch, dt)
     args = _inputs(op, dims, dtype)
     fn = getattr(dispatch.resolve(backend, torch.device("cpu"), dtype), op)
-    out = fn(*args)
-    base = rss_mb()
     reset_peak()
+    base = rss_mb()
+    out = fn(*args)  # warm-up; its allocations count towards the peak
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__})",
         "",
         f"Command: `python -m benchmarks.bench_ops{' --quick' if args.quick else ''}`. B = {B} samples; medians of "
-        f"{repeats} repeats after a warm-up; peak = peak RSS during the repeats (VmHWM, reset first) minus RSS",
-        "before them (per process).",
+        f"{repeats} repeats after a warm-up; peak = peak RSS of the warm-up and repeats (VmHWM, reset first, free",
+        "heap returned to the OS) minus RSS before them (per process).",
         "",
         "| shape | dtype | backend | ms | × reference | GFLOP/s | GB/s | peak extra MB | agree |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
