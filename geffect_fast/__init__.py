@@ -12,12 +12,17 @@ from .api import measure
 from .direction import Direction
 from .loss import risk
 from .ops import backends
+from .pairwise import PairwiseResult, measure_pairwise
 from .result import Result
+from .sketch import Sketch, Sketcher
 from .tracker import Tracker
 
 __all__ = [
     "Direction",
+    "PairwiseResult",
     "Result",
+    "Sketch",
+    "Sketcher",
     "Tracker",
     "__version__",
     "backends",
@@ -25,6 +30,7 @@ __all__ = [
     "data",
     "groups",
     "measure",
+    "measure_pairwise",
     "objectives",
     "ops",
     "risk",

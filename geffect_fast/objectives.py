@@ -92,7 +92,23 @@ class Objective:
         return loss
 
     def forget_loss(self, model, forget, ref_model, idk=None) -> Tensor:
+        return self.forget_per_sample(model, forget, ref_model, idk=idk).sum()
+
+    def forget_per_sample(self, model, forget, ref_model, idk=None) -> Tensor:
+        """[B]: each forget sample's share ℓ^obj_j of the forget loss, L_forget = Σ_j ℓ^obj_j."""
         raise NotImplementedError
+
+    def per_sample(self, model: nn.Module, batch: Any, ref_model: nn.Module | None = None) -> Tensor:
+        """[B]: the objective split over its forget samples, L_u = Σ_j ℓ^obj_j (for pairwise G-effects:
+        ∇L_u = Σ_j ∇ℓ^obj_j). Objectives with a retain term do not split over forget samples alone."""
+        if self.retain or self.uses_retain:
+            raise ValueError(
+                f"objective {self.name!r} has a retain term: it does not split over its forget samples alone"
+            )
+        forget, _, idk = split_batch(batch)
+        if self.needs_ref and ref_model is None:
+            raise ValueError(f"objective {self.name!r} needs a reference model: pass ref_model=")
+        return self.forget_weight * self.forget_per_sample(model, forget, ref_model, idk=idk)
 
     def weights(self, model: nn.Module, batch: Any, ref_model: nn.Module | None = None) -> Tensor | None:
         """The detached weights of this objective's weighted-GA form (see the module docstring), or None."""
@@ -112,18 +128,23 @@ def _ref_nll(ref_model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         return _nll(ref_model, batch)[0]
 
 
-def _pooled(values: Tensor, mask: Tensor) -> Tensor:
-    """Token mean pooled over the batch: Σ over labelled tokens / N."""
+def _pooled_rows(values: Tensor, mask: Tensor) -> Tensor:
+    """Each sample's share of the token mean pooled over the batch: Σ_{t∈b} values_t / N, [B]."""
     n = mask.sum()
     if int(n) == 0:
         raise ValueError("the forget batch has no labelled tokens")
-    return (values * mask).sum() / n
+    return (values * mask).sum(1) / n
+
+
+def _pooled(values: Tensor, mask: Tensor) -> Tensor:
+    """Token mean pooled over the batch: Σ over labelled tokens / N."""
+    return _pooled_rows(values, mask).sum()
 
 
 class GA(Objective):
-    def forget_loss(self, model, forget, ref_model, idk=None):
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
         nll, mask = _nll(model, forget)
-        return -_pooled(nll, mask)
+        return -_pooled_rows(nll, mask)
 
 
 class GD(GA):
@@ -143,9 +164,10 @@ class NPO(Objective):
         S_ref = (_ref_nll(ref_model, forget) * mask).sum(1)
         return S - S_ref  # = −log(π_θ(y|x) / π_ref(y|x))
 
-    def forget_loss(self, model, forget, ref_model, idk=None):
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
         beta = self.hp["beta"]
-        return -F.logsigmoid(beta * self._log_ratio(model, forget, ref_model)).mean() * 2 / beta
+        r = self._log_ratio(model, forget, ref_model)
+        return -F.logsigmoid(beta * r) * 2 / beta / r.shape[0]
 
     def weights(self, model, batch, ref_model=None):
         if ref_model is None:
@@ -165,9 +187,10 @@ class SimNPO(Objective):
             raise ValueError("simnpo: a forget sample has no labelled tokens")
         return (nll * mask).sum(1) / n - self.hp["delta"]
 
-    def forget_loss(self, model, forget, ref_model, idk=None):
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
         beta = self.hp["beta"]
-        return -F.logsigmoid(beta * self._margin(model, forget)).mean() * 2 / beta
+        m = self._margin(model, forget)
+        return -F.logsigmoid(beta * m) * 2 / beta / m.shape[0]
 
     def weights(self, model, batch, ref_model=None):
         forget, _, _ = split_batch(batch)
@@ -181,10 +204,10 @@ class _WeightedGA(Objective):
     def token_weights(self, nll: Tensor, forget, ref_model) -> Tensor:
         raise NotImplementedError
 
-    def forget_loss(self, model, forget, ref_model, idk=None):
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
         nll, mask = _nll(model, forget)
         w = self.token_weights(nll.detach(), forget, ref_model).detach()
-        return -_pooled(w * nll, mask)
+        return -_pooled_rows(w * nll, mask)
 
     def weights(self, model, batch, ref_model=None):
         forget, _, _ = split_batch(batch)
@@ -235,7 +258,7 @@ class RMU(Objective):
             self._u[d] = torch.rand(d, generator=torch.Generator().manual_seed(int(self.hp["seed"])))
         return self._u[d].to(device=device, dtype=dtype) * self.hp["c"]
 
-    def forget_loss(self, model, forget, ref_model, idk=None):
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
         kwargs = {k: forget[k] for k in ("attention_mask", "position_ids") if forget.get(k) is not None}
         out = model(input_ids=forget["input_ids"], output_hidden_states=True, use_cache=False, **kwargs)
         hs = out.hidden_states
@@ -246,15 +269,16 @@ class RMU(Objective):
         diff = h - self.target(h.shape[-1], h.device, h.dtype)
         dist = diff.abs().mean(-1) if self.hp["distance"] == "l1" else diff.pow(2).mean(-1)
         mask = forget["labels"][:, 1:] != IGNORE_INDEX
-        return _pooled(dist if dist.dtype == torch.float64 else dist.float(), mask)
+        return _pooled_rows(dist if dist.dtype == torch.float64 else dist.float(), mask)
 
 
 class IdkPO(Objective):
     """NLL of refusal answers ("I don't know") to the forget questions. Takes ``{"forget": ..., "idk": ...}``
     (the idk batch holds the refusals) or, as a plain batch, the refusal batch itself."""
 
-    def forget_loss(self, model, forget, ref_model, idk=None):
-        return risk(model, idk if idk is not None else forget)
+    def forget_per_sample(self, model, forget, ref_model, idk=None):
+        nll, mask = _nll(model, idk if idk is not None else forget)
+        return _pooled_rows(nll, mask)
 
 
 def kl_to_reference(model: nn.Module, ref_model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:

@@ -58,4 +58,13 @@ struct NormArgs {
   bool acc64;
 };
 
+// segment_outer: out[b] = Σ_{t: seg_t=b} u_t w_tᵀ, [B, KU, KW] (the Kronecker-sketch accumulation)
+struct SegOuterArgs {
+  Mat u, w;     // [N, KU], [N, KW]
+  Index seg;
+  int64_t N, KU, KW, B;
+  void* out;    // [B, KU, KW] contiguous, accumulation dtype (written, not accumulated into)
+  bool acc64;
+};
+
 }  // namespace gf

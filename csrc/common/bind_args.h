@@ -42,4 +42,9 @@ inline NormArgs norm_args(const MatT& xhat, const MatT& g, const MatT& vw, const
   return NormArgs{mat(xhat), mat(g), mat(vw), mat(vb), index(seg), N, D, K, B, ptr(out_w), ptr(out_b), acc64};
 }
 
+inline SegOuterArgs seg_outer_args(const MatT& u, const MatT& w, const IndexT& seg, int64_t N, int64_t KU, int64_t KW,
+                                   int64_t B, uintptr_t out, bool acc64) {
+  return SegOuterArgs{mat(u), mat(w), index(seg), N, KU, KW, B, ptr(out), acc64};
+}
+
 }  // namespace gf

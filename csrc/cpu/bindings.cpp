@@ -33,5 +33,13 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::gil_scoped_release nogil;
         cpu_norm_dot(args, nthreads);
       });
+  m.def(
+      "segment_outer",
+      [](const MatT& u, const MatT& w, const IndexT& seg, int64_t N, int64_t KU, int64_t KW, int64_t B, uintptr_t out,
+         bool acc64, int nthreads) {
+        auto args = seg_outer_args(u, w, seg, N, KU, KW, B, out, acc64);
+        py::gil_scoped_release nogil;
+        cpu_segment_outer(args, nthreads);
+      });
   m.def("max_threads", &cpu_max_threads, "OpenMP's default thread count");
 }

@@ -221,6 +221,54 @@ void norm_dot_impl(const NormArgs& x, int nthreads) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// segment_outer: threads split the rows r of the [KU, KW] outer products, so every thread owns
+// out[:, r, :] for its rows and adds u[t, r]·w[t, :] there for every token (vectorised over KW).
+// ---------------------------------------------------------------------------------------------------
+template <typename A, typename TU, typename TW>
+void segment_outer_impl(const SegOuterArgs& x, int nthreads) {
+  const int64_t N = x.N, KU = x.KU, KW = x.KW, B = x.B;
+  A* out = static_cast<A*>(x.out);
+  zero<A>(out, B * KU * KW);
+  const TU* u = static_cast<const TU*>(x.u.p);
+  const TW* w = static_cast<const TW*>(x.w.p);
+  std::vector<int64_t> seg(N);
+  for (int64_t t = 0; t < N; ++t) seg[t] = load_index(x.seg.p, x.seg.is64, t * x.seg.s0);
+  // w converted once, contiguous [N, KW]
+  std::vector<A> wc(N * KW);
+  for (int64_t t = 0; t < N; ++t) load_row<A>(&wc[t * KW], w + t * x.w.s0, x.w.s1, KW);
+  if (KW >= 8) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < KU; ++r) {
+      for (int64_t t = 0; t < N; ++t) {
+        const A ur = load<A>(u, t * x.u.s0 + r * x.u.s1);
+        A* o = out + (seg[t] * KU + r) * KW;
+        const A* wr = &wc[t * KW];
+#pragma omp simd
+        for (int64_t c = 0; c < KW; ++c) o[c] += ur * wr[c];
+      }
+    }
+    return;
+  }
+  // narrow products (vector parameters: KW = 1): vectorise over r instead, threads taking blocks of rows
+  std::vector<A> uc(N * KU);
+  for (int64_t t = 0; t < N; ++t) load_row<A>(&uc[t * KU], u + t * x.u.s0, x.u.s1, KU);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t r0 = KU * id / nt, r1 = KU * (id + 1) / nt;
+    for (int64_t t = 0; t < N; ++t) {
+      const A* ur = &uc[t * KU];
+      for (int64_t c = 0; c < KW; ++c) {
+        const A wv = wc[t * KW + c];
+        A* o = out + seg[t] * KU * KW + c;
+#pragma omp simd
+        for (int64_t r = r0; r < r1; ++r) o[r * KW] += ur[r] * wv;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // dtype dispatch: activation type TA x direction type TV, accumulating in double iff acc64
@@ -243,6 +291,10 @@ void cpu_embedding_dot(const EmbeddingArgs& args, int nthreads) {
 void cpu_norm_dot(const NormArgs& args, int nthreads) {
   const int tv = args.vw.p ? args.vw.dtype : args.vb.dtype;
   GF_CPU_DISPATCH(norm_dot_impl, args, args.g.dtype, tv, nthreads);
+}
+
+void cpu_segment_outer(const SegOuterArgs& args, int nthreads) {
+  GF_CPU_DISPATCH(segment_outer_impl, args, args.u.dtype, args.w.dtype, nthreads);
 }
 
 int cpu_max_threads() { return omp_get_max_threads(); }

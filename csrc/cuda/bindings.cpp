@@ -37,6 +37,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::gil_scoped_release nogil;
         cuda_norm_dot(args, device, stream);
       });
+  m.def(
+      "segment_outer",
+      [](const MatT& u, const MatT& w, const IndexT& seg, int64_t N, int64_t KU, int64_t KW, int64_t B, uintptr_t out,
+         bool acc64, int device, uintptr_t stream) {
+        auto args = seg_outer_args(u, w, seg, N, KU, KW, B, out, acc64);
+        py::gil_scoped_release nogil;
+        cuda_segment_outer(args, device, stream);
+      });
   m.def("device_count", []() {
     std::string why;
     int n = cuda_device_count(&why);

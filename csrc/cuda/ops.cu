@@ -167,6 +167,35 @@ __global__ void __launch_bounds__(WARPS * 32) norm_dot_kernel(NormArgs x) {
   }
 }
 
+// segment_outer: one thread per (r, c) element of the [KU, KW] product and chunk of TOK tokens; a thread sums
+// u[t, r]·w[t, c] over runs of tokens of the same sample and adds each run's sum to out[seg, r, c] atomically
+// (one atomic per run: tokens of a sample are usually contiguous).
+constexpr int TOK = 64;
+
+template <typename TU, typename TW>
+__global__ void __launch_bounds__(256) segment_outer_kernel(SegOuterArgs x) {
+  using A = acc_t<TU, TW>;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= x.KU * x.KW) return;
+  const int64_t r = e / x.KW, c = e % x.KW;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * TOK, t1 = min(x.N, t0 + TOK);
+  const TU* u = static_cast<const TU*>(x.u.p);
+  const TW* w = static_cast<const TW*>(x.w.p);
+  A* out = static_cast<A*>(x.out);
+  int64_t cur = -1;
+  A acc = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = dev_index(x.seg.p, x.seg.is64, t * x.seg.s0);
+    if (b != cur) {
+      if (cur >= 0) atomicAdd(out + (cur * x.KU + r) * x.KW + c, acc);
+      cur = b;
+      acc = 0;
+    }
+    acc += load<A>(u, t * x.u.s0 + r * x.u.s1) * load<A>(w, t * x.w.s0 + c * x.w.s1);
+  }
+  if (cur >= 0) atomicAdd(out + (cur * x.KU + r) * x.KW + c, acc);
+}
+
 size_t acc_size(bool acc64) { return acc64 ? sizeof(double) : sizeof(float); }
 
 void zero_out(void* p, int64_t n, bool acc64, cudaStream_t s) {
@@ -224,6 +253,19 @@ void cuda_norm_dot(const NormArgs& x, int device, uintptr_t stream) {
     norm_dot_kernel<TA_, TV_><<<grid, WARPS * 32, 0, s>>>(x);
   });
   check(cudaGetLastError(), "norm_dot launch");
+}
+
+void cuda_segment_outer(const SegOuterArgs& x, int device, uintptr_t stream) {
+  check(cudaSetDevice(device), "cudaSetDevice");
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  zero_out(x.out, x.B * x.KU * x.KW, x.acc64, s);
+  if (x.N == 0) return;
+  dim3 grid((x.KU * x.KW + 255) / 256, (x.N + TOK - 1) / TOK);
+  GF_CUDA_DISPATCH(x.u.dtype, x.w.dtype, {
+    check_acc<TA_, TV_>(x.acc64);
+    segment_outer_kernel<TA_, TV_><<<grid, 256, 0, s>>>(x);
+  });
+  check(cudaGetLastError(), "segment_outer launch");
 }
 
 int cuda_device_count(std::string* why) {

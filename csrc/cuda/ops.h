@@ -12,6 +12,7 @@ namespace gf {
 void cuda_linear_dot(const LinearArgs& args, int device, uintptr_t stream);
 void cuda_embedding_dot(const EmbeddingArgs& args, int device, uintptr_t stream);
 void cuda_norm_dot(const NormArgs& args, int device, uintptr_t stream);
+void cuda_segment_outer(const SegOuterArgs& args, int device, uintptr_t stream);
 // number of CUDA devices; 0 with the runtime's reason in *why when there is no usable driver or device
 int cuda_device_count(std::string* why);
 int cuda_runtime_version();

@@ -64,6 +64,9 @@ class EmbeddingAdapter(Adapter):
             (ids,) = saved
             d = g.shape[-1]
             seg = session.rows(g, d, module)
+            if session.factor_sink is not None:  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
+                session.factor_sink(slot, ids.reshape(-1), g.reshape(-1, d), seg, padding_idx)
+                return
             out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), slot.v, seg, session.B, padding_idx)
             session.add(slot, out)
 

@@ -33,7 +33,14 @@ class _LinearLike(Adapter):
             seg = session.rows(g, o, module)
             a = saved[0] if saved else None
             a2 = None if a is None else a.reshape(-1, a.shape[-1])
-            out_w, out_b = session.ops.linear_dot(a2, g.reshape(-1, o), vw, seg, session.B, vb)
+            g2 = g.reshape(-1, o)
+            if session.factor_sink is not None:  # G_b = Σ g aᵀ (Linear) or Σ a gᵀ (Conv1D); bias: Σ g
+                if sw is not None:
+                    session.factor_sink(sw, *((a2, g2) if self.transposed else (g2, a2)), seg, None)
+                if sb is not None:
+                    session.factor_sink(sb, g2, g2.new_ones(g2.shape[0], 1), seg, None)
+                return
+            out_w, out_b = session.ops.linear_dot(a2, g2, vw, seg, session.B, vb)
             session.add(sw, out_w)
             session.add(sb, out_b)
 

@@ -71,6 +71,13 @@ class _NormAdapter(Adapter):
                 xh = self.xhat(module, a, prec.get("x", self.precisions(a)[0])).reshape(-1, d)
             else:
                 xh = g2  # norm_dot ignores x̂ when there is no weight direction
+            if session.factor_sink is not None:  # per-sample gradients are vectors: Σ g ⊙ x̂ and Σ g
+                ones = g2.new_ones(g2.shape[0], 1)
+                if sw is not None:
+                    session.factor_sink(sw, g2.to(xh.dtype) * xh, ones, seg, None)
+                if sb is not None:
+                    session.factor_sink(sb, g2, ones, seg, None)
+                return
             out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
             session.add(sw, out_w)
             session.add(sb, out_b)

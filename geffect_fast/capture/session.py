@@ -54,6 +54,9 @@ class CaptureSession:
         self._seg: dict[tuple[int, torch.device], Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._names = {id(p.module): p.name for p in plans}
+        #: when set, adapters hand over the factors of each per-sample gradient, G_b = Σ_{t∈b} L_t R_tᵀ, as
+        #: ``factor_sink(slot, L, R, seg, pad)`` instead of contracting them with the direction (pairwise, sketches)
+        self.factor_sink = None
 
     # -- lifetime --------------------------------------------------------------------------------------
     def __enter__(self) -> CaptureSession:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .contract import acc_dtype, check_embedding, check_linear, check_norm
+from .contract import acc_dtype, check_embedding, check_linear, check_norm, check_segment_outer
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 NULL2 = (0, 0, 0, 0)
@@ -144,3 +144,22 @@ class KernelOps:
             device=g.device,
         )
         return out_w, out_b
+
+    def segment_outer(self, u, w, seg, B):
+        N, ku, kw = check_segment_outer(u, w, seg, B)
+        acc = acc_dtype(u, w)
+        out = empty((B, ku, kw), acc, u.device)
+        self._call(
+            self._module().segment_outer,
+            mat(u),
+            mat(w),
+            index(seg),
+            N,
+            ku,
+            kw,
+            B,
+            ptr(out),
+            acc == torch.float64,
+            device=u.device,
+        )
+        return out

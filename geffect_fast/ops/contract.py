@@ -5,9 +5,11 @@ Ops (``reference.py`` holds the formulas and is the specification):
 * ``linear_dot(a [N,i] | None, g [N,o], v [K,o,i] | None, seg [N], B, vb [K,o] | None) -> (out_w, out_b)``
 * ``embedding_dot(ids [N], g [N,d], v [K,vocab,d], seg [N], B, padding_idx=None) -> out``
 * ``norm_dot(xhat [N,d], g [N,d], vw [K,d] | None, vb [K,d] | None, seg [N], B) -> (out_w, out_b)``
+* ``segment_outer(u [N,ku], w [N,kw], seg [N], B) -> [B, ku, kw]`` — Σ_{t∈b} u_t w_tᵀ, the accumulation of the
+  Kronecker sketches (``pairwise.py`` holds its spec with the pairwise ops)
 
-Outputs are [K, B] in the accumulation dtype: float64 if any input is float64, else float32. An output
-whose direction is None is None. ``seg`` holds each row's sample id (int32 or int64) in [0, B).
+Outputs are [K, B] (segment_outer: [B, ku, kw]) in the accumulation dtype: float64 if any input is float64,
+else float32. An output whose direction is None is None. ``seg`` holds each row's sample id (int32 or int64) in [0, B).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-OPS = ("linear_dot", "embedding_dot", "norm_dot")
+OPS = ("linear_dot", "embedding_dot", "norm_dot", "segment_outer")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -82,3 +84,11 @@ def check_norm(xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, se
         raise ValueError("norm_dot needs at least one of vw, vb")
     check_seg(seg, N, B)
     return N, d, K
+
+
+def check_segment_outer(u: Tensor, w: Tensor, seg: Tensor, B: int):
+    """Validate segment_outer's arguments; return (N, ku, kw)."""
+    if u.dim() != 2 or w.dim() != 2 or u.shape[0] != w.shape[0]:
+        raise ValueError(f"u [N, ku] and w [N, kw] expected, got {tuple(u.shape)} and {tuple(w.shape)}")
+    check_seg(seg, u.shape[0], B)
+    return u.shape[0], u.shape[1], w.shape[1]

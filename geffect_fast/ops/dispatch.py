@@ -40,12 +40,14 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "linear_dot": ("reference",),
         "embedding_dot": ("native", "reference"),
         "norm_dot": ("native", "reference"),
+        "segment_outer": ("native", "reference"),
     },
     # provisional until measured on a GPU (benchmarks/gpu_check.sh): Triton's tl.dot uses tensor cores
     "cuda": {
         "linear_dot": ("triton", "cuda", "reference"),
         "embedding_dot": ("cuda", "triton", "reference"),
         "norm_dot": ("cuda", "triton", "reference"),
+        "segment_outer": ("cuda", "triton", "reference"),
     },
 }
 _DEFAULT_AUTO = {op: ("reference",) for op in OPS}
@@ -59,6 +61,7 @@ class Backend:
     linear_dot: Callable
     embedding_dot: Callable
     norm_dot: Callable
+    segment_outer: Callable
 
 
 def _module(name: str) -> ModuleType:

@@ -46,3 +46,4 @@ _ops = KernelOps(_ext, lambda: built()[1], _call)
 linear_dot = _ops.linear_dot
 embedding_dot = _ops.embedding_dot
 norm_dot = _ops.norm_dot
+segment_outer = _ops.segment_outer

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .contract import FLOAT_DTYPES, acc_dtype, check_embedding, check_linear, check_norm
+from .pairwise import segment_outer  # noqa: E402,F401  (the sketch op's spec lives beside the pairwise ops)
 
 NAME = "reference"
 

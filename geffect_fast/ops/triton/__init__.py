@@ -42,6 +42,6 @@ def supports(dtype: torch.dtype) -> bool:
 
 def get_op(name: str):
     """The kernel wrapper ``name`` (imports triton on first use)."""
-    if name not in ("linear_dot", "embedding_dot", "norm_dot"):
+    if name not in ("linear_dot", "embedding_dot", "norm_dot", "segment_outer"):
         raise AttributeError(name)
     return getattr(importlib.import_module(f"{__name__}.{name}"), name)

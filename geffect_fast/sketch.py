@@ -1,0 +1,206 @@
+"""Kronecker-projected per-sample gradient sketches (LoGra-style) for G-effects at scale.
+
+For a parameter whose per-sample gradient is G_b = Σ_{t∈b} L_t R_tᵀ (d_L × d_R), the sketch is
+
+    S_b = P_L G_b P_Rᵀ = Σ_{t∈b} (P_L L_t)(P_R R_t)ᵀ        (k_L × k_R, formed without G_b)
+
+with P_L, P_R Gaussian, entries N(0, 1/k), drawn from a seed per parameter and side. Since E[PᵀP] = I and
+the two sides are independent, E⟨S_b, S'_c⟩ = ⟨G_b, G'_c⟩: dot products of sketches are unbiased
+estimates of pairwise G-effects, with relative error falling like 1/√k (Johnson–Lindenstrauss). Vector
+parameters (norm weights, biases: d_R = 1) are sketched on one side only. A direction V is sketched the same
+way, P_L V P_Rᵀ, so ⟨S_b, S_V⟩ estimates the per-instance G-effect ⟨G_b, V⟩.
+
+Sketches are stored as safetensors with the seed, k, the parameter list and a fingerprint of the model's
+parameter names and shapes; combining sketches made with another seed, k or model is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import groups as groups_mod
+from .api import input_device, unwrap
+from .capture import UnsupportedModuleError
+from .direction import Direction
+from .loss import check_batch, forward_logits, sample_nll
+from .ops import pairwise as pw
+from .ops import resolve
+from .pairwise import _session, _trainable_plan
+from .state import preserved
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the model's parameter names and shapes (not values)."""
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        h.update(f"{n}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Sketch:
+    """Sketches of B samples (or K directions): ``tensors[param]`` [B, k_L, k_R] (float32)."""
+
+    tensors: dict[str, Tensor]
+    seed: int
+    k: int
+    model: str  #: fingerprint
+    groups: dict[str, str]  #: param -> group
+
+    @property
+    def n(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        meta = {
+            "seed": str(self.seed),
+            "k": str(self.k),
+            "model": self.model,
+            "groups": json.dumps(self.groups),
+            "params": json.dumps(list(self.tensors)),
+        }
+        save_file({n: t.contiguous() for n, t in self.tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sketch:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if not {"seed", "k", "model", "groups", "params"} <= set(meta):
+                    raise ValueError(f"{path} is not a geffect_fast sketch (metadata {sorted(meta)})")
+                tensors = {n: f.get_tensor(n) for n in json.loads(meta["params"])}
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' own error types
+            raise ValueError(f"{path} is not a readable sketch file: {e}") from None
+        return cls(tensors, int(meta["seed"]), int(meta["k"]), meta["model"], json.loads(meta["groups"]))
+
+    def _check(self, other: Sketch) -> None:
+        for attr in ("seed", "k", "model"):
+            if getattr(self, attr) != getattr(other, attr):
+                raise ValueError(
+                    f"sketches differ in {attr} ({getattr(self, attr)!r} vs {getattr(other, attr)!r}): their dot "
+                    "products estimate nothing; sketch both with the same Sketcher"
+                )
+        if set(self.tensors) != set(other.tensors):
+            raise ValueError("sketches cover different parameters")
+
+    def dot(self, other: Sketch) -> dict[str, Tensor]:
+        """Estimated pairwise G-effects per group: {group: [n_self, n_other]} (float64)."""
+        self._check(other)
+        out: dict[str, Tensor] = {}
+        for name, s in self.tensors.items():
+            g = self.groups[name]
+            e = s.flatten(1).double() @ other.tensors[name].flatten(1).double().T
+            out[g] = out[g] + e if g in out else e
+        return out
+
+
+class Sketcher:
+    """Sketch per-sample gradients of every trainable parameter of ``model`` with k × k Kronecker projections
+    (k per side; vector parameters get one side of k)."""
+
+    def __init__(
+        self, model: nn.Module, k: int = 64, seed: int = 0, groups: groups_mod.GroupSpec = "block",
+        backend: str = "auto",
+    ):  # fmt: skip
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.model = unwrap(model)
+        self.k = int(k)
+        self.seed = int(seed)
+        self.fingerprint = fingerprint(self.model)
+        named = dict(self.model.named_parameters())
+        grouping = groups_mod.assign(self.model, groups, list(named))
+        self.group_of = {n: grouping.names[grouping.of[n]] for n in named}
+        self._plan = _trainable_plan(self.model, grouping)
+        if self._plan.uncovered:
+            n, why = next(iter(self._plan.uncovered.items()))
+            raise UnsupportedModuleError(f"sketching needs every trainable parameter covered: {n}: {why}")
+        self._proj: dict[tuple[str, str], Tensor] = {}
+        self.backend = backend
+
+    def projection(self, name: str, side: str, d: int, device) -> Tensor:
+        """P for parameter ``name``'s side ("L" or "R") of width d: [k, d], entries N(0, 1/k); [1, 1] = 1 when
+        d == 1 (vector parameters are not projected on that side)."""
+        key = (name, side)
+        if key not in self._proj:
+            if d == 1:
+                p = torch.ones(1, 1)
+            else:
+                h = int(hashlib.sha256(f"{self.seed}:{name}:{side}".encode()).hexdigest()[:15], 16)
+                p = torch.randn(self.k, d, generator=torch.Generator().manual_seed(h)) / self.k**0.5
+            self._proj[key] = p
+        return self._proj[key].to(device)
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        shape = dict(self.model.named_parameters())[name].shape
+        return (shape[0], 1) if len(shape) == 1 else (shape[0], int(torch.tensor(shape[1:]).prod()))
+
+    def sketch(self, batch: Mapping[str, Tensor], mode: str = "eval") -> Sketch:
+        """Sketches of each sample's gradient of its mean token NLL ℓ_b."""
+        model = self.model
+        device = input_device(model)
+        check_batch(batch, "sketch batch", device)
+        B = batch["input_ids"].shape[0]
+        out: dict[str, Tensor] = {}
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        seg_outer = resolve(self.backend, device, dtype).segment_outer
+
+        def sink(slot, L, R, seg, pad):
+            dL, dR = self._shape(slot.name)
+            dt = torch.float64 if R.dtype == torch.float64 else torch.float32
+            p_l = self.projection(slot.name, "L", dL, R.device).to(dt)
+            p_r = self.projection(slot.name, "R", dR, R.device).to(dt)
+            s = pw.project(L, R, seg, B, p_l, p_r, pad, segment_outer_op=seg_outer)
+            out[slot.name] = out[slot.name] + s if slot.name in out else s
+
+        with preserved(model, mode=mode):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            with _session(model, self._plan, device) as session:
+                session.factor_sink = sink
+                session.start(B, device)
+                ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
+                (ell * (n > 0)).sum().backward()
+        tensors = {n: (out[n] if n in out else self._zero(n, B)).float().cpu() for n in sorted(self._trainable())}
+        return Sketch(tensors, self.seed, self.k, self.fingerprint, {n: self.group_of[n] for n in tensors})
+
+    def _trainable(self) -> set[str]:
+        return {s.name for plan in self._plan.plans for s in plan.slots.values()}
+
+    def _zero(self, name: str, B: int) -> Tensor:
+        dL, dR = self._shape(name)
+        return torch.zeros(B, self.k if dL > 1 else 1, self.k if dR > 1 else 1)
+
+    def sketch_direction(self, direction: Direction) -> Sketch:
+        """P_L V_k P_Rᵀ for each of the K directions: [K, k_L, k_R] per parameter."""
+        tensors = {}
+        for name in sorted(self._trainable()):
+            dL, dR = self._shape(name)
+            if name in direction.keys():
+                v = direction.tensor(name).double().reshape(direction.k, dL, dR)
+                pl = self.projection(name, "L", dL, v.device).double()
+                pr = self.projection(name, "R", dR, v.device).double()
+                tensors[name] = (pl @ v @ pr.T).float().cpu()
+            else:
+                tensors[name] = self._zero(name, direction.k)
+        return Sketch(tensors, self.seed, self.k, self.fingerprint, {n: self.group_of[n] for n in tensors})
+
+    def check(self, sketch: Sketch) -> None:
+        """Raise unless ``sketch`` was made by a sketcher like this one (same seed, k, model)."""
+        probe = Sketch(
+            {n: t[:0] for n, t in sketch.tensors.items()}, self.seed, self.k, self.fingerprint, sketch.groups
+        )
+        probe._check(sketch)
