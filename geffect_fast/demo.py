@@ -164,6 +164,27 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
     return model, tok, splits, acc, cached
 
 
+def most_harmful(model, forget, retain, forget_recs, n: int = 5) -> list[dict]:
+    """The forget samples whose gradient-ascent step raises the retain NLL most: column sums of the pairwise
+    G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
+    from .pairwise import measure_pairwise
+
+    res = measure_pairwise(model, objectives.get("ga"), forget, {"retain": retain})
+    return [
+        {"question": forget_recs[j]["question"], "answer": forget_recs[j]["answer"], "retain_g_effect": v}
+        for j, v in res.most_harmful("retain", n)
+    ]
+
+
+def npo_scatter(model, npo, forget, ref, records) -> dict:
+    """NPO's per-sample weights w_j (after unlearning) beside each forget sample's own unlearning G-effect at the
+    last tracked step (summed over groups): the paper's Fig. 5 view of which samples NPO turns down."""
+    w = npo.weights(model, forget, ref).tolist()
+    last = max((r for r in records if r["risk"] == "unlearn"), key=lambda r: r["step"])
+    e = [sum(x for x in row if x is not None) for row in last["per_instance"]]
+    return {"weights": w, "geffect": e, "step": last["step"]}
+
+
 def run_demo(
     out: str | Path, cfg: DemoConfig | None = None, force: bool = False, echo: Callable[[str], None] = print
 ) -> Path:
@@ -180,7 +201,13 @@ def run_demo(
         retain = data.encode_qa(retain_recs, tok)
         idk = data.encode_qa(data.idk_records(forget_recs), tok)
         ref = pipeline.frozen_copy(model)
+        harmful = most_harmful(model, forget, retain, forget_recs)
+        echo(
+            "forget samples whose GA gradient raises the retain NLL most (pairwise G-effects): "
+            + "; ".join(f"{h['question']!r} ({h['retain_g_effect']:+.2e})" for h in harmful[:3])
+        )
         records = []
+        scatter = None
         for name in cfg.objectives:
             obj = objectives.get(name, layer=cfg.rmu_layer) if name == "rmu" else objectives.get(name)
             m = copy.deepcopy(model)
@@ -203,6 +230,8 @@ def run_demo(
             )
             bar.close()
             records += tr.records
+            if name == "npo":
+                scatter = npo_scatter(m, obj, forget, ref, tr.records)
             last = {r["risk"]: r for r in tr.records if r["step"] == cfg.steps}
             echo(
                 f"{name.upper():<6} cumulative G-effect: unlearning {tr.cumulative[(name.upper(), 'unlearn')]:+.3e}, "
@@ -226,7 +255,10 @@ def run_demo(
             "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "config": asdict(cfg),
+            "most_harmful": harmful,
         }
+        if scatter is not None:
+            meta["npo_scatter"] = scatter
         meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         report.render(tmp)

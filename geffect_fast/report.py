@@ -292,6 +292,37 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     return made
 
 
+def meta_plots(meta: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """Plots from the run's meta.json: NPO's weights against per-instance G-effects, when recorded."""
+    sc = meta.get("npo_scatter")
+    if not sc or not sc.get("weights"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.scatter(sc["geffect"], sc["weights"], s=18, alpha=0.75, color="tab:purple")
+    ax.set_xscale("symlog", linthresh=max(1e-6, min((abs(x) for x in sc["geffect"] if x), default=1.0)))
+    ax.set_xlabel(f"per-instance unlearning G-effect at step {sc.get('step', '?')}")
+    ax.set_ylabel("NPO weight 2σ(−β log(π/π_ref))")
+    ax.grid(alpha=0.3)
+    fig.savefig(out / "npo_weights.png", dpi=110)
+    plt.close(fig)
+    return [
+        (
+            "npo_weights.png",
+            "NPO's per-sample weight against each forget sample's own unlearning G-effect: "
+            "NPO turns down the samples it has already unlearned.",
+        )
+    ]
+
+
+def _harmful_lines(meta: dict[str, Any]) -> list[tuple[str, str, float]]:
+    return [(h["question"], h["answer"], h["retain_g_effect"]) for h in meta.get("most_harmful", [])]
+
+
 def _symlog_label(linthresh: float):
     """Tick labels for symlog axes: powers of ten, nothing inside the linear band but 0."""
 
@@ -323,7 +354,7 @@ def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     rows = summary_rows(recs)
     write_csv(rows, out / "summary.csv")
-    images = plots(recs, out)
+    images = plots(recs, out) + meta_plots(meta, out)
     facts = findings(recs)
     md = _markdown(meta, rows, facts, images)
     (out / "report.md").write_text(md)
@@ -395,6 +426,19 @@ def _markdown(meta, rows, facts, images) -> str:
     lines.append("|" + "---|" * len(head))
     lines += ["| " + " | ".join(row) + " |" for row in body]
     lines.append("")
+    harmful = _harmful_lines(meta)
+    if harmful:
+        lines += [
+            "## Forget samples most harmful to retention",
+            "",
+            "Column sums of the pairwise G-effects ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩ at the fine-tuned model, most "
+            "negative first:",
+            "",
+            "| forget question | answer | Σ_i E[i, j] |",
+            "|---|---|---:|",
+        ]
+        lines += [f"| {q} | {a} | {v:+.3g} |" for q, a, v in harmful]
+        lines.append("")
     for name, cap in images:
         lines += [f"![{cap}]({name})", "", f"*{cap}*", ""]
     lines += [
@@ -437,6 +481,17 @@ def _html(meta, rows, facts, images, out: Path) -> str:
             cells.append(f"<td{cls}>{html.escape(c)}</td>")
         h.append("<tr>" + "".join(cells) + "</tr>")
     h.append("</table>")
+    harmful = _harmful_lines(meta)
+    if harmful:
+        h.append(
+            "<h2>Forget samples most harmful to retention</h2><p class='setup'>Column sums of the pairwise "
+            "G-effects ⟨∇ℓ<sub>i</sub>(retain), ∇ℓ<sup>GA</sup><sub>j</sub>(forget)⟩ at the fine-tuned model, most "
+            "negative first.</p><table><tr><th>forget question</th><th>answer</th><th>Σ<sub>i</sub> E[i, j]</th>"
+            "</tr>"
+        )
+        for q, a, v in harmful:
+            h.append(f"<tr><td>{html.escape(q)}</td><td>{html.escape(a)}</td><td class='num neg'>{v:+.3g}</td></tr>")
+        h.append("</table>")
     for name, cap in images:
         b64 = base64.b64encode((out / name).read_bytes()).decode()
         h.append(
