@@ -38,11 +38,13 @@ OP_SHAPES = {
     "llama7b.embed K3": ("embedding_dot", dict(N=4096, vocab=32000, d=4096, K=3)),
     "llama7b.norm": ("norm_dot", dict(N=4096, d=4096, K=1)),
     "llama7b.norm K3": ("norm_dot", dict(N=4096, d=4096, K=3)),
+    "sketch k64 N4096": ("segment_outer", dict(N=4096, ku=64, kw=64, K=1)),
 }
 QUICK_SHAPES = {
     "tiny.linear": ("linear_dot", dict(N=40, i=48, o=72, K=1)),
     "tiny.embed": ("embedding_dot", dict(N=40, vocab=90, d=48, K=1)),
     "tiny.norm": ("norm_dot", dict(N=40, d=48, K=1)),
+    "tiny.sketch": ("segment_outer", dict(N=40, ku=8, kw=8, K=1)),
 }
 E2E = {
     # name: (hidden, layers, intermediate, heads, vocab, B, T, dtype)
@@ -119,6 +121,8 @@ def _inputs(op: str, dims: dict, dtype: torch.dtype, dev: torch.device):
     if op == "embedding_dot":
         ids = torch.randint(0, dims["vocab"], (N,), generator=g).to(dev)
         return (ids, rnd(N, dims["d"]), rnd(dims["K"], dims["vocab"], dims["d"]), seg, B)
+    if op == "segment_outer":
+        return (rnd(N, dims["ku"]), rnd(N, dims["kw"]), seg, B)
     return (rnd(N, dims["d"]), rnd(N, dims["d"]), rnd(dims["K"], dims["d"]), rnd(dims["K"], dims["d"]), seg, B)
 
 
@@ -128,6 +132,9 @@ def _cost(op: str, dims: dict, itemsize: int) -> tuple[float, float]:
     if op == "linear_dot":
         i, o = dims["i"], dims["o"]
         return 2.0 * N * i * o * K + 2.0 * N * o * K, itemsize * (N * i + N * o + K * o * i + K * o)
+    if op == "segment_outer":
+        ku, kw = dims["ku"], dims["kw"]
+        return 2.0 * N * ku * kw, itemsize * N * (ku + kw) + 4 * B * ku * kw
     d = dims["d"]
     if op == "embedding_dot":  # the gathered rows of V are read once per token
         return 2.0 * N * d * K, itemsize * (N * d + K * N * d)

@@ -14,13 +14,27 @@ def test_suite_small_mode(tmp_path):
     # run a copy of benchmarks/ from elsewhere, so that the installed geffect_fast (with its compiled kernels) is
     # imported, not the source tree
     shutil.copytree(ROOT / "benchmarks", tmp_path / "b" / "benchmarks", ignore=shutil.ignore_patterns("results"))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--small", "--out", str(tmp_path)],
-                          cwd=tmp_path / "b", capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--small", "--out", str(tmp_path)],
+        cwd=tmp_path / "b",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "suite_cpu_small.csv")))
     methods = {r["method"] for r in rows}
-    assert {"ours[auto]", "plain_fwd_bwd", "per_sample_loop", "official_protocol", "torch.func_vmap", "opacus",
-            "backpack", "kronfluence", "bergson"} <= methods
+    assert {
+        "ours[auto]",
+        "plain_fwd_bwd",
+        "per_sample_loop",
+        "official_protocol",
+        "torch.func_vmap",
+        "opacus",
+        "backpack",
+        "kronfluence",
+        "bergson",
+    } <= methods
     assert all(r["status"] for r in rows)  # a row for every (case, method): a number or the reason
     ok = [r for r in rows if r["status"] == "ok"]
     assert {r["method"] for r in ok} >= {"ours[auto]", "ours[native]", "per_sample_loop", "torch.func_vmap", "opacus"}

@@ -41,7 +41,8 @@ def _check_run_folder(out, per_instance=True):
     assert {r["risk"] for r in recs} == {"unlearn", "retain"}
     p = _Imgs()
     p.feed((out / "report.html").read_text())
-    assert len(p.srcs) == len(want_png) and all(s.startswith("data:image/png;base64,") for s in p.srcs)
+    n_png = len([x for x in names if x.endswith(".png")])
+    assert len(p.srcs) == n_png and all(s.startswith("data:image/png;base64,") for s in p.srcs)
     md = (out / "report.md").read_text()
     assert "## Findings" in md and all(f"]({png})" in md for png in want_png)
     return recs
@@ -67,6 +68,12 @@ def test_demo_end_to_end_then_cached_and_report(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     recs = _check_run_folder(out)
     assert {r["objective"] for r in recs} == {"GA", "NPO", "RMU"}
+    assert (out / "npo_weights.png").is_file()  # NPO's weights against per-instance G-effects
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["most_harmful"]) == 5 and all(
+        h["retain_g_effect"] <= meta["most_harmful"][-1]["retain_g_effect"] for h in meta["most_harmful"]
+    )
+    assert "most harmful to retention" in (out / "report.md").read_text()
     assert all(r["kind"] == "gradient" for r in recs)
     ga = [r for r in recs if r["objective"] == "GA" and r["risk"] == "unlearn"]
     assert all(r["total"] < 0 for r in ga)  # GA's unlearning G-effect is −‖∇R_forget‖²-like: negative

@@ -83,3 +83,32 @@ def test_measure_on_gpu_equals_cpu_reference(backend, family):
         backend=backend,
     )
     assert_close_per_group(got.instances["r"], want.instances["r"], 1e-4, f"{family} {backend}")
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_segment_outer_large(name, dtype):
+    ops = _ops(name, dtype)
+    gen = torch.Generator().manual_seed(1)
+    N, ku, kw, B = 8191, 64, 64, 16
+    u, w = torch.randn(N, ku, generator=gen).to(dtype), torch.randn(N, kw, generator=gen).to(dtype)
+    seg = (torch.arange(N) * B // N).int()
+    want = reference.segment_outer(u.double(), w.double(), seg, B)
+    got = ops.segment_outer(u.cuda(), w.cuda(), seg.cuda(), B)
+    assert _rel(got, want) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_pairwise_and_sketch_on_gpu_equal_cpu():
+    from geffect_fast import objectives as O
+
+    model = make_model("gpt2", dtype=torch.float64)
+    f, r = make_batch(model, B=3, seed=1), make_batch(model, B=4, seed=2)
+    want = gf.measure_pairwise(model, O.get("ga"), f, {"r": r}).matrix["r"]
+    s_cpu = gf.Sketcher(model, k=8, seed=0).sketch(r)
+    model.cuda()
+    fc, rc = ({k: t.cuda() for k, t in b.items()} for b in (f, r))
+    got = gf.measure_pairwise(model, O.get("ga"), fc, {"r": rc}).matrix["r"]
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * want.abs().max())
+    s_gpu = gf.Sketcher(model, k=8, seed=0).sketch(rc)
+    for n in s_cpu.tensors:
+        assert torch.allclose(s_gpu.tensors[n], s_cpu.tensors[n], rtol=1e-4, atol=1e-6), n
