@@ -49,6 +49,39 @@ def cpu_name() -> str:
 
 
 # -- the end-to-end cases -------------------------------------------------------------------------------
+def llama_model(hidden: int, layers: int, inter: int, heads: int, vocab: int, max_positions: int = 128):
+    """A randomly initialised Llama (seed 0, eval mode), untied head, as many KV heads as heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def padded_batch(B: int, T: int, vocab: int, generator: torch.Generator, low: int = 0, vary: bool = True):
+    """Random ids in [low, vocab); the first quarter of each row is a masked prompt; with ``vary`` the rows
+    have varied lengths (right padding, up to 3T/16 short)."""
+    ids = torch.randint(low, vocab, (B, T), generator=generator)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100
+    mask = torch.ones_like(ids)
+    if vary:
+        for b in range(B):
+            cut = T - (b % 4) * (T // 16)
+            mask[b, cut:] = 0
+            labels[b, cut:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def llama_case(
     hidden: int,
     layers: int,
@@ -60,32 +93,11 @@ def llama_case(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ):
-    """(model, batch, V): a random Llama, a batch with a masked prompt (first quarter) and varied lengths
-    (right padding), and a random direction over every parameter."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max(T, 128),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    """(model, batch, V): a random Llama, a :func:`padded_batch`, and a random direction over every
+    parameter."""
+    model = llama_model(hidden, layers, inter, heads, vocab, max(T, 128)).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, : T // 4] = -100
-    mask = torch.ones_like(ids)
-    for b in range(B):
-        cut = T - (b % 4) * (T // 16)
-        mask[b, cut:] = 0
-        labels[b, cut:] = -100
-    batch = {k: t.to(device) for k, t in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+    batch = {k: t.to(device) for k, t in padded_batch(B, T, vocab, g).items()}
     V = {n: torch.randn(p.shape, generator=g).to(device=device, dtype=dtype) for n, p in model.named_parameters()}
     return model, batch, V
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb
 
 ROOT = Path(__file__).parent.parent
 PAIR_CASES = {f"h{h} T{T}": (h, T) for h in (128, 512) for T in (32, 128, 512)}
@@ -38,28 +38,11 @@ SKETCH_METHODS = ("sketch[native]", "sketch[reference]", "unfused_projection")
 
 
 def _model(h: int, vocab: int = 2048, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=h,
-        intermediate_size=2 * h,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, h // 64),
-        num_key_value_heads=max(1, h // 64),
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return llama_model(h, layers, 2 * h, max(1, h // 64), vocab, max_positions=1024)
 
 
 def _batch(B: int, T: int, vocab: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, : T // 4] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return padded_batch(B, T, vocab, torch.Generator().manual_seed(seed), low=1, vary=False)
 
 
 def _pair_run(case: str, method: str):

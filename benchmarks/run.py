@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb
 
 ROOT = Path(__file__).parent.parent
 
@@ -73,17 +73,7 @@ def build(model_name: str, B: int, T: int):
 
     fam, hidden, layers, inter, heads, vocab = MODELS[model_name]
     if fam == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=inter,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=max(T, 128),
-            tie_word_embeddings=False,
-        )
-        cls = tf.LlamaForCausalLM
+        model = llama_model(hidden, layers, inter, heads, vocab, max(T, 128))
     else:
         cfg = tf.GPT2Config(
             vocab_size=vocab,
@@ -98,21 +88,11 @@ def build(model_name: str, B: int, T: int):
             bos_token_id=0,
             eos_token_id=0,
         )
-        cls = tf.GPT2LMHeadModel
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
+        torch.manual_seed(0)
+        model = tf.GPT2LMHeadModel(cfg).eval()
 
     def batch(seed):
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(1, vocab, (B, T), generator=g)
-        labels = ids.clone()
-        labels[:, : T // 4] = -100
-        mask = torch.ones_like(ids)
-        for b in range(B):
-            cut = T - (b % 4) * (T // 16)
-            mask[b, cut:] = 0
-            labels[b, cut:] = -100
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return padded_batch(B, T, vocab, torch.Generator().manual_seed(seed), low=1)
 
     risk, query = batch(1), batch(2)
 
