@@ -2,7 +2,7 @@
 # GPU check, for a lent GPU machine (see DEVELOPERS.md): build the extension there, run the GPU tests
 # (CUDA and Triton backends against the reference, bf16/fp32/fp64, large shapes, measure() end to end),
 # then the kernel and end-to-end benchmarks. Full results and logs go to $OUT; a short table is printed
-# last. Budget: under 9 minutes on an H100 (build ~1, tests <= 2.5, benchmarks <= 4.5).
+# last. Budget: under 10 minutes on an H100 (build ~1, tests <= 2.5, kernels and e2e <= 4, suite <= 2.5).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; OUT defaults to ./gpu_out
 set -uo pipefail
@@ -33,9 +33,14 @@ TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x tests/ops tests/test_gpu.py -
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks"
-timeout 270 $PY -m benchmarks.bench_gpu --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v '^|' || true
+timeout 240 $PY -m benchmarks.bench_gpu --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v '^|' || true
+echo "== the benchmark suite against peers, GPU cases"
+timeout 150 $PY -m benchmarks.run --device cuda --repeats 3 --timeout 60 --out "$OUT" \
+  --methods "ours[auto],ours[cuda],ours[triton],plain_fwd_bwd,per_sample_loop,official_protocol,torch.func_vmap,opacus" \
+  2>&1 | tee "$OUT/suite.log" | grep -v '^|' || true
 
 echo
 echo "== summary (tests exit code: $tests_rc)"
 cat "$OUT/summary.md" 2>/dev/null || echo "no summary: see $OUT/bench.log"
+grep '^|' "$OUT/suite_gpu.md" 2>/dev/null | cut -c1-150 || true
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3

@@ -116,7 +116,8 @@ def torch_func_vmap(model, batch, V, grouping):
         raise Unsupported("left padding: the explicit causal mask below assumes right padding")
     # an explicit additive causal mask [1, 1, T, T]: HF's own mask construction checks tensor values (data-dependent
     # control flow, which vmap rejects). With right padding no real token attends to a pad, so the loss is the same.
-    causal = torch.full((1, 1, T, T), float("-inf"), dtype=next(model.parameters()).dtype).triu(1)
+    p0 = next(model.parameters())
+    causal = torch.full((1, 1, T, T), float("-inf"), dtype=p0.dtype, device=p0.device).triu(1)
 
     def loss_one(p, ids, labels):
         out = functional_call(model, p, (), {"input_ids": ids[None], "attention_mask": causal, "use_cache": False})
@@ -266,6 +267,8 @@ METHODS: dict[str, Callable] = {
     "ours[auto]": ours("auto"),
     "ours[reference]": ours("reference"),
     "ours[native]": ours("native"),
+    "ours[cuda]": ours("cuda"),
+    "ours[triton]": ours("triton"),
     "plain_fwd_bwd": plain_fwd_bwd,
     "per_sample_loop": per_sample_loop,
     "official_protocol": official_protocol,

@@ -45,6 +45,10 @@ FULL_CASES = (
     + [(f"{m} B4 T64", m, 4, 64, "size") for m in ("llama-45M", "llama-135M")]
     + [("gpt2-tied-10M B4 T64", "gpt2-tied-10M", 4, 64, "tied")]
 )
+GPU_CASES = [
+    ("llama-135M B16 T256", "llama-135M", 16, 256, "gpu"),
+    ("llama-10M B64 T64", "llama-10M", 64, 64, "gpu"),
+]
 SMALL_CASES = [
     ("llama-tiny B1 T32", "llama-tiny", 1, 32, "B"),
     ("llama-tiny B4 T32", "llama-tiny", 4, 32, "B"),
@@ -104,12 +108,17 @@ def build(model_name: str, B: int, T: int):
     return model, risk, query, V
 
 
-def _worker(case: str, method: str, repeats: int, dump: str) -> dict:
+def _worker(case: str, method: str, repeats: int, dump: str, device: str = "cpu") -> dict:
     from benchmarks import methods as M
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    spec = {c[0]: c for c in FULL_CASES + SMALL_CASES}[case]
+    spec = {c[0]: c for c in FULL_CASES + SMALL_CASES + GPU_CASES}[case]
     model, batch, query, V = build(spec[1], spec[2], spec[3])
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        model = model.to(dev)
+        batch, query = ({k: t.to(dev) for k, t in b.items()} for b in (batch, query))
+        V = {n: t.to(dev) for n, t in V.items()}
     grouping = M.group_of(model)
     extra = {}
     if method == "kronfluence":
@@ -119,16 +128,26 @@ def _worker(case: str, method: str, repeats: int, dump: str) -> dict:
         run = M.kronfluence(model, batch, V, grouping, query=query)
     else:
         run = M.METHODS[method](model, batch, V, grouping)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     reset_peak()
     base = rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) / 2**20
     values = run()  # warm-up (and the values); its allocations count towards the peak
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         values = run()
+        sync()
         times.append(time.perf_counter() - t0)
-    peak = peak_mb()
-    torch.save({"values": values, **extra}, dump)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_mb()
+    torch.save({"values": None if values is None else values.cpu(), **extra}, dump)
     return {
         "median_s": statistics.median(times),
         "peak_extra_mb": max(0.0, peak - base),
@@ -148,20 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per (case, method) process")
     ap.add_argument("--methods", default=",".join(METHOD_ORDER))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU cases (peak = max_memory_allocated)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(*args.worker, args.repeats, args.dump)))
+        print(json.dumps(_worker(*args.worker, args.repeats, args.dump, args.device)))
         return 0
     from benchmarks import methods as M
 
-    cases = SMALL_CASES if args.small else FULL_CASES
+    gpu = args.device.startswith("cuda")
+    cases = GPU_CASES if gpu else SMALL_CASES if args.small else FULL_CASES
     repeats = 1 if args.small else args.repeats
     timeout = args.timeout or (120 if args.small else 900)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "suite_cpu_small" if args.small else "suite_cpu"
+    stem = "suite_gpu" if gpu else "suite_cpu_small" if args.small else "suite_cpu"
     tmp = out / f".tmp-{stem}"
     tmp.mkdir(exist_ok=True)
     rows = []
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(repeats),
                 "--dump",
                 str(dump),
+                "--device",
+                args.device,
             ]
             row = {"case": case, "model": model_name, "B": B, "T": T, "series": series, "method": method}
             try:
@@ -254,22 +277,31 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    _markdown(rows, out / f"{stem}.md", args.small, repeats)
-    if not args.small:
+    _markdown(rows, out / f"{stem}.md", args.small, repeats, args.device)
+    if not args.small and not gpu:
         _plots(rows, out)
     print((out / f"{stem}.md").read_text())
     return 0
 
 
-def _markdown(rows, path: Path, small: bool, repeats: int) -> None:
+def _markdown(rows, path: Path, small: bool, repeats: int, device: str = "cpu") -> None:
+    if device.startswith("cuda"):
+        where = f"GPU ({torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__})"
+        flag = f" --device {device}"
+        memory = "peak = torch.cuda.max_memory_allocated over the warm-up and repeats minus memory before them."
+    else:
+        where = (
+            f"CPU ({cpu_name()}, {os.cpu_count()} cores, {os.environ.get('BENCH_THREADS', '2')} threads, "
+            f"torch {torch.__version__})"
+        )
+        flag = " --small" if small else ""
+        memory = "peak = peak RSS of the warm-up and repeats minus RSS before them (free heap returned first)."
     lines = [
-        f"# Benchmark suite on CPU ({cpu_name()}, {os.cpu_count()} cores, "
-        f"{os.environ.get('BENCH_THREADS', '2')} threads, torch {torch.__version__})",
+        f"# Benchmark suite on {where}",
         "",
-        f"Command: `python -m benchmarks.run{' --small' if small else ''}`. Per-instance, per-group G-effects of one",
+        f"Command: `python -m benchmarks.run{flag}`. Per-instance, per-group G-effects of one",
         "direction V (the gradient of a query batch's summed per-sample NLL) on one risk batch. Median of",
-        f"{repeats} repeat(s) after a warm-up; peak = peak RSS of the warm-up and repeats minus RSS before them",
-        "(free heap returned to the OS first), per process.",
+        f"{repeats} repeat(s) after a warm-up, each (case, method) in its own process; {memory}",
         "`agree`: max relative difference from ours[auto] (per group column). × plain: time over one plain",
         "forward+backward of the same batch (the floor; not a G-effect).",
         "",
