@@ -100,7 +100,7 @@ def findings(recs: Sequence[dict[str, Any]]) -> list[str]:
         out.append(f"**{obj}**: " + "; ".join(parts) + ".")
         if "unlearn" in cum and "retain" in cum and cum["unlearn"] < 0:
             scores[obj] = cum["retain"] / -cum["unlearn"]
-    if scores:
+    if len(scores) > 1:
         best = max(scores, key=scores.get)
         out.append(
             f"Best trade-off: **{best}** — retaining G-effect per unit of unlearning G-effect "
