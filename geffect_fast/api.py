@@ -38,16 +38,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding module (HF ``get_input_embeddings``), or None where it has none."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    if not callable(get_in):
+        return None
+    try:
+        emb = get_in()
+    except (AttributeError, NotImplementedError):  # pragma: no cover - models without one
+        return None
+    return emb if isinstance(emb, nn.Module) else None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Device of the model's input embeddings (where batches must live)."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    if callable(get_in):
-        try:
-            emb = get_in()
-            if emb is not None and getattr(emb, "weight", None) is not None:
-                return emb.weight.device
-        except (AttributeError, NotImplementedError):  # pragma: no cover
-            pass
+    emb = input_embeddings(model)
+    if emb is not None and isinstance(getattr(emb, "weight", None), torch.Tensor):
+        return emb.weight.device
     for p in model.parameters():
         return p.device
     raise ValueError("the model has no parameters")
@@ -95,14 +102,9 @@ class _Plan:
                 plan.slots[local] = Slot(n, V[n], grouping.of[n])
         tapped = set(by_module)
         roots = [m for _, m in modules if isinstance(m, nn.Embedding) and id(m) not in tapped]
-        get_in = getattr(model, "get_input_embeddings", None)
-        if callable(get_in):
-            try:
-                emb = get_in()
-            except (AttributeError, NotImplementedError):  # pragma: no cover
-                emb = None
-            if isinstance(emb, nn.Module) and id(emb) not in tapped and all(emb is not r for r in roots):
-                roots.append(emb)
+        emb = input_embeddings(model)
+        if emb is not None and id(emb) not in tapped and all(emb is not r for r in roots):
+            roots.append(emb)
         #: modules whose output becomes a leaf requiring grad (so gradients flow with frozen parameters)
         self.roots: list[nn.Module] = roots
 
@@ -176,7 +178,7 @@ def measure(
             + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure them "
             "by ordinary autograd in group 'uncovered' (aggregate only)."
         )
-    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    emb = input_embeddings(model)
     act_dtype = (
         emb.weight.dtype
         if isinstance(getattr(emb, "weight", None), torch.Tensor)
