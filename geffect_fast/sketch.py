@@ -122,6 +122,8 @@ class Sketcher:
         self.seed = int(seed)
         self.fingerprint = fingerprint(self.model)
         named = dict(self.model.named_parameters())
+        # (d_L, d_R) per parameter, once: the sketch hook asks for them for every layer of every batch
+        self._shapes = {n: (p.shape[0], 1) if p.dim() == 1 else (p.shape[0], p[0].numel()) for n, p in named.items()}
         grouping = groups_mod.assign(self.model, groups, list(named))
         self.group_of = {n: grouping.names[grouping.of[n]] for n in named}
         self._plan = _trainable_plan(self.model, grouping)
@@ -145,8 +147,8 @@ class Sketcher:
         return self._proj[key].to(device)
 
     def _shape(self, name: str) -> tuple[int, int]:
-        shape = dict(self.model.named_parameters())[name].shape
-        return (shape[0], 1) if len(shape) == 1 else (shape[0], int(torch.tensor(shape[1:]).prod()))
+        """(d_L, d_R) of parameter ``name``'s per-sample gradient (d_R = 1 for vectors)."""
+        return self._shapes[name]
 
     def sketch(self, batch: Mapping[str, Tensor], mode: str = "eval") -> Sketch:
         """Sketches of each sample's gradient of its mean token NLL ℓ_b."""
