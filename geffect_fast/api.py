@@ -18,10 +18,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist_mod
 from . import groups as groups_mod
 from .capture import CaptureSession, ModulePlan, Slot, UnsupportedModuleError, find_adapter
 from .direction import Direction
-from .loss import REDUCTIONS, check_batch, forward_logits, sample_weights, token_nll
+from .loss import REDUCTIONS, check_batch, forward_logits, label_counts, token_nll
 from .ops import resolve
 from .result import UNCOVERED, Result
 from .state import MODES, preserved
@@ -119,12 +120,16 @@ def measure(
     backend: str = "auto",
     strict: bool = True,
     mode: str = "eval",
+    process_group: Any = "auto",
+    timeout: float = 600.0,
 ) -> Result:
     """G-effects e = ⟨∇θ R(D), v⟩ of each risk set D, per group and per instance, in one backward per set.
 
     Args:
-        model: a causal LM (Hugging Face or alike: ``model(input_ids=..., attention_mask=...)`` -> logits).
-        direction: a :class:`Direction` (K directions), or a mapping parameter name -> tensor.
+        model: a causal LM (Hugging Face or alike: ``model(input_ids=..., attention_mask=...)`` -> logits);
+            may be wrapped in DDP or sharded with FSDP2 (``fully_shard``).
+        direction: a :class:`Direction` (K directions), or a mapping parameter name -> tensor. Under FSDP2
+            its entries may be sharded DTensors (e.g. from ``Direction.from_grads``) or whole tensors.
         risks: ``{name: batch}``, or a single batch (then named ``"risk"``). A batch is a dict with
             ``input_ids``, ``labels`` (−100 ignored, shifted as in HF) and optionally ``attention_mask``.
         groups: ``"block"``, ``"paper"``, ``"module"`` or ``fn(param_name) -> group`` (see
@@ -138,6 +143,11 @@ def measure(
         mode: ``"eval"`` (default: dropout off, so per-sample gradients are not random), ``"train"`` (what
             training sees; HF applies gradient checkpointing only in train mode) or ``"keep"``.
             The model's own mode is restored afterwards.
+        process_group: ``"auto"`` (a DDP wrapper's group or an FSDP2 mesh's group, when torch.distributed
+            is initialised), a ProcessGroup, or None (this rank alone). Across a group each rank passes its
+            own batches and every rank gets the result over their union, as one process would compute it
+            (see :mod:`geffect_fast.distributed`).
+        timeout: seconds a rank waits for the others at each agreement point before raising.
 
     Returns:
         :class:`Result`; see :mod:`geffect_fast.result` for its shape.
@@ -146,7 +156,12 @@ def measure(
         raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    group = dist_mod.resolve_group(model, process_group)
     model = unwrap(model)
+    comm = None if group is None else dist_mod.Comm(group, timeout)
+    sharded = dist_mod.sharded_mesh(model) is not None
+    # FSDP2 aggregates come from the sharded gradient itself; per-instance values need the taps
+    route = "sharded" if sharded and not per_instance else "taps"
     if not isinstance(direction, Direction):
         if not isinstance(direction, Mapping):
             raise TypeError(
@@ -157,107 +172,129 @@ def measure(
         risks = {"risk": risks}
     if not isinstance(risks, Mapping) or not risks:
         raise ValueError("risks must be a non-empty dict {name: batch} (or one batch)")
-    device = input_device(model)
-    for rname, batch in risks.items():
-        check_batch(batch, rname, device)
 
-    named = dict(model.named_parameters())
-    trainable = [n for n, p in named.items() if p.requires_grad]
-    V = direction.bind(named, trainable)
-    if not V:
-        raise ValueError("the direction is zero on every parameter: every G-effect would be 0")
-    grouping = groups_mod.assign(model, groups, list(named))
-    plan = _Plan(model, V, grouping)
-    if plan.uncovered and strict:
-        items = [f"{n}: {why}" for n, why in list(plan.uncovered.items())[:5]]
-        more = f" (and {len(plan.uncovered) - 5} more)" if len(plan.uncovered) > 5 else ""
-        raise UnsupportedModuleError(
-            "these parameters have a nonzero direction but no adapter covers them: "
-            + "; ".join(items)
-            + more
-            + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure them "
-            "by ordinary autograd in group 'uncovered' (aggregate only)."
+    with dist_mod.phase(comm, "checking the batches"):
+        device = input_device(model)
+        for rname, batch in risks.items():
+            check_batch(batch, rname, device)
+    with dist_mod.phase(comm, "checking the direction"):
+        named = dict(model.named_parameters())
+        trainable = [n for n, p in named.items() if p.requires_grad]
+        V = direction.bind(named, trainable)
+        if not V:
+            raise ValueError("the direction is zero on every parameter: every G-effect would be 0")
+        grouping = groups_mod.assign(model, groups, list(named))
+        if route == "sharded":
+            plans, roots, uncovered = [], [], []
+            autograd = {n: grouping.of[n] for n in V}  # every parameter, from its sharded gradient
+        else:
+            plan = _Plan(model, V, grouping)
+            if plan.uncovered and strict:
+                items = [f"{n}: {why}" for n, why in list(plan.uncovered.items())[:5]]
+                more = f" (and {len(plan.uncovered) - 5} more)" if len(plan.uncovered) > 5 else ""
+                raise UnsupportedModuleError(
+                    "these parameters have a nonzero direction but no adapter covers them: "
+                    + "; ".join(items)
+                    + more
+                    + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure "
+                    "them by ordinary autograd in group 'uncovered' (aggregate only)."
+                )
+            plans, roots, uncovered = plan.plans, plan.roots, list(plan.uncovered)
+            autograd = {n: len(grouping.names) for n in uncovered}
+        # the local shard of v that each autograd parameter's (possibly sharded) gradient is dotted with
+        V_auto = {n: dist_mod.shard_of(V[n], named[n]) if dist_mod.is_dtensor(named[n]) else V[n] for n in autograd}
+        emb = input_embeddings(model)
+        act_dtype = (
+            emb.weight.dtype
+            if isinstance(getattr(emb, "weight", None), torch.Tensor)
+            else next(p.dtype for p in named.values() if p.is_floating_point())
         )
-    emb = input_embeddings(model)
-    act_dtype = (
-        emb.weight.dtype
-        if isinstance(getattr(emb, "weight", None), torch.Tensor)
-        else next(p.dtype for p in named.values() if p.is_floating_point())
-    )
-    ops = resolve(backend, device, act_dtype)
-    K = direction.k
-    acc = (
-        torch.float64
-        if any(p.dtype == torch.float64 for p in named.values()) or any(v.dtype == torch.float64 for v in V.values())
-        else torch.float32
-    )
-    group_names = tuple(grouping.names) + ((UNCOVERED,) if plan.uncovered else ())
+        ops = resolve(backend, device, act_dtype)
+        K = direction.k
+        f64 = any(p.dtype == torch.float64 for p in named.values()) or any(v.dtype == torch.float64 for v in V.values())
+        acc = torch.float64 if f64 else torch.float32
+        group_names = tuple(grouping.names) + ((UNCOVERED,) if uncovered else ())
     G = len(group_names)
-    uncovered = list(plan.uncovered)
+    if comm is not None:  # same call on every rank: the same collectives will follow in the same order
+        comm.agree(
+            "comparing the calls",
+            check=dist_mod.fingerprint(tuple(risks), direction.names, group_names, sorted(V), reduction, route, mode),
+        )
 
-    group_totals: dict[str, Tensor] = {}
-    instances: dict[str, Tensor] = {}
-    weights: dict[str, Tensor] = {}
-    n_tokens: dict[str, Tensor] = {}
-    losses: dict[str, float] = {}
+    # union weights: known from the labels before any forward
+    n_local = {r: label_counts(b["labels"]).cpu() for r, b in risks.items()}
+    sums, sizes = dist_mod.union_counts(comm, n_local)
+    parts: dict[str, dist_mod.Part] = {}
     with preserved(model, mode=mode):
         for p in named.values():
             p.requires_grad_(False)
-        for n in uncovered:
+        for n in autograd:
             named[n].requires_grad_(True)
-        with CaptureSession(plan.plans, plan.roots, ops, K, G, acc) as session:
+        with CaptureSession(plans, roots, ops, K, G, acc) as session:
             for rname, batch in risks.items():
                 B = batch["input_ids"].shape[0]
-                session.start(B, device)
-                nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
-                c, n = sample_weights(mask, reduction)
-                # Backpropagate L = Σ_b s_b ℓ_b. With s_b = 1 each tap's gradient rows are exactly those of
-                # the sample's own ℓ_b, as a per-sample backward would give them (bit for bit where the model
-                # rounds through lower precision). Uncovered parameters need ∇R itself from the same
-                # backward, so then s_b = c_b and L = R.
-                s = c.clone() if uncovered else (n > 0).double()
-                w = (s.to(nll.device) / n.clamp_min(1)).to(nll.dtype)
-                L = (nll * w[:, None]).sum()
-                if not bool(torch.isfinite(L.detach())):
-                    raise ValueError(
-                        f"risk set {rname!r}: the risk is not finite ({L.item()}); check the model and batch"
+                c = dist_mod.union_weights(n_local[rname], sums[rname], reduction)
+                with dist_mod.phase(comm, f"running the forward of risk set {rname!r}"):
+                    session.start(B, device)
+                    nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
+                    n = mask.sum(1).cpu()
+                    # Backpropagate L = Σ_b s_b ℓ_b. With s_b = 1 each tap's gradient rows are exactly those of
+                    # the sample's own ℓ_b, as a per-sample backward would give them (bit for bit where the
+                    # model rounds through lower precision). Parameters measured by autograd need ∇R itself
+                    # from the same backward, so then s_b = c_b and L = R (this rank's part of it).
+                    s = c.clone() if autograd else (n > 0).double()
+                    w = (s.to(nll.device) / n.clamp_min(1).to(nll.device)).to(nll.dtype)
+                    L = (nll * w[:, None]).sum()
+                    if not bool(torch.isfinite(L.detach())):
+                        raise ValueError(
+                            f"risk set {rname!r}: the risk is not finite ({L.item()}); check the model and batch"
+                        )
+                    if not L.requires_grad:
+                        raise RuntimeError(
+                            "the risk does not depend on any tapped layer: no gradient can flow (is the model's "
+                            "input embedding an nn.Embedding?)"
+                        )
+                    ell = (nll.detach().sum(1) / n.clamp_min(1).to(device=nll.device, dtype=nll.dtype)).double().cpu()
+                    del nll
+                with dist_mod.phase(comm, f"running the backward of risk set {rname!r}"):
+                    L.backward()
+                    del L
+                    out = session.out.double().cpu()  # [K, B, G]: s_b · e_b
+                    e = torch.where(
+                        s[None, :, None] > 0, out / s.clamp_min(1e-300)[None, :, None], torch.zeros_like(out)
                     )
-                if not L.requires_grad:
-                    raise RuntimeError(
-                        "the risk does not depend on any tapped layer: no gradient can flow (is the model's input "
-                        "embedding an nn.Embedding?)"
-                    )
-                ell = (nll.detach().sum(1) / n.clamp_min(1).to(nll.dtype)).double().cpu()
-                del nll
-                L.backward()
-                out = session.out.double().cpu()  # [K, B, G]: s_b · e_b
-                e = torch.where(s[None, :, None] > 0, out / s.clamp_min(1e-300)[None, :, None], torch.zeros_like(out))
-                totals = (e * c[None, :, None]).sum(1)  # Σ_b c_b e_b
-                if uncovered:
-                    totals[:, -1] = 0
-                    for pn in uncovered:
-                        p = named[pn]
-                        if p.grad is not None:
-                            flat = p.grad.reshape(1, -1).to(V[pn].dtype)
-                            totals[:, -1] += (V[pn].reshape(K, -1) @ flat.T).squeeze(1).double().cpu()
-                            p.grad = None
-                    e[:, :, -1] = float("nan")
-                group_totals[rname] = totals
-                instances[rname] = e
-                weights[rname] = c.cpu()
-                n_tokens[rname] = n.cpu()
-                losses[rname] = float((ell * c.cpu()).sum())
+                    totals = (e * c[None, :, None]).sum(1)  # Σ_b c_b e_b
+                    if autograd:
+                        if uncovered:
+                            totals[:, -1] = 0
+                            e[:, :, -1] = float("nan")
+                        for pn, col in autograd.items():
+                            p = named[pn]
+                            if p.grad is not None:
+                                g = dist_mod.local_part(p.grad).reshape(1, -1).to(V_auto[pn].dtype)
+                                dot = (V_auto[pn].reshape(K, -1) @ g.T).squeeze(1).double().cpu()
+                                totals[:, col] += dist_mod.reduce_scale(p) * dot
+                                p.grad = None
+                parts[rname] = dist_mod.Part(totals, float((ell * c).sum()), n, c, None if route == "sharded" else e)
                 del ell
+    if comm is not None:
+        parts = dist_mod.combine(comm, parts, sizes, K, G)
     return Result(
         directions=direction.names,
         risks=tuple(risks),
         groups=group_names,
         reduction=reduction,
-        group_totals=group_totals,
-        instances=instances if per_instance else None,
-        weights=weights,
-        n_tokens=n_tokens,
-        losses=losses,
+        group_totals={r: p.totals for r, p in parts.items()},
+        instances={r: p.e for r, p in parts.items()} if per_instance else None,
+        weights={r: p.c for r, p in parts.items()},
+        n_tokens={r: p.n for r, p in parts.items()},
+        losses={r: p.loss for r, p in parts.items()},
         uncovered=tuple(uncovered),
-        meta={"backend": ops.name, "mode": mode, "dtype": str(acc).replace("torch.", "")},
+        meta={
+            "backend": ops.name,
+            "mode": mode,
+            "dtype": str(acc).replace("torch.", ""),
+            "route": route,
+            "world_size": 1 if comm is None else comm.world,
+        },
     )

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .distributed import is_dtensor, local_part
 from .state import preserved
 
 #: wrapper path components that do not change which parameter a name refers to
@@ -263,9 +264,12 @@ class Direction:
                 raise ValueError(f"direction for {c!r} is on {t.device} but the parameter is on {p.device}")
             nz = self._nonzero.get(key)
             if nz is None:  # checked once per entry; entries are not expected to change in place
-                if not bool(torch.isfinite(t).all()):
+                # a sharded entry is checked on this rank's shard, with no collective (ranks may fail here
+                # alone), and counts as nonzero: whether it is zero is a fact about every rank's shard
+                local = local_part(t)
+                if not bool(torch.isfinite(local).all()):
                     raise ValueError(f"direction has NaN or inf in {key!r}")
-                nz = self._nonzero[key] = bool(t.any())
+                nz = self._nonzero[key] = True if is_dtensor(t) else bool(t.any())
             if nz:
                 out[c] = t
         missing = [n for n in trainable if n not in mentioned]

@@ -66,6 +66,11 @@ def check_batch(batch: Any, name: str, device: torch.device | None = None) -> No
         )
 
 
+def label_counts(labels: Tensor) -> Tensor:
+    """n_b: the labelled tokens of each sample (labels are shifted, so the first position never counts)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
 def forward_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Run the model on a batch (no cache) and return its logits [B, T, vocab]."""
     kwargs = {k: batch[k] for k in FORWARD_KEYS if batch.get(k) is not None}
@@ -127,3 +132,20 @@ def risk(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "token_
     c, n = sample_weights(mask, reduction)
     w = (c / n.clamp_min(1)).to(nll.dtype)
     return (nll * w[:, None]).sum()
+
+
+def risk_parts(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "token_mean") -> tuple[Tensor, Tensor]:
+    """(S, D) with R = S / D, so that the risk of several batches (ranks) pools as ΣS / ΣD.
+
+    ``token_mean``: S = Σ_t nll_t, D = N labelled tokens; ``sample_mean``: S = Σ_b ℓ_b, D = B' samples
+    with labels. Both float64, detached.
+    """
+    with torch.no_grad():
+        nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
+        n = mask.sum(1)
+        if reduction == "token_mean":
+            return nll.sum().double(), n.sum().double()
+        if reduction == "sample_mean":
+            ell = nll.sum(1) / n.clamp_min(1).to(nll.dtype)
+            return ell.sum().double(), (n > 0).sum().double()
+    raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")

@@ -47,9 +47,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist_mod
 from .api import measure, unwrap
 from .direction import Direction
-from .loss import risk
+from .loss import label_counts, risk, risk_parts
 from .objectives import Objective
 from .result import Result
 from .state import preserved
@@ -81,6 +82,8 @@ class Tracker:
         ref_model: nn.Module | None = None,
         curvature: bool = False,
         name: str | None = None,
+        process_group: Any = "auto",
+        timeout: float = 600.0,
     ):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -90,6 +93,16 @@ class Tracker:
             raise ValueError("probes must name at least one risk set, e.g. {'unlearn': forget, 'retain': retain}")
         if compare and compare_batch is None:
             compare_batch = probes.get("unlearn", next(iter(probes.values())))
+        group = dist_mod.resolve_group(model, process_group)
+        if dist_mod.sharded_mesh(unwrap(model)) is not None:
+            raise NotImplementedError(
+                "Tracker does not support FSDP2-sharded models yet (the update direction swaps parameter storages "
+                "and the curvature term needs a double backward); call geffect_fast.measure() with "
+                "Direction.from_grads(model) in your loop instead"
+            )
+        #: the group probes are pooled over (DDP), or None; each rank passes its own probe batches
+        self.process_group = group
+        self._comm = None if group is None else dist_mod.Comm(group, timeout)
         self.model = unwrap(model)
         self.probes = dict(probes)
         self.every = every
@@ -141,7 +154,9 @@ class Tracker:
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         pending: dict[str, Any] = {"lr": lr, "train_loss": _scalar(loss), "step": self.n_steps}
         compare_dirs = {
-            name: Direction.from_objective(self.model, obj, self.compare_batch, ref_model=self.ref_model, name=name)
+            name: self._averaged(
+                Direction.from_objective(self.model, obj, self.compare_batch, ref_model=self.ref_model, name=name)
+            )
             for name, obj in self.compare.items()
         }
         if self.direction == "gradient":
@@ -188,7 +203,26 @@ class Tracker:
             reduction=self.reduction,
             backend=self.backend,
             mode=self.mode,
+            process_group=self.process_group,
+            timeout=self._comm.timeout if self._comm is not None else 600.0,
         )
+
+    def _averaged(self, d: Direction) -> Direction:
+        """Under DDP, the mean over ranks of a direction each rank took on its own batch (as DDP averages
+        gradients), so that every rank measures the same one."""
+        if self._comm is None:
+            return d
+        comm = self._comm
+        keys = sorted(d.keys())
+        comm.agree("averaging a compare direction", check=dist_mod.fingerprint(d.names, keys))
+        flat = torch.cat([d.tensor(k).double().reshape(-1) for k in keys])
+        mean = comm.sum(flat, "averaging a compare direction") / comm.world
+        out, o = {}, 0
+        for k in keys:
+            t = d.tensor(k)
+            out[k] = mean[o : o + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype)
+            o += t.numel()
+        return Direction(out, names=d.names, zero=d.zero)
 
     @contextmanager
     def _at(self, params: Mapping[str, Tensor]) -> Iterator[None]:
@@ -207,8 +241,15 @@ class Tracker:
                 p.data = saved
 
     def _risks(self) -> dict[str, float]:
+        """R of each probe set (pooled over the ranks' batches under DDP)."""
         with preserved(self.model, mode=self.mode), torch.no_grad():
-            return {r: float(risk(self.model, b, self.reduction)) for r, b in self.probes.items()}
+            if self._comm is None:
+                return {r: float(risk(self.model, b, self.reduction)) for r, b in self.probes.items()}
+            parts = torch.stack(
+                [torch.stack(risk_parts(self.model, b, self.reduction)).cpu() for b in self.probes.values()]
+            )
+        total = self._comm.sum(parts, "measuring the probe risks")
+        return {r: float(total[i, 0] / total[i, 1]) for i, r in enumerate(self.probes)}
 
     def _vhv(self, v: Direction) -> dict[str, float]:
         """vᵀ∇²R v per probe set, by one Hessian-vector product each (double backward)."""
@@ -227,6 +268,12 @@ class Tracker:
                 dot = sum((g * t).sum() for g, t in zip(grads, vs) if g is not None)
                 hv = torch.autograd.grad(dot, plist, allow_unused=True)
                 out[r] = float(sum((h.double() * t.double()).sum() for h, t in zip(hv, vs) if h is not None))
+        if self._comm is not None:  # R = Σ_r (D_r/D) R_r over ranks, so vᵀ∇²R v = Σ_r D_r·(vᵀ∇²R_r v) / D
+            counts = [label_counts(b["labels"]) for b in self.probes.values()]
+            dens = [float(n.sum() if self.reduction == "token_mean" else (n > 0).sum()) for n in counts]
+            x = torch.tensor([[d * out[r], d] for d, r in zip(dens, self.probes)], dtype=torch.float64)
+            total = self._comm.sum(x, "pooling the curvature")
+            out = {r: float(total[i, 0] / total[i, 1]) for i, r in enumerate(self.probes)}
         return out
 
     def _record(self, pending: dict[str, Any], after: dict[str, float]) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..distributed import dense
+
 if TYPE_CHECKING:  # pragma: no cover
     from .session import CaptureSession
 
@@ -31,8 +33,13 @@ class Slot:
     """One parameter of a module whose direction is nonzero: its direction and its group column."""
 
     name: str  #: canonical parameter name
-    v: Tensor  #: [K, *param.shape]
+    v: Tensor  #: [K, *param.shape]; a sharded DTensor under FSDP2
     group: int
+
+    def dense(self) -> Tensor:
+        """v whole. A sharded v is all-gathered here (a collective: call it only inside the backward, where
+        every rank reaches the same layer in the same order) and freed by the caller after use."""
+        return dense(self.v)
 
 
 class _TapFn(torch.autograd.Function):

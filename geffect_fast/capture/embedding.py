@@ -67,7 +67,8 @@ class EmbeddingAdapter(Adapter):
             if session.factor_sink is not None:  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
                 session.factor_sink(slot, ids.reshape(-1), g.reshape(-1, d), seg, padding_idx)
                 return
-            out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), slot.v, seg, session.B, padding_idx)
+            v = slot.dense()
+            out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), v, seg, session.B, padding_idx)
             session.add(slot, out)
 
         def on_call(ids: Tensor, y: Tensor) -> Tensor:
@@ -89,6 +90,7 @@ class EmbeddingAdapter(Adapter):
 
         def pre_hook(mod, args):
             if torch.is_grad_enabled():
+                mode.weight = mod.weight  # read now: FSDP2 swaps in the unsharded table for the forward
                 mode.__enter__()
                 entered.append(True)
 

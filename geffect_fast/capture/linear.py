@@ -23,10 +23,6 @@ class _LinearLike(Adapter):
 
     def attach(self, module, slots: dict[str, Slot], session):
         sw, sb = slots.get("weight"), slots.get("bias")
-        vw = None
-        if sw is not None:
-            vw = sw.v.transpose(1, 2) if self.transposed else sw.v  # [K, o, i]
-        vb = None if sb is None else sb.v
 
         def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
             o = g.shape[-1]
@@ -40,6 +36,10 @@ class _LinearLike(Adapter):
                 if sb is not None:
                     session.factor_sink(sb, g2, g2.new_ones(g2.shape[0], 1), seg, None)
                 return
+            vw = None
+            if sw is not None:
+                vw = sw.dense().transpose(1, 2) if self.transposed else sw.dense()  # [K, o, i]
+            vb = None if sb is None else sb.dense()
             out_w, out_b = session.ops.linear_dot(a2, g2, vw, seg, session.B, vb)
             session.add(sw, out_w)
             session.add(sb, out_b)

@@ -59,8 +59,6 @@ class _NormAdapter(Adapter):
         d = 1
         for s in module.weight.shape if module.weight is not None else module.bias.shape:
             d *= s
-        vw = None if sw is None else sw.v.reshape(sw.v.shape[0], d)
-        vb = None if sb is None else sb.v.reshape(sb.v.shape[0], d)
         prec: dict[str, torch.dtype] = {}  # set by the first call's check (structural classes only)
 
         def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
@@ -78,6 +76,8 @@ class _NormAdapter(Adapter):
                 if sb is not None:
                     session.factor_sink(sb, g2, ones, seg, None)
                 return
+            vw = None if sw is None else sw.dense().reshape(sw.v.shape[0], d)
+            vb = None if sb is None else sb.dense().reshape(sb.v.shape[0], d)
             out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
             session.add(sw, out_w)
             session.add(sb, out_b)
