@@ -5,6 +5,11 @@
 Per instance: max over samples and groups of |ours − oracle| / max_b |oracle| (per group column).
 Per group: max over groups of |ours − oracle| / |oracle| of the pooled (token-mean) group totals.
 The float32 rows run the model in float32 and compare with the float64 oracle.
+
+Half precision (bf16, fp16; fp32 accumulation): the model runs at that precision and the float64 oracle
+sees the same rounded weights. Two numbers per precision, per group total (pooled over the batch):
+``ours`` = |measure() − oracle64| and ``autograd`` = |per-sample autograd run at that precision − oracle64|,
+the best any method measuring that model at that precision can do; both over max |oracle64| of the batch.
 """
 
 from __future__ import annotations
@@ -36,6 +41,26 @@ def errors(family: str, dtype: torch.dtype) -> tuple[float, float]:
     return per_instance, per_group
 
 
+def half_errors(family: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(ours, the model's own per-sample autograd) at ``dtype``, per group, against float64 on the same weights."""
+    model = make_model(family, dtype=dtype)
+    batch = make_batch(model)
+    V = random_direction(model, dtype=torch.float32)
+    res = gf.measure(model, gf.Direction(V, names=["v"]), {"r": batch})
+    ref = make_model(family)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.copy_(q.double())
+    grouping = assign(ref, "block", [n for n, _ in ref.named_parameters()])
+    V64 = {n: t.double() for n, t in V.items()}
+    e, c = oracle(ref, V64, batch, grouping.of, len(grouping))
+    tot = (e * c[None, :, None]).sum(1)
+    e_low, _ = oracle(model, V64, batch, grouping.of, len(grouping))
+    tot_low = (e_low * c[None, :, None]).sum(1)
+    scale = tot.abs().max()
+    return ((res.group_totals["r"] - tot).abs().max() / scale).item(), ((tot_low - tot).abs().max() / scale).item()
+
+
 def main() -> None:
     torch.set_num_threads(2)
     lines = [
@@ -49,6 +74,20 @@ def main() -> None:
     ]
     for fam in ALL_FAMILIES:
         (a, b), (c, d) = errors(fam, torch.float64), errors(fam, torch.float32)
+        lines.append(f"| {fam} | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
+    lines += [
+        "",
+        "## Half precision (bf16 / fp16 weights and activations, fp32 accumulation)",
+        "",
+        "Per group total, max over groups of |x − oracle64| / max |oracle64| (same rounded weights). `ours`:",
+        "measure(); `autograd`: the model's own per-sample autograd at that precision (the floor for any method).",
+        "Test bounds (tests/test_models_misc.py): bf16 5e-2, fp16 1e-2.",
+        "",
+        "| family | bf16 ours | bf16 autograd | fp16 ours | fp16 autograd |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for fam in ALL_FAMILIES:
+        (a, b), (c, d) = half_errors(fam, torch.bfloat16), half_errors(fam, torch.float16)
         lines.append(f"| {fam} | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
     lines += [
         "",

@@ -56,23 +56,28 @@ def test_plain_module_lm_against_oracle():
     assert_close_per_group(res.instances["r"], e, 1e-9, "plain module")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_bfloat16_model_within_stated_tolerance(family):
-    """bf16 weights and activations, fp32 accumulation: per-group totals within 5% of the float64 oracle
-    (the bf16 forward itself moves the gradient by about that much)."""
-    model = make_model(family, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_half_precision_model_within_stated_tolerance(family, dtype, tol):
+    """bf16/fp16 weights and activations, fp32 accumulation: every group total within ``tol`` · max |total|
+    of the float64 oracle on the same rounded weights (README "How exact"; measured worst over ten families:
+    bf16 1.9e-2, fp16 4.5e-3, as the model's own per-sample autograd at that precision gets —
+    benchmarks/results/oracle_errors.md)."""
+    model = make_model(family, dtype=dtype)
     batch = make_batch(model)
     V = random_direction(model, dtype=torch.float32)
     res = gf.measure(model, gf.Direction(V, names=["v"]), {"r": batch}, per_instance=True)
     assert res.meta["dtype"] == "float32"
     ref = make_model(family, dtype=torch.float64)
-    with torch.no_grad():  # the oracle sees the same (bf16-rounded) weights
+    with torch.no_grad():  # the oracle sees the same rounded weights
         for p, q in zip(ref.parameters(), model.parameters()):
             p.copy_(q.double())
     grouping = assign(ref, "block", [n for n, _ in ref.named_parameters()])
     e, c = oracle(ref, {n: t.double() for n, t in V.items()}, batch, grouping.of, len(grouping))
     tot = (e * c[None, :, None]).sum(1)
-    assert_close_per_group(res.group_totals["r"][:, None], tot[:, None], 5e-2, f"{family} bf16")
+    err = ((res.group_totals["r"] - tot).abs().max() / tot.abs().max()).item()
+    assert err <= tol, f"{family} {dtype}: {err:.2e}"
+    assert err > 0  # the half-precision forward does move it: a zero would mean the oracle ran in half too
 
 
 def test_checkpointing_keeps_no_layer_input_from_the_first_forward():
