@@ -34,20 +34,10 @@ FSDP_CASE = (Config(256, 4, 768, 4, 2, 2000), 4, 64)
 
 
 def model(c: Config, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=c.vocab,
-        hidden_size=c.hidden,
-        intermediate_size=c.intermediate,
-        num_hidden_layers=c.layers,
-        num_attention_heads=c.heads,
-        num_key_value_heads=c.kv_heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=c.tied,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return LlamaForCausalLM(c.to_hf(max_position_embeddings=1024)).to(dtype).eval()
 
 
 def single(c: Config, B: int, T: int, ck: bool, dtype: torch.dtype) -> tuple[float, float]:

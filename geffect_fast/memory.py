@@ -58,6 +58,34 @@ class Config:
     vocab: int
     tied: bool = False
 
+    @classmethod
+    def from_hf(cls, config) -> Config:
+        """The shape of a Hugging Face Llama-style config (``hidden_size``, ``num_hidden_layers``, …)."""
+        return cls(
+            hidden=config.hidden_size,
+            layers=config.num_hidden_layers,
+            intermediate=config.intermediate_size,
+            heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def to_hf(self, **overrides):
+        """A ``transformers.LlamaConfig`` of this shape (for building scaled-down models to check against)."""
+        from transformers import LlamaConfig
+
+        kw = dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+        )
+        return LlamaConfig(**{**kw, **overrides})
+
     @property
     def kv_hidden(self) -> int:
         return self.hidden // self.heads * self.kv_heads

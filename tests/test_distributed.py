@@ -1,4 +1,4 @@
-"""torch.distributed: two CPU processes over gloo (DESIGN.md §8; geffect_fast/distributed.py).
+"""torch.distributed: two CPU processes over gloo (geffect_fast/distributed.py; README "Several GPUs").
 
 Each scenario runs in :mod:`dist_workers` on two spawned ranks holding uneven parts (3 and 2 rows) of one
 union batch; the distributed result must equal one process measuring the union. A failing rank must make

@@ -112,3 +112,35 @@ def test_pairwise_and_sketch_on_gpu_equal_cpu():
     s_gpu = gf.Sketcher(model, k=8, seed=0).sketch(rc)
     for n in s_cpu.tensors:
         assert torch.allclose(s_gpu.tensors[n], s_cpu.tensors[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_nccl_group_on_one_gpu(tmp_path):
+    """The collective path with CUDA tensors (NCCL): a one-rank group, DDP and FSDP2, equals no group."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = make_model("llama", dtype=torch.float32).cuda()
+        batch = {k: t.cuda() for k, t in make_batch(model).items()}
+        V = {n: t[0].cuda() for n, t in random_direction(model).items()}
+        want = gf.measure(model, V, {"r": batch}, per_instance=True, process_group=None)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        got = gf.measure(ddp, V, {"r": batch}, per_instance=True)
+        assert got.meta["world_size"] == 1
+        assert torch.allclose(got.instances["r"], want.instances["r"], rtol=1e-6, atol=1e-9)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = make_model("llama", dtype=torch.float32).cuda()
+        mesh = init_device_mesh("cuda", (1,))
+        for block in sharded.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        for route, pi in (("sharded", False), ("taps", True)):
+            res = gf.measure(sharded, V, {"r": batch}, per_instance=pi)
+            assert res.meta["route"] == route
+            assert torch.allclose(res.group_totals["r"], want.group_totals["r"], rtol=1e-4, atol=1e-7)
+    finally:
+        dist.destroy_process_group()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import geffect_fast as gf
 from geffect_fast.memory import LLAMA2, Config, estimate
@@ -31,6 +31,15 @@ def test_peak_tracker_counts_new_tensors_only():
     del b, c
 
 
+def test_config_round_trip_and_parameter_count_of_a_real_model():
+    c = Config(96, 3, 200, 6, 2, 321, tied=True)
+    hf = c.to_hf()
+    assert Config.from_hf(hf) == c
+    assert sum(p.numel() for p in LlamaForCausalLM(hf).parameters()) == c.params
+    untied = Config(96, 3, 200, 6, 2, 321)
+    assert sum(p.numel() for p in LlamaForCausalLM(untied.to_hf()).parameters()) == untied.params
+
+
 def test_llama2_parameter_counts():
     assert LLAMA2["7B"].params == 6_738_415_616
     assert abs(LLAMA2["13B"].params - 13.016e9) < 0.01e9
@@ -44,18 +53,7 @@ def test_predicted_peak_matches_measured(dtype, ck):
     """measure()'s own allocations within 15% of the model (benchmarks/results/memory_model.md: 0.91–1.02)."""
     c, B, T = Config(384, 3, 1024, 6, 2, 6000), 4, 96
     torch.manual_seed(0)
-    m = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab,
-            hidden_size=c.hidden,
-            intermediate_size=c.intermediate,
-            num_hidden_layers=c.layers,
-            num_attention_heads=c.heads,
-            num_key_value_heads=c.kv_heads,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
-    ).to(dtype)
+    m = LlamaForCausalLM(c.to_hf(max_position_embeddings=128)).to(dtype)
     if ck:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, c.vocab, (B, T), generator=torch.Generator().manual_seed(1))
