@@ -39,8 +39,12 @@ timeout 150 $PY -m benchmarks.run --device cuda --repeats 3 --timeout 60 --out "
   --methods "ours[auto],ours[cuda],ours[triton],plain_fwd_bwd,per_sample_loop,official_protocol,torch.func_vmap,opacus" \
   2>&1 | tee "$OUT/suite.log" | grep -v '^|' || true
 
+echo "== memory model against the CUDA allocator's peaks"
+timeout 90 $PY -m benchmarks.memory_model --device cuda --out "$OUT" 2>&1 | tail -3 || true
+
 echo
 echo "== summary (tests exit code: $tests_rc)"
 cat "$OUT/summary.md" 2>/dev/null || echo "no summary: see $OUT/bench.log"
 grep '^|' "$OUT/suite_gpu.md" 2>/dev/null | cut -c1-150 || true
+grep -E '^\| [0-9]' "$OUT/memory_model_cuda.md" 2>/dev/null | cut -c1-120 || true
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3

@@ -40,20 +40,30 @@ def model(c: Config, dtype: torch.dtype):
     return LlamaForCausalLM(c.to_hf(max_position_embeddings=1024)).to(dtype).eval()
 
 
-def single(c: Config, B: int, T: int, ck: bool, dtype: torch.dtype) -> tuple[float, float]:
+def single(c: Config, B: int, T: int, ck: bool, dtype: torch.dtype, device: str = "cpu") -> tuple[float, float]:
+    """(measured, predicted) bytes measure() adds; on CUDA measured by the allocator's own peak."""
     import geffect_fast as gf
 
-    m = model(c, dtype)
+    m = model(c, dtype).to(device)
     if ck:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = padded_batch(B, T, c.vocab, torch.Generator().manual_seed(0))
+    batch = {k: t.to(device) for k, t in padded_batch(B, T, c.vocab, torch.Generator().manual_seed(0)).items()}
     V = {n: torch.randn_like(p) for n, p in m.named_parameters()}
     mode = "train" if ck else "eval"
     gf.measure(m, V, batch, mode=mode)  # warm-up
-    with PeakBytes() as pk:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         gf.measure(m, V, batch, mode=mode)
+        torch.cuda.synchronize()
+        got = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakBytes() as pk:
+            gf.measure(m, V, batch, mode=mode)
+        got = pk.peak
     e = estimate(c, B, T, param_bytes=dtype.itemsize, direction_bytes=dtype.itemsize, checkpointing=ck)
-    return pk.peak, e.activations + e.logits + e.transient
+    return got, e.activations + e.logits + e.transient
 
 
 def _fsdp_rank(rank: int, tmp: str) -> None:
@@ -104,11 +114,19 @@ def fsdp() -> list[tuple[str, float, float]]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
     torch.set_num_threads(2)
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     lines = [
         "# Memory model vs measured peaks",
         "",
-        f"Command: `python -m benchmarks.memory_model`. Machine: {cpu_name()}, torch {torch.__version__}.",
+        f"Command: `python -m benchmarks.memory_model --device {args.device}`. Machine: {machine}, torch "
+        f"{torch.__version__}.",
         "Measured: peak bytes of the tensors measure() creates (benchmarks/_memtrack.py). Predicted:",
         "geffect_fast/memory.py (activations + logits + transient; under FSDP also the unsharded working set,",
         "gathered direction and gradients). Llama configs: hidden/layers/intermediate/kv heads/vocab.",
@@ -118,13 +136,14 @@ def main() -> None:
     ]
     for c, B, T, ck in CASES:
         for dt in (torch.float32, torch.bfloat16):
-            got, pred = single(c, B, T, ck, dt)
+            got, pred = single(c, B, T, ck, dt, args.device)
             name = f"{c.hidden}/{c.layers}/{c.intermediate}/{c.kv_heads}/{c.vocab}"
             lines.append(
                 f"| {name} | {B}×{T} | {'yes' if ck else 'no'} | {str(dt)[6:]} | {got / MiB:.1f} | "
                 f"{pred / MiB:.1f} | {got / pred:.2f} |"
             )
     c, B, T = FSDP_CASE
+    fsdp_rows = fsdp() if args.device == "cpu" else []  # the 2-rank check runs over gloo on the CPU
     lines += [
         "",
         f"FSDP2 on 2 gloo ranks, {c.hidden}/{c.layers}/{c.intermediate}/{c.kv_heads}/{c.vocab}, B×T = {B}×{T} per "
@@ -134,7 +153,7 @@ def main() -> None:
         "| route | measured MiB | predicted MiB | measured/predicted |",
         "|---|---:|---:|---:|",
     ]
-    for route, got, pred in fsdp():
+    for route, got, pred in fsdp_rows:
         lines.append(f"| {route} | {got / MiB:.2f} | {pred / MiB:.2f} | {got / pred:.2f} |")
     lines += [
         "",
@@ -161,7 +180,7 @@ def main() -> None:
                 f"| {name} | {label} | {e.weights / GiB:.1f} | {e.direction / GiB:.1f} | {e.activations / GiB:.1f} | "
                 f"{e.logits / GiB:.2f} | {e.gradients / GiB:.1f} | {e.total / GiB:.1f} | {e.communication / GiB:.2f} |"
             )
-    out = Path(__file__).parent / "results" / "memory_model.md"
+    out = Path(args.out) / ("memory_model.md" if args.device == "cpu" else "memory_model_cuda.md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -100,6 +100,15 @@ def sharded_mesh(model: nn.Module):
     return mesh
 
 
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """Raise for an FSDP2-sharded model in a single-rank feature."""
+    if sharded_mesh(model) is not None:
+        raise NotImplementedError(
+            f"{what} runs on one rank and needs whole parameters; this model is FSDP2-sharded. Measure per-instance "
+            "G-effects with geffect_fast.measure(..., per_instance=True), which supports FSDP2"
+        )
+
+
 def resolve_group(model: nn.Module, process_group: Any):
     """The process group a measurement spans.
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import groups as groups_mod
 from .api import _Plan, input_device, unwrap
 from .capture import CaptureSession, UnsupportedModuleError
+from .distributed import refuse_sharded
 from .loss import check_batch, forward_logits, sample_nll
 from .objectives import Objective, split_batch
 from .ops import pairwise as pw
@@ -89,6 +90,7 @@ def measure_pairwise(
     if route not in ("auto", "ghost", "materialise"):
         raise ValueError(f"unknown route {route!r}; use auto, ghost or materialise")
     model = unwrap(model)
+    refuse_sharded(model, "measure_pairwise")
     device = input_device(model)
     forget, _, idk = split_batch(objective_batch)
     obj_rows = idk if idk is not None else forget

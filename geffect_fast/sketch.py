@@ -29,6 +29,7 @@ from . import groups as groups_mod
 from .api import input_device, unwrap
 from .capture import UnsupportedModuleError
 from .direction import Direction
+from .distributed import refuse_sharded
 from .loss import check_batch, forward_logits, sample_nll
 from .ops import pairwise as pw
 from .ops import resolve
@@ -118,6 +119,7 @@ class Sketcher:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.model = unwrap(model)
+        refuse_sharded(self.model, "Sketcher")
         self.k = int(k)
         self.seed = int(seed)
         self.fingerprint = fingerprint(self.model)

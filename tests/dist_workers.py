@@ -218,13 +218,20 @@ def fsdp_measure(rank: int, tmp: str, family: str) -> None:
     res = gf.measure(model, v2, mine, groups="module")
     ref2 = gf.measure(plain, gf.Direction.stack(w2), union, groups="module", process_group=None)
     assert_same(res, ref2, agg_tol, per_instance=False)
-    with_none = None
-    try:
-        gf.measure(model, v, mine, process_group=with_none)
-    except ValueError as e:
-        assert "sharded" in str(e)
-    else:
-        raise AssertionError("a sharded model measured by one rank alone must be refused")
+    # what does not work on a sharded model says so
+    refused = [
+        (ValueError, lambda: gf.measure(model, v, mine, process_group=None)),
+        (NotImplementedError, lambda: gf.Tracker(model, mine)),
+        (NotImplementedError, lambda: gf.measure_pairwise(model, gf.objectives.get("ga"), mine["forget"], mine)),
+        (NotImplementedError, lambda: gf.Sketcher(model, k=4)),
+    ]
+    for exc, call in refused:
+        try:
+            call()
+        except exc as e:
+            assert "shard" in str(e), str(e)
+        else:
+            raise AssertionError(f"{call} should refuse a sharded model")
 
 
 def lora_ddp(rank: int, tmp: str) -> None:
