@@ -173,11 +173,12 @@ def measure(
     if not isinstance(risks, Mapping) or not risks:
         raise ValueError("risks must be a non-empty dict {name: batch} (or one batch)")
 
-    with dist_mod.phase(comm, "checking the batches"):
+    # one agreement for every local check (there is no collective among them): the same call on every rank,
+    # so the same collectives follow in the same order
+    with dist_mod.phase(comm, "checking the inputs") as agreement:
         device = input_device(model)
         for rname, batch in risks.items():
             check_batch(batch, rname, device)
-    with dist_mod.phase(comm, "checking the direction"):
         named = dict(model.named_parameters())
         trainable = [n for n, p in named.items() if p.requires_grad]
         V = direction.bind(named, trainable)
@@ -214,12 +215,10 @@ def measure(
         f64 = any(p.dtype == torch.float64 for p in named.values()) or any(v.dtype == torch.float64 for v in V.values())
         acc = torch.float64 if f64 else torch.float32
         group_names = tuple(grouping.names) + ((UNCOVERED,) if uncovered else ())
-    G = len(group_names)
-    if comm is not None:  # same call on every rank: the same collectives will follow in the same order
-        comm.agree(
-            "comparing the calls",
-            check=dist_mod.fingerprint(tuple(risks), direction.names, group_names, sorted(V), reduction, route, mode),
+        agreement.check = dist_mod.fingerprint(
+            tuple(risks), direction.names, group_names, sorted(V), reduction, route, mode
         )
+    G = len(group_names)
 
     # union weights: known from the labels before any forward
     n_local = {r: label_counts(b["labels"]).cpu() for r, b in risks.items()}
@@ -234,7 +233,7 @@ def measure(
             for rname, batch in risks.items():
                 B = batch["input_ids"].shape[0]
                 c = dist_mod.union_weights(n_local[rname], sums[rname], reduction)
-                with dist_mod.phase(comm, f"running the forward of risk set {rname!r}"):
+                with dist_mod.phase(comm, f"measuring risk set {rname!r}"):
                     session.start(B, device)
                     nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
                     n = mask.sum(1).cpu()
@@ -256,7 +255,8 @@ def measure(
                         )
                     ell = (nll.detach().sum(1) / n.clamp_min(1).to(device=nll.device, dtype=nll.dtype)).double().cpu()
                     del nll
-                with dist_mod.phase(comm, f"running the backward of risk set {rname!r}"):
+                    if comm is not None and sharded:  # FSDP's backward collectives follow: all must get there
+                        comm.agree(f"running the forward of risk set {rname!r}")
                     L.backward()
                     del L
                     out = session.out.double().cpu()  # [K, B, G]: s_b · e_b

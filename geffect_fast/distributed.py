@@ -20,11 +20,12 @@ parameters trainable; FSDP's reduce-scatter (a mean over the W ranks) leaves eac
 ∇R(union)/W, which is dotted with the matching shard of v, scaled by W and summed per group; then one
 gather of [K, G] scalars. No full gradient and no full direction exist anywhere.
 
-Failure protocol: every rank passes the same *agreement points* (after checking inputs, after each
-forward, after each backward), where ranks exchange a status (ok, or the error text) and a fingerprint of
-the call (risk names, directions, groups, options). A rank that fails tells the others and raises its own
-error; the others raise :class:`DistributedError` naming it. A rank that never arrives (crashed, stuck, or
-not calling) makes the others raise after ``timeout`` seconds. Collectives *inside* an FSDP forward or
+Failure protocol: every rank passes the same *agreement points* (after checking the inputs, after each
+risk set; under FSDP also after each forward, before FSDP's backward collectives), where ranks exchange a
+status (ok, or the error text) and a fingerprint of the call (risk names, directions, groups, options).
+A rank that fails tells the others and raises its own error; the others raise :class:`DistributedError`
+naming it. A rank that never arrives (crashed, stuck, or not calling) makes the others raise after
+``timeout`` seconds. Collectives *inside* an FSDP forward or
 backward are FSDP's own and bounded by the process group's timeout.
 """
 
@@ -144,6 +145,11 @@ def fingerprint(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+@dataclass
+class Agreement:
+    check: int = 0  #: fingerprint of the call, compared across ranks
+
+
 class Comm:
     """The collectives of one measurement over ``group``, each bounded by ``timeout`` seconds."""
 
@@ -196,17 +202,21 @@ class Comm:
             )
 
     @contextmanager
-    def phase(self, what: str, check: int = 0) -> Iterator[None]:
-        """Run the body; then agree that every rank got through it (or tell them this one did not)."""
+    def phase(self, what: str) -> Iterator[Agreement]:
+        """Run the body; then agree that every rank got through it (or tell them this one did not). The body
+        may set ``.check`` on what it is given: a fingerprint every rank must share."""
+        ag = Agreement()
         try:
-            yield
+            yield ag
+        except DistributedError:  # a peer failed at an agreement inside the body: every rank knows already
+            raise
         except Exception as e:
             try:
                 self.agree(what, e)
             except DistributedError:  # the group is broken too; our own error is the one to report
                 pass
             raise
-        self.agree(what, None, check)
+        self.agree(what, None, ag.check)
 
     def sum(self, t: Tensor, what: str) -> Tensor:
         """Σ over ranks of ``t`` (float64)."""
@@ -221,9 +231,9 @@ class Comm:
         return [got[r, : sizes[r]] for r in range(self.world)]
 
 
-def phase(comm: Comm | None, what: str, check: int = 0):
-    """``comm.phase(...)``, or nothing when measuring locally."""
-    return nullcontext() if comm is None else comm.phase(what, check)
+def phase(comm: Comm | None, what: str):
+    """``comm.phase(what)``, or nothing when measuring locally."""
+    return nullcontext(Agreement()) if comm is None else comm.phase(what)
 
 
 @dataclass

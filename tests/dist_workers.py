@@ -280,14 +280,14 @@ def failures(rank: int, tmp: str) -> None:
     if rank == 1:
         expect(ValueError, "no labelled tokens", lambda: gf.measure(ddp, V, {"f": bad}))
     else:
-        expect(DistributedError, "rank 1 failed while checking the batches", lambda: gf.measure(ddp, V, {"f": bad}))
+        expect(DistributedError, "rank 1 failed while checking the inputs", lambda: gf.measure(ddp, V, {"f": bad}))
     # 2. a failure inside rank 1's forward (a token id outside the vocabulary)
     ids = mine["input_ids"].clone()
     if rank == 1:
         ids[0, 1] = 10_000
         expect(IndexError, "index out of range", lambda: gf.measure(ddp, V, {"f": dict(mine, input_ids=ids)}))
     else:
-        expect(DistributedError, "forward of risk set 'f'", lambda: gf.measure(ddp, V, {"f": mine}))
+        expect(DistributedError, "measuring risk set 'f'", lambda: gf.measure(ddp, V, {"f": mine}))
     # 3. the ranks make different calls (other risk names)
     name = "f" if rank == 0 else "g"
     expect(DistributedError, "different risk sets", lambda: gf.measure(ddp, V, {name: mine}))
@@ -312,3 +312,38 @@ def fails_on_rank_1(rank: int, tmp: str) -> None:
     """For the harness's own test."""
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
+
+
+def fsdp_failure(rank: int, tmp: str) -> None:
+    """Under FSDP2, a rank whose risk is not finite stops both ranks before FSDP's backward collectives."""
+    import geffect_fast.api as api
+
+    model = _sharded("llama")
+    batch = _local(make_batch(model, B=5, seed=3), rank)
+    V = {n: t[0] for n, t in random_direction(make_model("llama")).items()}
+    if rank == 1:
+        real = api.token_nll
+
+        def poisoned(logits, labels):
+            nll, mask = real(logits, labels)
+            return nll * float("nan"), mask
+
+        api.token_nll = poisoned
+        try:
+            gf.measure(model, V, {"f": batch}, per_instance=True)
+        except ValueError as e:
+            assert "not finite" in str(e)
+        else:
+            raise AssertionError("rank 1 should have failed")
+        finally:
+            api.token_nll = real
+    else:
+        try:
+            gf.measure(model, V, {"f": batch}, per_instance=True)
+        except DistributedError as e:
+            assert "rank 1 failed while running the forward of risk set 'f'" in str(e) and "not finite" in str(e)
+        else:
+            raise AssertionError("rank 0 should have raised")
+    # and the group is usable afterwards
+    res = gf.measure(model, V, {"f": batch})
+    assert res.meta["route"] == "sharded"

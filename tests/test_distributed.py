@@ -39,6 +39,10 @@ def test_a_failing_rank_raises_on_every_rank(tmp_path):
     w.run_ranks(w.failures, str(tmp_path))
 
 
+def test_a_failing_rank_under_fsdp2_stops_before_its_collectives(tmp_path):
+    w.run_ranks(w.fsdp_failure, str(tmp_path))
+
+
 def test_the_harness_reports_a_failing_rank(tmp_path):
     """run_ranks itself must fail when a rank fails (so the tests above cannot pass vacuously)."""
     with pytest.raises(AssertionError, match="rank 1"):
