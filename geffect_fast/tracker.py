@@ -29,6 +29,12 @@ lr 0.2 on a tiny Llama overshoots by ~70% at first order and further at second (
 and in the same pass, the G-effects of other objectives' gradients on ``compare_batch`` (their ΔR is
 predicted, not measured: they were not taken).
 
+Under DDP (pass the DDP-wrapped model; each rank gives its own probe batches): the directions are the
+ranks' common ones (DDP's averaged gradient, the same update), compare directions are averaged over ranks
+as DDP would average them, and every probe quantity — G-effects, R, measured ΔR and the curvature term —
+is the one of the union of the ranks' probe batches; every rank gets the same records. FSDP2-sharded models
+are refused (use :func:`geffect_fast.measure` with ``Direction.from_grads`` in the loop).
+
 Records (kept in ``tracker.records`` and, with ``log=``, appended to a JSONL file): ``step``,
 ``objective`` (``name``, default the direction kind; or a compare name), ``kind`` ("gradient", "update" or
 "compare"), ``risk``, ``total``,

@@ -69,6 +69,19 @@ def _entry(fn, rank: int, tmp: str, args: tuple) -> None:
     dist.destroy_process_group()
 
 
+class Affine(torch.nn.Module):
+    """y = x·w + b, a layer no adapter covers."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.weight + self.bias
+
+
 def _local(batch: dict, rank: int) -> dict:
     return {k: v[ROWS[rank]] for k, v in batch.items()}
 
@@ -103,10 +116,21 @@ def ddp_measure(rank: int, tmp: str, family: str) -> None:
             model, V, {"forget": forget, "retain": retain}, per_instance=True, reduction=reduction, process_group=None
         )
         assert_same(res, ref, 1e-12, per_instance=True)
-    # aggregates only, and the autograd ("uncovered") path, whose parts are summed over ranks
-    res = gf.measure(ddp, V, mine, strict=False, groups="paper")
+    # aggregates only, grouped as the paper's code does
+    res = gf.measure(ddp, V, mine, groups="paper")
     ref = gf.measure(model, V, {"forget": forget, "retain": retain}, groups="paper", process_group=None)
     assert_same(res, ref, 1e-12, per_instance=False)
+    # a layer no adapter covers (strict=False): measured by autograd on each rank, the parts summed. Both sides
+    # backpropagate the pooled risk, which Llama's float32 RMSNorm rounds (see fsdp_measure)
+    odd = make_model(family)
+    final = "model.norm" if family == "llama" else "transformer.ln_f"
+    parent, leaf = final.rsplit(".", 1)
+    setattr(odd.get_submodule(parent), leaf, Affine(odd.config.hidden_size))
+    Vo = gf.Direction(random_direction(odd), names=["v"])
+    res = gf.measure(torch.nn.parallel.DistributedDataParallel(odd), Vo, mine, strict=False)
+    ref = gf.measure(odd, Vo, {"forget": forget, "retain": retain}, strict=False, process_group=None)
+    assert res.groups[-1] == "uncovered" and res.uncovered == (f"{final}.weight", f"{final}.bias")
+    assert_same(res, ref, 1e-6 if family == "llama" else 1e-12, per_instance=False)
 
 
 def ddp_tracker(rank: int, tmp: str) -> None:
