@@ -61,6 +61,15 @@ def half_errors(family: str, dtype: torch.dtype) -> tuple[float, float]:
     return ((res.group_totals["r"] - tot).abs().max() / scale).item(), ((tot_low - tot).abs().max() / scale).item()
 
 
+def rows(fn, first: torch.dtype, second: torch.dtype) -> list[str]:
+    """One table row per family: the two numbers of ``fn`` at each of two dtypes."""
+    out = []
+    for fam in ALL_FAMILIES:
+        (a, b), (c, d) = fn(fam, first), fn(fam, second)
+        out.append(f"| {fam} | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(2)
     lines = [
@@ -72,9 +81,7 @@ def main() -> None:
         "| family | float64 per instance | float64 per group | float32 per instance | float32 per group |",
         "|---|---:|---:|---:|---:|",
     ]
-    for fam in ALL_FAMILIES:
-        (a, b), (c, d) = errors(fam, torch.float64), errors(fam, torch.float32)
-        lines.append(f"| {fam} | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
+    lines += rows(errors, torch.float64, torch.float32)
     lines += [
         "",
         "## Half precision (bf16 / fp16 weights and activations, fp32 accumulation)",
@@ -86,9 +93,7 @@ def main() -> None:
         "| family | bf16 ours | bf16 autograd | fp16 ours | fp16 autograd |",
         "|---|---:|---:|---:|---:|",
     ]
-    for fam in ALL_FAMILIES:
-        (a, b), (c, d) = half_errors(fam, torch.bfloat16), half_errors(fam, torch.float16)
-        lines.append(f"| {fam} | {a:.1e} | {b:.1e} | {c:.1e} | {d:.1e} |")
+    lines += rows(half_errors, torch.bfloat16, torch.float16)
     lines += [
         "",
         "Gemma's RMSNorm multiplies by (1 + γ) in float32 even in a float64 model, so its own autograd (the",
