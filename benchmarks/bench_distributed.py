@@ -7,7 +7,7 @@ the plain forward+backward of the rank's batch under DDP (with its gradient all-
 (all-gathers and reduce-scatter) are the floors; beside them measure() under DDP (per instance), the same
 call with ``process_group=None`` (this rank alone: the cost of the agreement points and the gather is the
 difference), and FSDP2's two routes (aggregates from the sharded gradient; per instance with the direction
-all-gathered layer by layer).
+all-gathered layer by layer, the next layer's gather started ahead; and, as an ablation, without that).
 """
 
 from __future__ import annotations
@@ -92,6 +92,17 @@ def _rank(rank: int, tmp: str) -> None:
     rows["FSDP2: measure(per_instance=True) (taps route)"] = _time(
         lambda: gf.measure(sharded, v, batch, per_instance=True), dist
     )
+    # ablation: each direction gathered only when its layer needs it (no gather started ahead)
+    from geffect_fast.capture.session import CaptureSession
+
+    ahead = CaptureSession._start
+    CaptureSession._start = lambda self, j: None
+    try:
+        rows["FSDP2: per instance, no gather ahead (ablation)"] = _time(
+            lambda: gf.measure(sharded, v, batch, per_instance=True), dist
+        )
+    finally:
+        CaptureSession._start = ahead
     times = torch.tensor(list(rows.values()), dtype=torch.float64)
     got = [torch.zeros_like(times) for _ in range(2)]
     dist.all_gather(got, times)

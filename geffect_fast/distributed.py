@@ -11,9 +11,10 @@ the union of the batches (rank order), because everything the union needs is a s
 Two routes (``Result.meta["route"]``):
 
 ``"taps"`` (DDP, plain replicas, and FSDP2 with ``per_instance=True``): the single-process pass on each
-rank's batch. Under FSDP2 each tapped layer's direction is all-gathered inside its backward hook
-(``DTensor.full_tensor()``), used and freed, as FSDP all-gathers parameters: one layer's full direction is
-alive at a time; communication |v|·(W−1)/W bytes per rank per risk set.
+rank's batch. Under FSDP2 each tapped layer's direction is all-gathered inside its backward hook, used and
+freed, as FSDP all-gathers parameters, with the next module's gather started ahead (asynchronously,
+``CaptureSession.direction``): at most two modules' directions are alive; communication |v|·(W−1)/W bytes
+per rank per risk set.
 
 ``"sharded"`` (FSDP2, aggregates only): an ordinary backward of Σ_{b∈rank} c_b ℓ_b with the direction's
 parameters trainable; FSDP's reduce-scatter (a mean over the W ranks) leaves each rank its shard of
@@ -44,7 +45,7 @@ _MSG = 480  #: bytes of error text carried by an agreement point
 
 if torch.distributed.is_available():
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 else:  # pragma: no cover - builds without torch.distributed
     dist = None
     DTensor = ()  # type: ignore[assignment]
@@ -58,9 +59,9 @@ def is_dtensor(t: Any) -> bool:
     return dist is not None and isinstance(t, DTensor)
 
 
-def dense(t: Tensor) -> Tensor:
-    """The whole tensor: all-gathered if it is a sharded DTensor (a collective), else ``t`` itself."""
-    return t.full_tensor() if is_dtensor(t) else t
+def gather_async(t: Tensor) -> Tensor:
+    """Start all-gathering a sharded DTensor; the result waits on first use (or ``.wait()``)."""
+    return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim, async_op=True).to_local()
 
 
 def local_part(t: Tensor) -> Tensor:
@@ -321,4 +322,4 @@ def reduce_scale(p: Tensor) -> float:
     return float(dist.get_world_size(p.device_mesh.get_group())) if isinstance(p, DTensor) else 1.0
 
 
-__all__ = ["Comm", "DistributedError", "dense", "local_part", "resolve_group", "sharded_mesh"]
+__all__ = ["Comm", "DistributedError", "gather_async", "local_part", "resolve_group", "sharded_mesh"]

@@ -5,8 +5,8 @@ measured on B sequences of T tokens per GPU. Byte sizes: weights p, activations 
 
 Weights              P·p, or P·p/W under FSDP + the unsharded working set: the root unit (embedding, head),
                      which FSDP2 keeps gathered from forward to backward, and two blocks (prefetch)
-Direction            K·P·d, or K·P·d/W sharded; the "taps" route under FSDP adds one gathered parameter's
-                     direction, K·max|θ_i|·d, alive inside one backward hook
+Direction            K·P·d, or K·P·d/W sharded; the "taps" route under FSDP adds the gathered directions of
+                     the module in its backward hook and of the next one, gathered ahead: ≤ 2·K·max|θ_i|·d
 Activations          what the backward needs, per token and layer (HF Llama, sdpa, every parameter frozen,
                      our taps saving layer inputs — the tensors ordinary training saves for its weight
                      gradients, so the same sum):
@@ -177,8 +177,8 @@ def estimate(
     # FSDP2 keeps the root unit (embedding, head) unsharded from forward to backward, and up to two blocks
     weights = P * p / shard + ((cfg.root_params + 2 * cfg.block_params) * p if fsdp else 0)
     direction = K * P * d / shard
-    if fsdp and route == "taps":
-        direction += K * cfg.largest_param * d
+    if fsdp and route == "taps":  # the layer's gathered direction and the next one's, gathered ahead
+        direction += 2 * K * cfg.largest_param * d
     per_layer = activation_bytes_per_token_layer(cfg, p)
     logits = 3 * 4 * N * cfg.vocab + p * N * cfg.hidden
     if checkpointing:

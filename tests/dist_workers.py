@@ -227,8 +227,18 @@ def fsdp_measure(rank: int, tmp: str, family: str) -> None:
     agg = gf.measure(model, v, mine)
     assert agg.meta["route"] == "sharded" and agg.instances is None
     assert_same(agg, ref, agg_tol, per_instance=False)
-    inst = gf.measure(model, v, mine, per_instance=True)
+    import geffect_fast.capture.session as session_mod
+
+    gathers, real = [], session_mod.gather_async
+    session_mod.gather_async = lambda t: gathers.append(t) or real(t)
+    try:
+        inst = gf.measure(model, v, mine, per_instance=True)
+    finally:
+        session_mod.gather_async = real
     assert inst.meta["route"] == "taps"
+    # each module's direction gathered exactly once per risk set (gathered ahead, never twice)
+    uses = sum(1 for m in model.modules() for _ in m.parameters(recurse=False))
+    assert len(gathers) == 2 * uses, (len(gathers), uses)
     assert_same(inst, ref, 1e-12, per_instance=True)
     # a whole (unsharded) direction given to the sharded model: both routes
     W = gf.Direction(whole, names=["grad"])

@@ -18,8 +18,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..distributed import dense
-
 if TYPE_CHECKING:  # pragma: no cover
     from .session import CaptureSession
 
@@ -33,13 +31,8 @@ class Slot:
     """One parameter of a module whose direction is nonzero: its direction and its group column."""
 
     name: str  #: canonical parameter name
-    v: Tensor  #: [K, *param.shape]; a sharded DTensor under FSDP2
+    v: Tensor  #: [K, *param.shape]; a sharded DTensor under FSDP2 (see CaptureSession.direction)
     group: int
-
-    def dense(self) -> Tensor:
-        """v whole. A sharded v is all-gathered here (a collective: call it only inside the backward, where
-        every rank reaches the same layer in the same order) and freed by the caller after use."""
-        return dense(self.v)
 
 
 class _TapFn(torch.autograd.Function):

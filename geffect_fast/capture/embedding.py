@@ -67,7 +67,7 @@ class EmbeddingAdapter(Adapter):
             if session.factor_sink is not None:  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
                 session.factor_sink(slot, ids.reshape(-1), g.reshape(-1, d), seg, padding_idx)
                 return
-            v = slot.dense()
+            v = session.direction(slot)
             out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), v, seg, session.B, padding_idx)
             session.add(slot, out)
 

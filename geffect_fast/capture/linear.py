@@ -38,8 +38,9 @@ class _LinearLike(Adapter):
                 return
             vw = None
             if sw is not None:
-                vw = sw.dense().transpose(1, 2) if self.transposed else sw.dense()  # [K, o, i]
-            vb = None if sb is None else sb.dense()
+                vw = session.direction(sw)
+                vw = vw.transpose(1, 2) if self.transposed else vw  # [K, o, i]
+            vb = None if sb is None else session.direction(sb)
             out_w, out_b = session.ops.linear_dot(a2, g2, vw, seg, session.B, vb)
             session.add(sw, out_w)
             session.add(sb, out_b)

@@ -76,8 +76,8 @@ class _NormAdapter(Adapter):
                 if sb is not None:
                     session.factor_sink(sb, g2, ones, seg, None)
                 return
-            vw = None if sw is None else sw.dense().reshape(sw.v.shape[0], d)
-            vb = None if sb is None else sb.dense().reshape(sb.v.shape[0], d)
+            vw = None if sw is None else session.direction(sw).reshape(sw.v.shape[0], d)
+            vb = None if sb is None else session.direction(sb).reshape(sb.v.shape[0], d)
             out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
             session.add(sw, out_w)
             session.add(sb, out_b)

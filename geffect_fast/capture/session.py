@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..distributed import gather_async, is_dtensor
 from ..ops.dispatch import Backend
 from .base import Adapter, Slot, UnsupportedModuleError
 
@@ -57,6 +58,11 @@ class CaptureSession:
         #: when set, adapters hand over the factors of each per-sample gradient, G_b = Σ_{t∈b} L_t R_tᵀ, as
         #: ``factor_sink(slot, L, R, seg, pad)`` instead of contracting them with the direction (pairwise, sketches)
         self.factor_sink = None
+        # FSDP2: modules whose direction is sharded, in module (≈ forward) order, for gathering ahead
+        self._sharded = [p for p in plans if any(is_dtensor(s.v) for s in p.slots.values())]
+        self._index = {id(s): j for j, p in enumerate(self._sharded) for s in p.slots.values()}
+        self._inflight: dict[int, Tensor] = {}
+        self._done: set[int] = set()
 
     # -- lifetime --------------------------------------------------------------------------------------
     def __enter__(self) -> CaptureSession:
@@ -83,6 +89,8 @@ class CaptureSession:
         self.B = B
         self.out = torch.zeros(self.K, B, self.G, dtype=self.acc, device=device)
         self._seg.clear()
+        self._inflight.clear()
+        self._done.clear()
 
     # -- used by adapters ------------------------------------------------------------------------------
     def module_name(self, module: nn.Module) -> str:
@@ -108,6 +116,32 @@ class CaptureSession:
             seg = torch.arange(B, device=x.device).repeat_interleave(rows // B)
             self._seg[key] = seg
         return seg
+
+    def direction(self, slot: Slot) -> Tensor:
+        """The slot's direction [K, *shape], whole.
+
+        A sharded one (FSDP2) is all-gathered — a collective, so adapters call this only inside the backward,
+        where every rank reaches the same layer in the same order — and, as FSDP does for parameters, the
+        gathers of the module's other slots and of the module before it (next in the backward) are started
+        ahead, asynchronously. At most two modules' directions are alive; the caller frees what it gets.
+        """
+        if not is_dtensor(slot.v):
+            return slot.v
+        j = self._index[id(slot)]
+        self._start(j)
+        if j > 0:
+            self._start(j - 1)
+        t = self._inflight.pop(id(slot), None)
+        if t is None:  # used again in this backward (a module called twice): gather once more
+            t = gather_async(slot.v)
+        self._done.add(id(slot))
+        return t.wait() if hasattr(t, "wait") else t
+
+    def _start(self, j: int) -> None:
+        for s in self._sharded[j].slots.values():
+            k = id(s)
+            if is_dtensor(s.v) and k not in self._inflight and k not in self._done:
+                self._inflight[k] = gather_async(s.v)
 
     def add(self, slot: Slot | None, contrib: Tensor | None) -> None:
         """Add a [K, B] contribution to ``slot``'s group column."""
