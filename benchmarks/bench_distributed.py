@@ -28,15 +28,18 @@ B_RANK, T = 4, 128
 REPEATS = 11
 
 
-def _time(fn, dist) -> float:
-    out = []
-    fn()  # warm-up
+def _timed(fns: dict, dist) -> dict[str, float]:
+    """Median seconds of each function, the functions interleaved round by round (so drift hits all alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(REPEATS):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        for k, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _rank(rank: int, tmp: str) -> None:
@@ -56,7 +59,6 @@ def _rank(rank: int, tmp: str) -> None:
         return LlamaForCausalLM(CFG.to_hf(max_position_embeddings=T)).eval()
 
     batch = padded_batch(B_RANK, T, CFG.vocab, torch.Generator().manual_seed(rank))
-    rows: dict[str, float] = {}
 
     model = build()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -67,11 +69,13 @@ def _rank(rank: int, tmp: str) -> None:
         for p in ddp.parameters():
             p.grad = None
 
-    rows["DDP: plain forward+backward (+ all-reduce)"] = _time(ddp_step, dist)
-    rows["DDP: measure(per_instance=True)"] = _time(lambda: gf.measure(ddp, V, batch, per_instance=True), dist)
-    rows["this rank alone: measure(process_group=None)"] = _time(
-        lambda: gf.measure(ddp, V, batch, per_instance=True, process_group=None), dist
-    )
+    fns = {
+        "DDP: plain forward+backward (+ all-reduce)": ddp_step,
+        "DDP: measure(per_instance=True)": lambda: gf.measure(ddp, V, batch, per_instance=True),
+        "this rank alone: measure(process_group=None)": lambda: gf.measure(
+            ddp, V, batch, per_instance=True, process_group=None
+        ),
+    }
 
     sharded = build()
     mesh = init_device_mesh("cpu", (2,))
@@ -86,23 +90,27 @@ def _rank(rank: int, tmp: str) -> None:
         for p in sharded.parameters():
             p.grad = None
 
-    fsdp_step()
-    rows["FSDP2: plain forward+backward (+ reduce-scatter)"] = _time(fsdp_step, dist)
-    rows["FSDP2: measure() aggregates (sharded route)"] = _time(lambda: gf.measure(sharded, v, batch), dist)
-    rows["FSDP2: measure(per_instance=True) (taps route)"] = _time(
-        lambda: gf.measure(sharded, v, batch, per_instance=True), dist
-    )
     # ablation: each direction gathered only when its layer needs it (no gather started ahead)
     from geffect_fast.capture.session import CaptureSession
 
     ahead = CaptureSession._start
-    CaptureSession._start = lambda self, j: None
-    try:
-        rows["FSDP2: per instance, no gather ahead (ablation)"] = _time(
-            lambda: gf.measure(sharded, v, batch, per_instance=True), dist
-        )
-    finally:
-        CaptureSession._start = ahead
+
+    def no_ahead():
+        CaptureSession._start = lambda self, j: None
+        try:
+            gf.measure(sharded, v, batch, per_instance=True)
+        finally:
+            CaptureSession._start = ahead
+
+    fns.update(
+        {
+            "FSDP2: plain forward+backward (+ reduce-scatter)": fsdp_step,
+            "FSDP2: measure() aggregates (sharded route)": lambda: gf.measure(sharded, v, batch),
+            "FSDP2: measure(per_instance=True) (taps route)": lambda: gf.measure(sharded, v, batch, per_instance=True),
+            "FSDP2: per instance, no gather ahead (ablation)": no_ahead,
+        }
+    )
+    rows = _timed(fns, dist)
     times = torch.tensor(list(rows.values()), dtype=torch.float64)
     got = [torch.zeros_like(times) for _ in range(2)]
     dist.all_gather(got, times)
@@ -124,8 +132,9 @@ def main() -> None:
         "",
         f"Command: `python -m benchmarks.bench_distributed`. Machine: {cpu_name()}, 2 ranks × 1 thread, torch "
         f"{torch.__version__}. Llama hidden {c.hidden}, {c.layers} blocks, intermediate {c.intermediate}, vocab "
-        f"{c.vocab}, float32; B = {B_RANK} sequences of T = {T} per rank. Median of {REPEATS} after a warm-up, the",
-        "slower rank's time. Ratios against the plain forward+backward under the same wrapper.",
+        f"{c.vocab}, float32; B = {B_RANK} sequences of T = {T} per rank. Median of {REPEATS} rounds (methods",
+        "interleaved round by round) after a warm-up, the slower rank's time. Ratios against the plain",
+        "forward+backward under the same wrapper.",
         "",
         "| what | seconds | × plain step |",
         "|---|---:|---:|",
