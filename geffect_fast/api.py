@@ -22,7 +22,7 @@ from . import distributed as dist_mod
 from . import groups as groups_mod
 from .capture import CaptureSession, ModulePlan, Slot, UnsupportedModuleError, find_adapter
 from .direction import Direction
-from .loss import REDUCTIONS, check_batch, forward_logits, label_counts, token_nll
+from .loss import REDUCTIONS, check_batch, forward_logits, label_counts, reduction_weights, token_nll
 from .ops import resolve
 from .result import UNCOVERED, Result
 from .state import MODES, preserved
@@ -30,13 +30,8 @@ from .state import MODES, preserved
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    *_, inner = dist_mod.wrappers(model)
+    return inner
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -222,7 +217,7 @@ def measure(
 
     # union weights: known from the labels before any forward
     n_local = {r: label_counts(b["labels"]).cpu() for r, b in risks.items()}
-    sums, sizes = dist_mod.union_counts(comm, n_local)
+    pooled, sizes = dist_mod.union_counts(comm, n_local, reduction)
     parts: dict[str, dist_mod.Part] = {}
     with preserved(model, mode=mode):
         for p in named.values():
@@ -232,11 +227,11 @@ def measure(
         with CaptureSession(plans, roots, ops, K, G, acc) as session:
             for rname, batch in risks.items():
                 B = batch["input_ids"].shape[0]
-                c = dist_mod.union_weights(n_local[rname], sums[rname], reduction)
+                n = n_local[rname]
+                c = reduction_weights(n, pooled[rname], reduction)  # within the union of the ranks' batches
                 with dist_mod.phase(comm, f"measuring risk set {rname!r}"):
                     session.start(B, device)
-                    nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
-                    n = mask.sum(1).cpu()
+                    nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
                     # Backpropagate L = Σ_b s_b ℓ_b. With s_b = 1 each tap's gradient rows are exactly those of
                     # the sample's own ℓ_b, as a per-sample backward would give them (bit for bit where the
                     # model rounds through lower precision). Parameters measured by autograd need ∇R itself

@@ -4,7 +4,7 @@ Each rank measures its own risk batches; the result every rank gets back is the 
 the union of the batches (rank order), because everything the union needs is a sum over ranks:
 
 * the reduction weights of the union, c_b = n_b / N (``token_mean``, N = Σ over all ranks) or 1/B'
-  (``sample_mean``), known before the forward from the labels and one gather of per-rank counts;
+  (``sample_mean``), known before the forward from the labels and one gather of per-rank pool sizes;
 * per-instance values e_b = ⟨∇ℓ_b, v⟩, which are local to the rank that holds sample b — gathered;
 * totals Σ_b c_b e_b and the risk Σ_b c_b ℓ_b — each rank's part, summed.
 
@@ -41,6 +41,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from .loss import pool_size
+
 _MSG = 480  #: bytes of error text carried by an agreement point
 
 if torch.distributed.is_available():
@@ -69,16 +71,16 @@ def local_part(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _ddp_group(model: nn.Module):
+def wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module inside DDP / DataParallel / ``torch.compile`` wrappers, outermost first."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return model.process_group
-        if isinstance(model, nn.DataParallel):
+        yield model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
-            return None
+            return
 
 
 def sharded_mesh(model: nn.Module):
@@ -118,8 +120,7 @@ def resolve_group(model: nn.Module, process_group: Any):
     torch.distributed is not initialised). A ProcessGroup: that group. None: measure locally (refused for a
     sharded model, which cannot be measured by one rank alone).
     """
-    inner = model
-    mesh = sharded_mesh(inner)
+    mesh = sharded_mesh(model)
     if process_group is None:
         if mesh is not None:
             raise ValueError(
@@ -132,9 +133,9 @@ def resolve_group(model: nn.Module, process_group: Any):
             raise ValueError(f"process_group must be 'auto', None or a ProcessGroup, got {process_group!r}")
         if dist is None or not dist.is_initialized():
             return None
-        group = _ddp_group(model)
-        if group is not None:
-            return group
+        for m in wrappers(model):
+            if isinstance(m, nn.parallel.DistributedDataParallel):
+                return m.process_group
         return None if mesh is None else mesh.get_group()
     if dist is None or not dist.is_initialized():
         raise ValueError("a process group was given but torch.distributed is not initialised")
@@ -168,6 +169,10 @@ class Comm:
         t = t.to(self.device).contiguous()
         out = [torch.empty_like(t) for _ in range(self.world)]
         work = dist.all_gather(out, t, group=self.group, async_op=True)
+        self._wait(work, what)
+        return torch.stack(out).cpu()
+
+    def _wait(self, work, what: str) -> None:
         try:
             work.wait(timedelta(seconds=self.timeout))
         except RuntimeError as e:
@@ -175,7 +180,6 @@ class Comm:
                 f"not every rank of the group answered within {self.timeout:g} s while {what} (a rank crashed, "
                 "is stuck, or is not calling the same function)"
             ) from e
-        return torch.stack(out).cpu()
 
     def agree(self, phase: str, error: BaseException | None = None, check: int = 0) -> None:
         """An agreement point: exchange status and fingerprint; raise if another rank failed or differs."""
@@ -220,8 +224,12 @@ class Comm:
         self.agree(what, None, ag.check)
 
     def sum(self, t: Tensor, what: str) -> Tensor:
-        """Σ over ranks of ``t`` (float64)."""
-        return self.all_gather(t.double(), what).sum(0)
+        """Σ over ranks of ``t``, in float64, as a new tensor on the group's device (an all-reduce: no rank holds
+        W copies; ``t`` itself is left alone)."""
+        t = t.to(device=self.device, dtype=torch.float64, memory_format=torch.contiguous_format, copy=True)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        self._wait(work, what)
+        return t
 
     def gather_varying(self, flat: Tensor, sizes: list[int], what: str) -> list[Tensor]:
         """Every rank's 1-D float64 ``flat``, whose lengths ``sizes[r]`` every rank knows."""
@@ -248,23 +256,15 @@ class Part:
     e: Tensor | None  #: [K, B, G] per-instance values (None on the sharded route)
 
 
-def union_counts(comm: Comm | None, n: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
-    """Per risk set: [N, B'] summed over ranks (labelled tokens, samples with any), and each rank's B."""
-    local = torch.tensor([[int(v.shape[0]), int(v.sum()), int((v > 0).sum())] for v in n.values()], dtype=torch.int64)
-    if comm is None:
-        allr = local[None]
-    else:
-        allr = comm.all_gather(local, "sharing batch sizes")
-    sums = {r: allr[:, i, 1:].sum(0) for i, r in enumerate(n)}
+def union_counts(
+    comm: Comm | None, n: dict[str, Tensor], reduction: str
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Per risk set: the union's pool size D (``loss.pool_size`` summed over ranks), and each rank's B."""
+    local = torch.tensor([[v.shape[0], int(pool_size(v, reduction))] for v in n.values()], dtype=torch.int64)
+    allr = local[None] if comm is None else comm.all_gather(local, "sharing batch sizes")
+    D = {r: float(allr[:, i, 1].sum()) for i, r in enumerate(n)}
     sizes = {r: [int(x) for x in allr[:, i, 0]] for i, r in enumerate(n)}
-    return sums, sizes
-
-
-def union_weights(n: Tensor, sums: Tensor, reduction: str) -> Tensor:
-    """c_b of this rank's samples within the union: n_b/N (token_mean) or [n_b>0]/B' (sample_mean)."""
-    if reduction == "token_mean":
-        return n.double() / float(sums[0])
-    return (n > 0).double() / float(sums[1])
+    return D, sizes
 
 
 def combine(comm: Comm, parts: dict[str, Part], sizes: dict[str, list[int]], K: int, G: int) -> dict[str, Part]:

@@ -106,17 +106,24 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return nll.view(lb.shape)[:, :-1], (lb != IGNORE_INDEX)[:, :-1]
 
 
-def sample_weights(mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    """(c, n): the reduction weights c_b with R = Σ_b c_b ℓ_b, and the labelled-token counts n_b."""
+def pool_size(n: Tensor, reduction: str) -> Tensor:
+    """D, what the weights divide by: N = Σ_b n_b (``token_mean``) or B' = #{b: n_b > 0} (``sample_mean``).
+    Sums over batches (ranks) pool: the union's D is the sum of theirs."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+    return n.sum() if reduction == "token_mean" else (n > 0).sum()
+
+
+def reduction_weights(n: Tensor, D: Tensor | float, reduction: str) -> Tensor:
+    """c_b = n_b / D (``token_mean``) or [n_b > 0] / D (``sample_mean``), float64; D from :func:`pool_size`,
+    of this batch or of a union of batches that contains it."""
+    return (n.double() if reduction == "token_mean" else (n > 0).double()) / D
+
+
+def sample_weights(mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
+    """(c, n): the reduction weights c_b with R = Σ_b c_b ℓ_b, and the labelled-token counts n_b."""
     n = mask.sum(1)
-    if reduction == "token_mean":
-        c = n.double() / n.sum()
-    else:
-        has = (n > 0).double()
-        c = has / has.sum()
-    return c, n
+    return reduction_weights(n, pool_size(n, reduction), reduction), n
 
 
 def sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,9 +150,6 @@ def risk_parts(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "
     with torch.no_grad():
         nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
         n = mask.sum(1)
-        if reduction == "token_mean":
-            return nll.sum().double(), n.sum().double()
-        if reduction == "sample_mean":
-            ell = nll.sum(1) / n.clamp_min(1).to(nll.dtype)
-            return ell.sum().double(), (n > 0).sum().double()
-    raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
+        D = pool_size(n, reduction).double()
+        S = nll.sum() if reduction == "token_mean" else (nll.sum(1) / n.clamp_min(1).to(nll.dtype)).sum()
+        return S.double(), D

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from . import distributed as dist_mod
 from .api import measure, unwrap
 from .direction import Direction
-from .loss import label_counts, risk, risk_parts
+from .loss import label_counts, pool_size, risk, risk_parts
 from .objectives import Objective
 from .result import Result
 from .state import preserved
@@ -108,6 +108,7 @@ class Tracker:
             )
         #: the group probes are pooled over (DDP), or None; each rank passes its own probe batches
         self.process_group = group
+        self.timeout = timeout
         self._comm = None if group is None else dist_mod.Comm(group, timeout)
         self.model = unwrap(model)
         self.probes = dict(probes)
@@ -210,7 +211,7 @@ class Tracker:
             backend=self.backend,
             mode=self.mode,
             process_group=self.process_group,
-            timeout=self._comm.timeout if self._comm is not None else 600.0,
+            timeout=self.timeout,
         )
 
     def _averaged(self, d: Direction) -> Direction:
@@ -221,13 +222,11 @@ class Tracker:
         comm = self._comm
         keys = sorted(d.keys())
         comm.agree("averaging a compare direction", check=dist_mod.fingerprint(d.names, keys))
-        flat = torch.cat([d.tensor(k).double().reshape(-1) for k in keys])
-        mean = comm.sum(flat, "averaging a compare direction") / comm.world
-        out, o = {}, 0
-        for k in keys:
+        out = {}
+        for k in keys:  # one parameter at a time: no flat copy of the whole direction
             t = d.tensor(k)
-            out[k] = mean[o : o + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype)
-            o += t.numel()
+            mean = comm.sum(t, "averaging a compare direction") / comm.world
+            out[k] = mean.to(device=t.device, dtype=t.dtype)
         return Direction(out, names=d.names, zero=d.zero)
 
     @contextmanager
@@ -275,8 +274,7 @@ class Tracker:
                 hv = torch.autograd.grad(dot, plist, allow_unused=True)
                 out[r] = float(sum((h.double() * t.double()).sum() for h, t in zip(hv, vs) if h is not None))
         if self._comm is not None:  # R = Σ_r (D_r/D) R_r over ranks, so vᵀ∇²R v = Σ_r D_r·(vᵀ∇²R_r v) / D
-            counts = [label_counts(b["labels"]) for b in self.probes.values()]
-            dens = [float(n.sum() if self.reduction == "token_mean" else (n > 0).sum()) for n in counts]
+            dens = [float(pool_size(label_counts(b["labels"]), self.reduction)) for b in self.probes.values()]
             x = torch.tensor([[d * out[r], d] for d, r in zip(dens, self.probes)], dtype=torch.float64)
             total = self._comm.sum(x, "pooling the curvature")
             out = {r: float(total[i, 0] / total[i, 1]) for i, r in enumerate(self.probes)}
