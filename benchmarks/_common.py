@@ -3,6 +3,7 @@ process-memory readings of the CPU runs."""
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import resource
@@ -36,6 +37,14 @@ def peak_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
+
+
+def write_csv(path, rows: list[dict], keys: list[str]) -> None:
+    """Rows as CSV with the columns ``keys`` (other keys of a row are left out)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def cpu_name() -> str:

@@ -14,7 +14,6 @@ after one warm-up. The per-sample values of ``measure`` and of the loop are comp
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, llama_case, methods, peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, llama_case, methods, peak_mb, reset_peak, rss_mb, write_csv
 
 CASES = {
     # name: (hidden, layers, intermediate, heads, vocab, B, T)
@@ -122,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("core_cpu_quick" if args.quick else "core_cpu")
     keys = ["case", "method", "median_s", "min_s", "repeats", "vs_plain", "peak_extra_mb", "agree_max_rel", "params_m"]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    write_csv(out / f"{stem}.csv", rows, keys)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     cpu = cpu_name()
     lines = [

@@ -18,7 +18,6 @@ Writes ops_gpu.csv, e2e_gpu.csv and summary.md to DIR; prints the short table la
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import llama_case, methods
+from benchmarks._common import llama_case, methods, write_csv
 
 OP_SHAPES = {
     # name: (op, dims)
@@ -270,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_rows = [] if args.skip_e2e else bench_e2e(dev, args.quick, max(3, args.repeats // 4))
     for fname, rows in (("ops_gpu.csv", ops_rows), ("e2e_gpu.csv", e2e_rows)):
         keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        with open(out / fname, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(out / fname, rows, keys)
     lines = [
         f"# GPU check: {card}, torch {torch.__version__}",
         "",

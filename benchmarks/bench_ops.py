@@ -12,10 +12,8 @@ reset first, free heap returned to the OS) minus the RSS before them. Times are 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, peak_mb, reset_peak, rss_mb, write_csv
 
 # name: (op, dims, dtype)
 SHAPES = {
@@ -189,13 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "agree",
         "error",
     ]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine()
-    )
+    write_csv(out / f"{stem}.csv", rows, keys)
+    cpu = cpu_name()
     lines = [
         f"# Kernel ops on CPU ({cpu}, {os.cpu_count()} cores, {os.environ.get('BENCH_THREADS', '2')} threads, "
         f"torch {torch.__version__})",

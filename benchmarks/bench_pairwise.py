@@ -15,7 +15,6 @@ free heap returned first, minus RSS before).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb, write_csv
 
 ROOT = Path(__file__).parent.parent
 PAIR_CASES = {f"h{h} T{T}": (h, T) for h in (128, 512) for T in (32, 128, 512)}
@@ -186,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     stem = "pairwise_cpu_quick" if args.quick else "pairwise_cpu"
     keys = ["kind", "case", "method", "status", "median_s", "speedup", "peak_extra_mb", "tokens_per_s"]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / f"{stem}.csv", rows, keys)
     lines = [
         f"# Pairwise matrices and sketches on CPU ({cpu_name()}, {os.environ.get('BENCH_THREADS', '2')} threads, "
         f"torch {torch.__version__})",

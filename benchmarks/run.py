@@ -14,7 +14,6 @@ layers only, is compared with ours on V restricted to the linear layers.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb
+from benchmarks._common import cpu_name, llama_model, padded_batch, peak_mb, reset_peak, rss_mb, write_csv
 
 ROOT = Path(__file__).parent.parent
 
@@ -273,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "note",
         "params_m",
     ]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / f"{stem}.csv", rows, keys)
     _markdown(rows, out / f"{stem}.md", args.small, repeats, args.device)
     if not args.small and not gpu:
         _plots(rows, out)
