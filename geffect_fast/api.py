@@ -13,6 +13,7 @@ The model comes back as it was: ``.grad``, ``requires_grad``, train/eval mode, h
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -205,7 +206,8 @@ def measure(
             if isinstance(getattr(emb, "weight", None), torch.Tensor)
             else next(p.dtype for p in named.values() if p.is_floating_point())
         )
-        ops = resolve(backend, device, act_dtype)
+        dir_dtype = functools.reduce(torch.promote_types, {v.dtype for v in V.values()})
+        ops = resolve(backend, device, act_dtype, dir_dtype)
         K = direction.k
         f64 = any(p.dtype == torch.float64 for p in named.values()) or any(v.dtype == torch.float64 for v in V.values())
         acc = torch.float64 if f64 else torch.float32

@@ -84,3 +84,16 @@ def test_measure_with_each_backend_equals_reference(backend, family):
     assert ours.meta["backend"] == backend
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert_close_per_group(ours.instances["r"], ref.instances["r"], tol, f"{backend} {family}")
+
+
+def test_auto_looks_at_the_direction_dtype_too(monkeypatch):
+    """A float64 direction on a float32 model goes past Triton (float32/bf16/fp16 only), not into it."""
+    if not gf.backends("cpu")["triton"]["usable"]:
+        pytest.skip(f"triton: {gf.backends('cpu')['triton']['reason']}")
+    monkeypatch.setitem(dispatch.AUTO["cpu"], "linear_dot", ("triton", "reference"))
+    cpu = torch.device("cpu")
+    assert "linear_dot=triton" in dispatch.resolve("auto", cpu, torch.float32, torch.float32).name
+    assert "linear_dot=triton" in dispatch.resolve("auto", cpu, torch.bfloat16, torch.float32).name
+    assert "linear_dot=reference" in dispatch.resolve("auto", cpu, torch.float32, torch.float64).name
+    with pytest.raises(RuntimeError, match="triton backend does not support torch.float64"):
+        dispatch.resolve("triton", cpu, torch.float32, torch.float64)

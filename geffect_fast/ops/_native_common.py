@@ -8,7 +8,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .contract import acc_dtype, check_embedding, check_linear, check_norm, check_segment_outer
+from .contract import (
+    acc_dtype,
+    check_embedding,
+    check_linear,
+    check_norm,
+    check_seg_values,
+    check_segment_outer,
+    seg_tensor,
+)
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 NULL2 = (0, 0, 0, 0)
@@ -37,6 +45,14 @@ def mat3(t: Tensor | None) -> tuple:
 
 def index(t: Tensor) -> tuple:
     return (t.data_ptr(), t.dtype == torch.int64, t.stride(0))
+
+
+def seg_ids(seg, n: int, B: int, device: torch.device) -> Tensor:
+    """``seg`` (an int T or ids) as ids, their values checked: the kernels index outputs with them. (Keep the
+    result alive until the kernel has run: the descriptor holds only its pointer.)"""
+    seg = seg_tensor(seg, n, B, device)
+    check_seg_values(seg, B)
+    return seg
 
 
 def ptr(t: Tensor | None) -> int:
@@ -68,6 +84,7 @@ class KernelOps:
 
     def linear_dot(self, a, g, v, seg, B, vb=None):
         N, i, o, K = check_linear(a, g, v, seg, B, vb)
+        seg = seg_ids(seg, N, B, g.device)
         if a is not None and a.dtype != g.dtype:
             a = a.to(g.dtype)
         if v is not None and vb is not None and vb.dtype != v.dtype:
@@ -97,6 +114,7 @@ class KernelOps:
 
     def embedding_dot(self, ids, g, v, seg, B, padding_idx=None):
         N, d, K, vocab = check_embedding(ids, g, v, seg, B)
+        seg = seg_ids(seg, N, B, g.device)
         acc = acc_dtype(g, v)
         out = empty((K, B), acc, g.device)
         pad = -1 if padding_idx is None else int(padding_idx)
@@ -120,6 +138,7 @@ class KernelOps:
 
     def norm_dot(self, xhat, g, vw, vb, seg, B):
         N, d, K = check_norm(xhat, g, vw, vb, seg, B)
+        seg = seg_ids(seg, N, B, g.device)
         if xhat.dtype != g.dtype:
             xhat = xhat.to(g.dtype)
         if vw is not None and vb is not None and vb.dtype != vw.dtype:
@@ -147,6 +166,7 @@ class KernelOps:
 
     def segment_outer(self, u, w, seg, B):
         N, ku, kw = check_segment_outer(u, w, seg, B)
+        seg = seg_ids(seg, N, B, u.device)
         acc = acc_dtype(u, w)
         out = empty((B, ku, kw), acc, u.device)
         self._call(

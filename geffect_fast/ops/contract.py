@@ -9,13 +9,31 @@ Ops (``reference.py`` holds the formulas and is the specification):
   Kronecker sketches (``pairwise.py`` holds its spec with the pairwise ops)
 
 Outputs are [K, B] (segment_outer: [B, ku, kw]) in the accumulation dtype: float64 if any input is float64,
-else float32. An output whose direction is None is None. ``seg`` holds each row's sample id (int32 or int64) in [0, B).
+else float32. An output whose direction is None is None.
+
+Segments (``seg``): which sample each of the N rows belongs to, in one of two forms:
+
+* an ``int`` T — *uniform*: N = B·T and sample b owns rows [b·T, (b+1)·T) (what ``measure()`` passes: a batch
+  [B, T] flattened). Backends reduce per-token values by a reshape-sum: deterministic, no atomics;
+* a ``Tensor`` [N] of sample ids (int32 or int64) in [0, B), in any order (packed sequences, pairwise
+  factors). Values are checked (:func:`check_seg_values`, one device sync) before anything is indexed with
+  them; sortedness is not required by any kernel.
+
+The GEMM route of ``linear_dot`` (:mod:`geffect_fast.ops.gemm`) also has an epilogue with a spec here:
+
+* ``row_dot(p [K,N,C], x [N,C], seg, B) -> [K, B]`` — out[k, b] = Σ_{t∈b} p[k, t] · x[t] (``p`` may have
+  stride 0 over t: a bias direction broadcast to every row)
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import Tensor
+
+#: a row -> sample map: an int T (uniform, N = B·T) or a Tensor [N] of sample ids (see the module docstring)
+Seg = Union[Tensor, int]
 
 OPS = ("linear_dot", "embedding_dot", "norm_dot", "segment_outer")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -26,16 +44,53 @@ def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def check_seg(seg: Tensor, n: int, B: int) -> None:
+def check_seg(seg: Seg, n: int, B: int) -> None:
+    """Shape and type of ``seg`` for n rows and B samples (values: :func:`check_seg_values`)."""
+    if B < 1:
+        raise ValueError(f"B must be >= 1, got {B}")
+    if isinstance(seg, int) and not isinstance(seg, bool):
+        if seg < 1 or n != B * seg:
+            raise ValueError(f"uniform segments of {seg} rows cannot cover {n} rows in {B} samples (need N = B·T)")
+        return
+    if not isinstance(seg, Tensor):
+        raise TypeError(f"seg must be an int (rows per sample) or a Tensor of sample ids, got {type(seg).__name__}")
     if seg.dim() != 1 or seg.shape[0] != n:
         raise ValueError(f"seg must have shape [{n}], got {tuple(seg.shape)}")
     if seg.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"seg must be int32 or int64, got {seg.dtype}")
-    if B < 1:
-        raise ValueError(f"B must be >= 1, got {B}")
 
 
-def check_linear(a: Tensor | None, g: Tensor, v: Tensor | None, seg: Tensor, B: int, vb: Tensor | None):
+def check_seg_values(seg: Seg, B: int) -> None:
+    """Every sample id in [0, B) — for kernels that index an output with ``seg`` themselves (one device sync)."""
+    if isinstance(seg, Tensor) and seg.numel():
+        lo, hi = torch.aminmax(seg)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= B:
+            raise ValueError(f"seg holds sample ids in [{lo}, {hi}], outside [0, {B})")
+
+
+def seg_tensor(seg: Seg, n: int, B: int, device: torch.device) -> Tensor:
+    """``seg`` as a Tensor of sample ids (uniform segments expanded: [0]*T + [1]*T + …)."""
+    if isinstance(seg, Tensor):
+        return seg
+    return torch.arange(B, device=device).repeat_interleave(seg)
+
+
+def segment_sum(tok: Tensor, seg: Seg, B: int) -> Tensor:
+    """out[..., b] = Σ_{t: seg_t = b} tok[..., t] for per-row values ``tok`` [..., N].
+
+    Uniform segments are a reshape-sum (deterministic); a Tensor of ids is checked to lie in [0, B) (on a GPU
+    an out-of-range id in ``index_add_`` would be a device-side assert, fatal to the process's CUDA context)
+    and goes through ``index_add_`` (atomic on CUDA).
+    """
+    if isinstance(seg, int):
+        return tok.unflatten(-1, (B, seg)).sum(-1)
+    check_seg_values(seg, B)
+    out = tok.new_zeros(*tok.shape[:-1], B)
+    return out.index_add_(out.dim() - 1, seg.long(), tok)
+
+
+def check_linear(a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None):
     """Validate linear_dot's arguments; return (N, i, o, K) (i = 0 when there is no weight direction)."""
     if g.dim() != 2:
         raise ValueError(f"g must be [N, o], got {tuple(g.shape)}")
@@ -56,7 +111,7 @@ def check_linear(a: Tensor | None, g: Tensor, v: Tensor | None, seg: Tensor, B: 
     return N, i, o, K
 
 
-def check_embedding(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int):
+def check_embedding(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int):
     """Validate embedding_dot's arguments; return (N, d, K, vocab)."""
     if ids.dim() != 1 or g.dim() != 2 or ids.shape[0] != g.shape[0]:
         raise ValueError(f"ids [N] and g [N, d] expected, got {tuple(ids.shape)} and {tuple(g.shape)}")
@@ -69,7 +124,7 @@ def check_embedding(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int):
     return N, d, v.shape[0], v.shape[1]
 
 
-def check_norm(xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Tensor, B: int):
+def check_norm(xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int):
     """Validate norm_dot's arguments; return (N, d, K)."""
     if xhat.shape != g.shape or g.dim() != 2:
         raise ValueError(f"xhat and g must both be [N, d], got {tuple(xhat.shape)} and {tuple(g.shape)}")
@@ -86,9 +141,17 @@ def check_norm(xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, se
     return N, d, K
 
 
-def check_segment_outer(u: Tensor, w: Tensor, seg: Tensor, B: int):
+def check_segment_outer(u: Tensor, w: Tensor, seg: Seg, B: int):
     """Validate segment_outer's arguments; return (N, ku, kw)."""
     if u.dim() != 2 or w.dim() != 2 or u.shape[0] != w.shape[0]:
         raise ValueError(f"u [N, ku] and w [N, kw] expected, got {tuple(u.shape)} and {tuple(w.shape)}")
     check_seg(seg, u.shape[0], B)
     return u.shape[0], u.shape[1], w.shape[1]
+
+
+def check_row_dot(p: Tensor, x: Tensor, seg: Seg, B: int):
+    """Validate row_dot's arguments; return (N, C, K)."""
+    if x.dim() != 2 or p.dim() != 3 or p.shape[1:] != x.shape:
+        raise ValueError(f"p [K, N, C] and x [N, C] expected, got {tuple(p.shape)} and {tuple(x.shape)}")
+    check_seg(seg, x.shape[0], B)
+    return x.shape[0], x.shape[1], p.shape[0]

@@ -11,9 +11,10 @@ cuda        CUDA kernels (``csrc/cuda``)                    CUDA tensors
 triton      Triton kernels (``ops/triton``)                 CUDA tensors; CPU under TRITON_INTERPRET=1
 ==========  ==============================================  =====================================
 
-``resolve("auto", device, dtype)`` picks per op from :data:`AUTO`, a table filled from measurements
-(benchmarks/results/ops_cpu.md on CPU): the first backend in an op's list that is usable on the device
-and supports the dtype. Naming a backend that cannot run raises a clear error.
+``resolve("auto", device, dtype, dir_dtype)`` picks per op from :data:`AUTO`, a table filled from
+measurements (benchmarks/results/ops_cpu.md on CPU): the first backend in an op's list that is usable on
+the device and supports both the activations' and the direction's dtype (a float64 direction on a float32
+model goes past Triton). Naming a backend that cannot run raises a clear error.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "norm_dot": ("native", "reference"),
         "segment_outer": ("native", "reference"),
     },
-    # provisional until measured on a GPU (benchmarks/gpu_check.sh): Triton's tl.dot uses tensor cores
+    # provisional until measured on a GPU (benchmarks/gpu_check.sh). linear_dot: the cuda backend is cuBLAS
+    # + a fused epilogue (predictable: the GEMM's time plus one pass over P), Triton's fused kernel second
     "cuda": {
-        "linear_dot": ("triton", "cuda", "reference"),
+        "linear_dot": ("cuda", "triton", "reference"),
         "embedding_dot": ("cuda", "triton", "reference"),
         "norm_dot": ("cuda", "triton", "reference"),
         "segment_outer": ("cuda", "triton", "reference"),
@@ -73,11 +75,12 @@ def _op(name: str, op: str) -> Callable:
     return mod.get_op(op) if hasattr(mod, "get_op") else getattr(mod, op)
 
 
-def _reason(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+def _reason(name: str, device: torch.device, *dtypes: torch.dtype | None) -> str | None:
     mod = _module(name)
     why = mod.unusable_reason(device)
-    if why is None and dtype is not None and not mod.supports(dtype):
-        why = f"the {name} backend does not support {dtype}"
+    for dtype in dtypes:
+        if why is None and dtype is not None and not mod.supports(dtype):
+            why = f"the {name} backend does not support {dtype}"
     return why
 
 
@@ -98,19 +101,21 @@ def backends(device: str | torch.device = "cpu") -> dict[str, dict[str, object]]
     return out
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+def resolve(
+    name: str, device: torch.device, dtype: torch.dtype | None = None, dir_dtype: torch.dtype | None = None
+) -> Backend:
     """The ops to use for backend ``name`` ("auto" or a name from :func:`available`) on ``device`` with
-    activations of ``dtype``."""
+    activations of ``dtype`` and directions of ``dir_dtype``."""
     if name == "auto":
         table = AUTO.get(device.type, _DEFAULT_AUTO)
         chosen = {}
         for op in OPS:
-            chosen[op] = next((b for b in table[op] if _reason(b, device, dtype) is None), "reference")
+            chosen[op] = next((b for b in table[op] if _reason(b, device, dtype, dir_dtype) is None), "reference")
         label = "auto(" + ", ".join(f"{op}={b}" for op, b in chosen.items()) + ")"
         return Backend(label, *(_op(chosen[op], op) for op in OPS))
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(['auto', *_MODULES])}")
-    why = _reason(name, device, dtype)
+    why = _reason(name, device, dtype, dir_dtype)
     if why is not None:
         raise RuntimeError(f"backend {name!r} cannot run here: {why}")
     return Backend(name, *(_op(name, op) for op in OPS))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import acc_dtype, check_seg, check_segment_outer
+from .contract import Seg, acc_dtype, check_seg, check_segment_outer, seg_tensor
 
 #: transient memory bound of one tile, in bytes
 TILE_BYTES = 8 << 20
@@ -62,8 +62,8 @@ def _kernel(x: Tensor, y: Tensor, acc: torch.dtype, pad: int | None) -> Tensor:
 
 
 def factor_pairwise(
-    l1: Tensor, r1: Tensor, seg1: Tensor, B1: int,
-    l2: Tensor, r2: Tensor, seg2: Tensor, B2: int,
+    l1: Tensor, r1: Tensor, seg1: Seg, B1: int,
+    l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
     pad: int | None = None,
 ) -> Tensor:  # fmt: skip
     """Ghost route: E[i, j] = Σ_{t∈i, s∈j} (L_t·L'_s)(R_t·R'_s), [B1, B2]. ``pad`` is an embedding's
@@ -73,6 +73,7 @@ def factor_pairwise(
         if L.shape[0] != n:
             raise ValueError(f"factors disagree on the number of rows: {L.shape[0]} vs {n}")
         check_seg(seg, n, B)
+    seg1, seg2 = seg_tensor(seg1, n1, B1, r1.device), seg_tensor(seg2, n2, B2, r2.device)
     if _is_ids(l1) != _is_ids(l2) and not (l1.dim() in (1, 2) and l2.dim() in (1, 2)):
         raise ValueError("bad factor shapes")
     acc = acc_dtype(*(t for t in (l1, r1, l2, r2) if not _is_ids(t)))
@@ -104,14 +105,15 @@ def _per_sample(L: Tensor, R: Tensor, seg: Tensor, B: int, r0: int, r1: int, acc
 
 
 def materialise_pairwise(
-    l1: Tensor, r1: Tensor, seg1: Tensor, B1: int,
-    l2: Tensor, r2: Tensor, seg2: Tensor, B2: int,
+    l1: Tensor, r1: Tensor, seg1: Seg, B1: int,
+    l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
 ) -> Tensor:  # fmt: skip
     """Materialised route (dense factors): G_b per sample in tiles of L's rows, then a Gram product."""
     if _is_ids(l1) or _is_ids(l2):
         raise ValueError("materialise_pairwise takes dense factors; one-hot ones go by the ghost route")
     check_seg(seg1, r1.shape[0], B1)
     check_seg(seg2, r2.shape[0], B2)
+    seg1, seg2 = seg_tensor(seg1, r1.shape[0], B1, r1.device), seg_tensor(seg2, r2.shape[0], B2, r2.device)
     acc = acc_dtype(l1, r1, l2, r2)
     dL, dR = l1.shape[1], r1.shape[1]
     if l2.shape[1] != dL or r2.shape[1] != dR:
@@ -134,8 +136,8 @@ def costs(n1: int, n2: int, B1: int, B2: int, dL: int, dR: int, onehot: bool) ->
 
 
 def pairwise(
-    l1: Tensor, r1: Tensor, seg1: Tensor, B1: int,
-    l2: Tensor, r2: Tensor, seg2: Tensor, B2: int,
+    l1: Tensor, r1: Tensor, seg1: Seg, B1: int,
+    l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
     route: str = "auto", vocab: int | None = None, pad: int | None = None,
 ) -> tuple[Tensor, str]:  # fmt: skip
     """⟨G_i, G'_j⟩ by the route ``route`` ("ghost", "materialise" or "auto": the cheaper by :func:`costs`;
@@ -154,9 +156,10 @@ def pairwise(
     raise ValueError(f"unknown route {route!r}; use auto, ghost or materialise")
 
 
-def segment_outer(u: Tensor, w: Tensor, seg: Tensor, B: int) -> Tensor:
+def segment_outer(u: Tensor, w: Tensor, seg: Seg, B: int) -> Tensor:
     """out[b] = Σ_{t: seg_t = b} u_t w_tᵀ, [B, k_u, k_w], in tiles of tokens."""
-    _, ku, kw = check_segment_outer(u, w, seg, B)
+    N, ku, kw = check_segment_outer(u, w, seg, B)
+    seg = seg_tensor(seg, N, B, u.device)
     acc = acc_dtype(u, w)
     out = torch.zeros(B, ku, kw, dtype=acc, device=u.device)
     n = max(1, TILE_BYTES // (ku * kw * (torch.finfo(acc).bits // 8)))
@@ -175,7 +178,7 @@ def project_factor(x: Tensor, p: Tensor, pad: int | None = None) -> Tensor:
 
 
 def project(
-    left: Tensor, right: Tensor, seg: Tensor, B: int, p_l: Tensor, p_r: Tensor, pad: int | None = None,
+    left: Tensor, right: Tensor, seg: Seg, B: int, p_l: Tensor, p_r: Tensor, pad: int | None = None,
     segment_outer_op=None,
 ) -> Tensor:  # fmt: skip
     """Kronecker sketch of a use: Σ_{t∈b} (P_L L_t)(P_R R_t)ᵀ, [B, k_L, k_R]. The projections are GEMMs; the

@@ -6,9 +6,9 @@ at most ``TILE_BYTES`` of transient memory, whatever N is.
 
 Common conventions
 ------------------
-* ``seg`` [N] (int32 or int64): the sample id of each token row, in ``[0, B)``. Rows of one sample need not
-  be contiguous (packed sequences work). Per-position values are the special case ``seg = arange(N)``,
-  ``B = N``.
+* ``seg``: the sample id of each token row, in ``[0, B)`` — a Tensor [N] (int32 or int64; rows of one sample
+  need not be contiguous: packed sequences work), or an int T for uniform segments (sample b owns rows
+  [b·T, (b+1)·T)). Per-position values are the special case ``seg = arange(N)`` (or ``1``), ``B = N``.
 * ``v`` holds K directions stacked on dim 0.
 * Accumulation dtype: float64 if any input is float64, else float32 (bf16 / fp16 / fp32 inputs are upcast
   tile by tile). Outputs are [K, B] in the accumulation dtype.
@@ -19,7 +19,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import FLOAT_DTYPES, acc_dtype, check_embedding, check_linear, check_norm
+from .contract import (
+    FLOAT_DTYPES,
+    Seg,
+    acc_dtype,
+    check_embedding,
+    check_linear,
+    check_norm,
+    check_row_dot,
+    seg_tensor,
+    segment_sum,
+)
 from .pairwise import segment_outer  # noqa: E402,F401  (the sketch op's spec lives beside the pairwise ops)
 
 NAME = "reference"
@@ -45,7 +55,7 @@ def _rows_per_tile(row_elems: int, itemsize: int) -> int:
 
 
 def linear_dot(
-    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Tensor, B: int, vb: Tensor | None = None
+    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-sample inner products of a linear layer's gradient with K fixed directions.
 
@@ -63,7 +73,7 @@ def linear_dot(
     acc = acc_dtype(a, g, v, vb)
     out_w = None if v is None else torch.zeros(K, B, dtype=acc, device=g.device)
     out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg.long()
+    seg = seg_tensor(seg, N, B, g.device).long()
     if v is None:
         vbc = vb.to(acc)
         n = _rows_per_tile(o + K, torch.finfo(acc).bits // 8)
@@ -102,7 +112,7 @@ def linear_dot(
     return out_w, out_b
 
 
-def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int, padding_idx: int | None = None) -> Tensor:
+def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
     """Per-sample inner products of an embedding table's gradient with K fixed directions.
 
     For y_t = E[x_t] with ids x [N] and output gradients g [N, d], ``v`` [K, vocab, d]::
@@ -115,7 +125,7 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int, paddin
     N, d, K, _ = check_embedding(ids, g, v, seg, B)
     acc = acc_dtype(g, v)
     out = torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg.long()
+    seg = seg_tensor(seg, N, B, g.device).long()
     n = _rows_per_tile(K * d + d, torch.finfo(acc).bits // 8)
     for n0 in range(0, N, n):
         n1 = min(N, n0 + n)
@@ -128,7 +138,7 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Tensor, B: int, paddin
 
 
 def norm_dot(
-    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Tensor, B: int
+    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-sample inner products of a normalisation layer's affine gradients with K directions.
 
@@ -143,7 +153,7 @@ def norm_dot(
     acc = acc_dtype(xhat, g, vw, vb)
     out_w = None if vw is None else torch.zeros(K, B, dtype=acc, device=g.device)
     out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg.long()
+    seg = seg_tensor(seg, N, B, g.device).long()
     vwc = None if vw is None else vw.to(acc)
     vbc = None if vb is None else vb.to(acc)
     n = _rows_per_tile(2 * d + 2 * K, torch.finfo(acc).bits // 8)
@@ -156,3 +166,23 @@ def norm_dot(
         if vbc is not None:
             out_b.index_add_(1, s, (gt @ vbc.T).T)
     return out_w, out_b
+
+
+def row_dot(p: Tensor, x: Tensor, seg: Seg, B: int) -> Tensor:
+    """The GEMM route's epilogue: per-sample sums of row-wise inner products.
+
+    For p [K, N, C] (e.g. P_k = a V_kᵀ from a GEMM; any strides, stride 0 over rows for a broadcast bias
+    direction) and x [N, C]::
+
+        out[k, b] = Σ_{t: seg_t = b} p[k, t] · x[t]
+
+    Output [K, B] in the accumulation dtype.
+    """
+    N, C, K = check_row_dot(p, x, seg, B)
+    acc = acc_dtype(p, x)
+    tok = torch.empty(K, N, dtype=acc, device=x.device)
+    n = _rows_per_tile(K * C + C, torch.finfo(acc).bits // 8)
+    for n0 in range(0, N, n):
+        n1 = min(N, n0 + n)
+        tok[:, n0:n1] = (p[:, n0:n1].to(acc) * x[n0:n1].to(acc)).sum(-1)
+    return segment_sum(tok, seg, B)

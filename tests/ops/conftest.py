@@ -10,7 +10,11 @@ KERNEL_BACKENDS = ["native", "triton", "cuda"]
 
 
 def device_for(backend: str) -> torch.device:
-    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+    """Where a backend's tensors live: cuda on CUDA; triton on CUDA where there is a GPU, else on the CPU
+    (Triton's interpreter); native and reference on the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -39,6 +43,9 @@ def poisoned_outputs(monkeypatch):
 # float64 runs on the reference, native and cuda backends; Triton takes float32/bf16/fp16
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+#: a float32 direction with 16-bit activations, split as hi + lo in the activations' dtype (ops/gemm.py):
+#: ≤ 2^-16·|V| per element on hardware (bf16), 2^-14 under Triton's interpreter (it truncates); fp16 2^-22
+SPLIT_TOL = {torch.bfloat16: 4e-5, torch.float16: 1e-6}
 
 
 def skip_unsupported(name: str, dtype: torch.dtype) -> None:
@@ -60,11 +67,26 @@ def assert_matches(ours, ref, dtype, what=""):
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
-def segments(N: int, B: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Sample ids: contiguous runs (one sample spanning several blocks), or packed/shuffled with the last
-    sample empty; int32 (the kernel contract) or int64 alternate."""
+def segments(N: int, B: int, kind: str, gen: torch.Generator) -> torch.Tensor | int:
+    """Sample ids: uniform (an int T, N = B·T: what measure() passes), contiguous runs (one sample spanning
+    several blocks), or packed/shuffled with the last sample empty; int32 (the kernel contract) or int64
+    alternate."""
+    if kind == "uniform":
+        assert N % B == 0, (N, B)
+        return N // B
     if kind == "contiguous":
         seg = torch.arange(B).repeat_interleave((N + B - 1) // B)[:N]
     else:
         seg = torch.randint(0, max(1, B - 1), (N,), generator=gen)
     return seg.to(torch.int32 if N % 2 else torch.int64)
+
+
+def to(seg, dev: torch.device):
+    """``seg`` on ``dev`` (an int stays an int)."""
+    return seg if isinstance(seg, int) else seg.to(dev)
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours − ref| / max |ref|, in float64."""
+    ours, ref = ours.double().cpu(), ref.double().cpu()
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DTYPES, assert_matches, segments, skip_unsupported
+from conftest import DTYPES, assert_matches, segments, skip_unsupported, to
 
 from geffect_fast.ops import reference as ref
 
@@ -11,6 +11,7 @@ SHAPES = [
     (41, 13, 33, 1, 5, None, "contiguous"),
     (70, 257, 6, 3, 1, 3, "contiguous"),
     (33, 50, 257, 2, 4, 0, "packed"),
+    (60, 31, 40, 5, 4, 7, "uniform"),  # K = 5: more directions than one program takes
 ]
 
 
@@ -28,7 +29,7 @@ def test_embedding_dot(backend, dtype, N, vocab, d, K, B, pad, kind):
     v = torch.randn(K, vocab, d, generator=gen).to(dtype)
     seg = segments(N, B, kind, gen)
     want = ref.embedding_dot(ids, g, v, seg, B, pad)
-    got = ops.embedding_dot(ids.to(dev), g.to(dev), v.to(dev), seg.to(dev), B, pad)
+    got = ops.embedding_dot(ids.to(dev), g.to(dev), v.to(dev), to(seg, dev), B, pad)
     assert_matches(got, want, dtype, name)
 
 

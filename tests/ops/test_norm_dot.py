@@ -2,11 +2,16 @@
 
 import pytest
 import torch
-from conftest import DTYPES, assert_matches, segments, skip_unsupported
+from conftest import DTYPES, assert_matches, segments, skip_unsupported, to
 
 from geffect_fast.ops import reference as ref
 
-SHAPES = [(29, 33, 1, 3, "contiguous"), (64, 257, 3, 1, "contiguous"), (45, 40, 2, 5, "packed")]
+SHAPES = [
+    (29, 33, 1, 3, "contiguous"),
+    (64, 257, 3, 1, "contiguous"),
+    (45, 40, 2, 5, "packed"),
+    (48, 700, 6, 4, "uniform"),  # several feature tiles; K = 6 in two groups of directions
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -23,7 +28,7 @@ def test_norm_dot(backend, dtype, N, d, K, B, kind, which):
     seg = segments(N, B, kind, gen)
     want_w, want_b = ref.norm_dot(xh, g, vw, vb, seg, B)
     got_w, got_b = ops.norm_dot(
-        xh.to(dev), g.to(dev), None if vw is None else vw.to(dev), None if vb is None else vb.to(dev), seg.to(dev), B
+        xh.to(dev), g.to(dev), None if vw is None else vw.to(dev), None if vb is None else vb.to(dev), to(seg, dev), B
     )
     if vw is None:
         assert got_w is None

@@ -2,14 +2,21 @@
 
 import pytest
 import torch
-from conftest import DTYPES, assert_matches, segments, skip_unsupported
+from conftest import DTYPES, assert_matches, segments, skip_unsupported, to
 
 from geffect_fast.ops import pairwise as pw
+from geffect_fast.ops.contract import seg_tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "N,ku,kw,B,kind", [(37, 5, 33, 4, "contiguous"), (53, 17, 1, 3, "packed"), (100, 16, 16, 1, "contiguous")]
+    "N,ku,kw,B,kind",
+    [
+        (37, 5, 33, 4, "contiguous"),
+        (53, 17, 1, 3, "packed"),
+        (100, 16, 16, 1, "contiguous"),
+        (60, 40, 9, 5, "uniform"),  # one batched GEMM
+    ],
 )
 def test_segment_outer(backend, dtype, N, ku, kw, B, kind):
     name, ops, dev = backend
@@ -19,11 +26,11 @@ def test_segment_outer(backend, dtype, N, ku, kw, B, kind):
     w = torch.randn(N, kw, generator=gen).to(dtype)
     seg = segments(N, B, kind, gen)
     want = pw.segment_outer(u, w, seg, B)
-    got = ops.segment_outer(u.to(dev), w.to(dev), seg.to(dev), B)
+    got = ops.segment_outer(u.to(dev), w.to(dev), to(seg, dev), B)
     assert_matches(got, want, dtype, name)
     # the definition, materialised
     full = torch.zeros(B, ku, kw, dtype=torch.float64).index_add_(
-        0, seg.long(), u.double()[:, :, None] * w.double()[:, None, :]
+        0, seg_tensor(seg, N, B, u.device).long(), u.double()[:, :, None] * w.double()[:, None, :]
     )
     assert_matches(want, full, dtype, "reference")
 

@@ -1,8 +1,10 @@
-"""The ``triton`` backend: one kernel per op file (linear_dot.py, embedding_dot.py, norm_dot.py).
+"""The ``triton`` backend: one kernel per op file (linear_dot.py, embedding_dot.py, norm_dot.py,
+segment_outer.py, and row_dot.py, the epilogue of linear_dot's GEMM route).
 
 Runs on CUDA GPUs (sm_80/sm_90), and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
-set before triton is imported), which is how the tests run it here. float32, bfloat16 and float16 inputs,
-float32 accumulation and outputs.
+set before triton is imported), which is how the tests run it here. float32, bfloat16 and float16 inputs
+(activations and directions), float32 accumulation and outputs. ``_common.py`` holds the launch
+configurations and what the kernels share (64-bit offsets, per-token outputs, no atomics on uniform segments).
 """
 
 from __future__ import annotations
@@ -42,6 +44,6 @@ def supports(dtype: torch.dtype) -> bool:
 
 def get_op(name: str):
     """The kernel wrapper ``name`` (imports triton on first use)."""
-    if name not in ("linear_dot", "embedding_dot", "norm_dot", "segment_outer"):
+    if name not in ("linear_dot", "embedding_dot", "norm_dot", "segment_outer", "row_dot"):
         raise AttributeError(name)
     return getattr(importlib.import_module(f"{__name__}.{name}"), name)

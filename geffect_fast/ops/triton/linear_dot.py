@@ -1,10 +1,23 @@
 """Triton ``linear_dot``: out_w[k, b] = Σ_{t: seg_t=b} g_tᵀ V_k a_t and out_b[k, b] = Σ g_t · vb_k.
 
-Grid (token tiles, output-feature tiles, K). A program computes P = a_tile V_kᵀ over the input features in
-BLOCK_I steps (tl.dot, float32 accumulation), multiplies by its g tile in the epilogue and reduces over
-its outputs, giving one partial per token; the partials reach out[k, seg[t]] by atomic adds (or, with
-SEGMENT_MODE = "two_pass", through a [K, tiles, N] buffer that torch sums and scatters). Nothing of size
-[N, o] or [N, i] is formed beyond one tile.
+Two routes (``_common.LINEAR_ROUTE``):
+
+* ``"fused"`` (default) — one tensor-core kernel. With r the contracted (larger) width and c the other, x1 the
+  activations of width r, x2 those of width c and M_k the direction as [r, c] (Vᵀ when r = i, V when r = o;
+  g_tᵀ V a_t = a_tᵀ Vᵀ g_t), a program computes the tile P = x1[tokens] M_k[:, cols] over r in BLOCK_K steps
+  (tl.dot, float32 accumulation: wgmma on sm_90, mma on sm_80), then reads its x2 tile in the epilogue and
+  writes Σ_cols P ⊙ x2, one partial per token and column band. Tiles go in grouped order (GROUP_M token
+  tiles per column band share M's tiles in L2). The partials [K, bands, N] are summed over bands and then
+  per sample (a reshape-sum for uniform segments): deterministic, no atomics. Nothing of size [N, c] exists.
+  A float32 direction with 16-bit activations is split in registers as M = M_hi + M_lo (bf16: two tl.dot of
+  bf16 operands; fp16: M scaled by max|M_k| first), never an IEEE-FMA dot; its error is at most
+  2^-16·|M| (bf16) or 2^-22·max|M_k| (fp16) per element of M (``geffect_fast.ops.gemm`` states the same
+  split; Triton's CPU interpreter converts to bf16 by truncation, 2^-14·|M|). float32 activations with a
+  float32 direction use IEEE dots (exact float32).
+* ``"gemm"`` — torch's GEMM in token chunks (cuBLAS on a GPU) and the Triton ``row_dot`` epilogue
+  (:func:`geffect_fast.ops.gemm.linear_dot_gemm`).
+
+The bias term is the ``row_dot`` epilogue with vb broadcast to every row. Offsets are 64-bit throughout.
 """
 
 from __future__ import annotations
@@ -14,99 +27,160 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..contract import check_linear
+from ..contract import Seg, acc_dtype, check_linear, segment_sum
+from ..gemm import linear_dot_gemm
 from . import _common
+from .row_dot import row_dot_tokens
 
 
 @triton.jit
 def _linear_dot_kernel(
-    a_ptr, g_ptr, v_ptr, vb_ptr, seg_ptr, outw_ptr, outb_ptr,
-    N, n_in, n_out, B,
-    sa0, sa1, sg0, sg1, sv0, sv1, sv2, svb0, svb1, sseg,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    x1_ptr, m_ptr, x2_ptr, scale_ptr, part_ptr,
+    N, R, C,
+    s10, s11, smk, smr, smc, s20, s21, spk, spb, N_BUCKET,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, EVEN_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_o = tl.program_id(1)
-    k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_n = offs_n < N
-    mask_o = offs_o < n_out
-    mask_no = mask_n[:, None] & mask_o[None, :]
-    g = tl.load(g_ptr + offs_n[:, None] * sg0 + offs_o[None, :] * sg1, mask=mask_no, other=0.0).to(tl.float32)
-    seg = tl.load(seg_ptr + offs_n * sseg, mask=mask_n, other=0)
-    n_tiles_o = tl.num_programs(1)
-    if HAS_W:
-        acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-        for i0 in range(0, n_in, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            mask_i = offs_i < n_in
-            a = tl.load(
-                a_ptr + offs_n[:, None] * sa0 + offs_i[None, :] * sa1, mask=mask_n[:, None] & mask_i[None, :], other=0.0
-            )
-            # Vᵀ tile [BLOCK_I, BLOCK_O] of V_k [n_out, n_in]
-            vt = tl.load(
-                v_ptr + k * sv0 + offs_o[None, :] * sv1 + offs_i[:, None] * sv2,
-                mask=mask_i[:, None] & mask_o[None, :],
-                other=0.0,
-            )
+    pid = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    # grouped order: GROUP_M consecutive token tiles walk the column bands together
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(C, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < N
+    mask_n = offs_n < C
+    if MODE == 2:
+        inv = 1.0 / tl.load(scale_ptr + k)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_K):
+        rr = r0 + offs_r
+        x_ptrs = x1_ptr + offs_m[:, None] * s10 + rr[None, :] * s11
+        m_ptrs = m_ptr + k * smk + rr[:, None] * smr + offs_n[None, :] * smc
+        if EVEN_R:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(m_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mask_r = rr < R
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            w = tl.load(m_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if MODE == 0:  # same 16-bit dtype: tensor cores directly
             if UPCAST:
-                a = a.to(tl.float32)
-                vt = vt.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, vt, acc, input_precision="ieee")
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(a, vt, acc)
-        rw = tl.sum(acc * g, axis=1)
-        if ATOMIC:
-            tl.atomic_add(outw_ptr + k * B + seg, rw, mask=mask_n)
-        else:
-            tl.store(outw_ptr + (k * n_tiles_o + pid_o) * N + offs_n, rw, mask=mask_n)
-    if HAS_B:
-        vb = tl.load(vb_ptr + k * svb0 + offs_o * svb1, mask=mask_o, other=0.0).to(tl.float32)
-        rb = tl.sum(g * vb[None, :], axis=1)
-        if ATOMIC:
-            tl.atomic_add(outb_ptr + k * B + seg, rb, mask=mask_n)
-        else:
-            tl.store(outb_ptr + (k * n_tiles_o + pid_o) * N + offs_n, rb, mask=mask_n)
+                acc = tl.dot(x, w, acc)
+        elif MODE == 3:  # float32 (or upcast mixed dtypes): exact IEEE dot
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:  # float32 direction, 16-bit activations: w = hi + lo in the activations' dtype
+            if MODE == 2:
+                w = w * inv
+            w_hi = w.to(x.dtype, fp_downcast_rounding="rtne")
+            w_lo = (w - w_hi.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
+            if UPCAST:
+                xf = x.to(tl.float32)
+                acc = tl.dot(xf, w_hi.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(xf, w_lo.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w_hi, acc)
+                acc = tl.dot(x, w_lo, acc)
+    if MODE == 2:
+        acc = acc * tl.load(scale_ptr + k)
+    x2 = tl.load(
+        x2_ptr + offs_m[:, None] * s20 + offs_n[None, :] * s21, mask=mask_m[:, None] & mask_n[None, :], other=0.0
+    ).to(tl.float32)
+    part = tl.sum(acc * x2, axis=1)
+    tl.store(part_ptr + k * spk + pid_n.to(tl.int64) * spb + offs_m, part, mask=mask_m)
+
+
+_autotuned = None
+
+
+def _tuned_kernel():
+    """The fused kernel under ``triton.autotune`` over every config of LINEAR_CONFIGS, keyed by the shape
+    (N rounded up to a power of two, R, C) and the dot mode: each key is timed once per process."""
+    global _autotuned
+    if _autotuned is None:
+        configs = [
+            triton.Config(
+                {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K, "GROUP_M": c.GROUP_M},
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
+            for c in _common.LINEAR_CONFIGS.values()
+        ]
+        _autotuned = triton.autotune(configs, key=["N_BUCKET", "R", "C", "MODE"])(_linear_dot_kernel)
+    return _autotuned
+
+
+def _launch_fused(x1: Tensor, m: Tensor, x2: Tensor, tok: Tensor, config: str | None = None) -> None:
+    """tok[k, t] = (x1[t] M_k) · x2[t] for x1 [N, R], m [K, R, C], x2 [N, C] into tok [K, N] (float32)."""
+    N, R = x1.shape
+    K, _, C = m.shape
+    mode = _common.half_split_mode(x1.dtype, m.dtype)
+    if mode == 3 and x1.dtype != m.dtype and torch.float32 not in (x1.dtype, m.dtype):
+        x1, m = x1.float(), m.float()  # e.g. bf16 activations with an fp16 direction
+    scale = m.abs().amax(dim=(1, 2)).float().clamp_min(torch.finfo(torch.float32).tiny) if mode == 2 else tok
+    tune = config is None and _common.LINEAR_TUNING == "autotune" and x1.device.type == "cuda"
+    cfgs = (
+        list(_common.LINEAR_CONFIGS.values())
+        if tune
+        else [_common.LINEAR_CONFIGS[config or _common.linear_config(N, C, K, x1.device)]]
+    )
+    bands = max(triton.cdiv(C, c.BLOCK_N) for c in cfgs)
+    # a config with wider bands leaves the extra band rows untouched: start from zeros when configs differ
+    alloc = torch.zeros if len({c.BLOCK_N for c in cfgs}) > 1 else torch.empty
+    part = alloc(K, bands, N, dtype=torch.float32, device=x1.device)
+    args = (
+        x1, m, x2, scale, part, N, R, C,
+        x1.stride(0), x1.stride(1), m.stride(0), m.stride(1), m.stride(2), x2.stride(0), x2.stride(1),
+        part.stride(0), part.stride(1),
+    )  # fmt: skip
+    if tune:
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]), K)
+
+        even = all(R % c.BLOCK_K == 0 for c in cfgs)
+        _tuned_kernel()[grid](*args, N_BUCKET=1 << max(0, (N - 1).bit_length()), MODE=mode, UPCAST=False, EVEN_R=even)
+    else:
+        cfg = cfgs[0]
+        grid = (triton.cdiv(N, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N), K)
+        _linear_dot_kernel[grid](
+            *args, N_BUCKET=0, MODE=mode, UPCAST=_common.interpreting(), EVEN_R=R % cfg.BLOCK_K == 0, **cfg.kwargs()
+        )
+    torch.sum(part, dim=1, out=tok)
 
 
 def linear_dot(
-    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Tensor, B: int, vb: Tensor | None = None
+    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Triton implementation of :func:`geffect_fast.ops.reference.linear_dot` (float32 outputs)."""
+    if _common.LINEAR_ROUTE == "gemm":
+        with _common.on_device(g):
+            return linear_dot_gemm(a, g, v, seg, B, vb, row_dot_tokens)
+    if _common.LINEAR_ROUTE != "fused":
+        raise ValueError(f"unknown LINEAR_ROUTE {_common.LINEAR_ROUTE!r}; use 'fused' or 'gemm'")
     N, i, o, K = check_linear(a, g, v, seg, B, vb)
-    cfg = _common.linear_config(g.device)
-    n_tiles_o = triton.cdiv(o, cfg.BLOCK_O)
-    atomic = _common.SEGMENT_MODE == "atomic"
-    out_w = None if v is None else _common.zeros_out(K, B, g.device)
-    out_b = None if vb is None else _common.zeros_out(K, B, g.device)
-    if N == 0:
-        return out_w, out_b
-    buf_w = out_w if atomic or v is None else torch.empty(K, n_tiles_o, N, device=g.device)
-    buf_b = out_b if atomic or vb is None else torch.empty(K, n_tiles_o, N, device=g.device)
-    has_w = v is not None
-    dtypes = (g.dtype,) + ((a.dtype, v.dtype) if has_w else ())
-    upcast = _common.upcast_needed(*dtypes)
-    ieee = _common.FP32_PRECISION == "ieee" and (upcast or g.dtype == torch.float32)
-    dummy = g  # placeholder pointer for absent operands (never read: the constexpr flags skip them)
-    grid = (triton.cdiv(N, cfg.BLOCK_N), n_tiles_o, K)
-    _linear_dot_kernel[grid](
-        a if has_w else dummy, g, v if has_w else dummy, vb if vb is not None else dummy, seg,
-        buf_w if buf_w is not None else dummy, buf_b if buf_b is not None else dummy,
-        N, i, o, B,
-        a.stride(0) if has_w else 0, a.stride(1) if has_w else 0, g.stride(0), g.stride(1),
-        v.stride(0) if has_w else 0, v.stride(1) if has_w else 0, v.stride(2) if has_w else 0,
-        vb.stride(0) if vb is not None else 0, vb.stride(1) if vb is not None else 0, seg.stride(0),
-        HAS_W=has_w, HAS_B=vb is not None, UPCAST=upcast, IEEE=ieee, ATOMIC=atomic,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_O=cfg.BLOCK_O, BLOCK_I=cfg.BLOCK_I,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if not atomic:
-        s = seg.long()
-        if out_w is not None:
-            out_w.index_add_(1, s, buf_w.sum(1))
-        if out_b is not None:
-            out_b.index_add_(1, s, buf_b.sum(1))
+    if acc_dtype(a, g, v, vb) != torch.float32:
+        raise TypeError("the Triton backend takes float32, bfloat16 and float16 (float64 goes to another backend)")
+    out_w = out_b = None
+    with _common.on_device(g):
+        if v is not None:
+            tok = torch.empty(K, N, dtype=torch.float32, device=g.device)
+            if N:
+                if a.dtype != g.dtype:
+                    a = a.to(g.dtype)
+                x1, x2, m = (a, g, v.transpose(1, 2)) if i >= o else (g, a, v)
+                _launch_fused(x1, m, x2, tok)
+            out_w = segment_sum(tok, seg, B)
+        if vb is not None:
+            tok = torch.empty(K, N, dtype=torch.float32, device=g.device)
+            row_dot_tokens(vb[:, None, :].expand(K, N, o), g, tok)
+            out_b = segment_sum(tok, seg, B)
     return out_w, out_b
