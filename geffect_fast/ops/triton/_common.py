@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -53,12 +53,25 @@ class LinearConfig:
         return asdict(self)
 
 
-#: every config ``auto`` can pick on a GPU (benchmarks/gpu_static.py compiles each for sm_90a and sm_80)
+#: every config ``auto`` can pick on a GPU (benchmarks/gpu_static.py compiles each for sm_90a and sm_80, in
+#: every dot mode); "large_s4" is reached by autotuning only
 LINEAR_CONFIGS: dict[str, LinearConfig] = {
     "large": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=3),
     "large_s4": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
     "small": LinearConfig(64, 128, 64, GROUP_M=8, num_warps=4, num_stages=4),
 }
+#: BLOCK_K of the split and IEEE dot modes (1-3): their float32 direction tile goes through registers (the hi/lo
+#: split) before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
+SPLIT_BLOCK_K = 32
+
+
+def linear_configs(mode: int) -> dict[str, LinearConfig]:
+    """LINEAR_CONFIGS as the fused kernel uses them in dot ``mode`` (see :func:`half_split_mode`)."""
+    if mode == 0:
+        return LINEAR_CONFIGS
+    return {name: replace(c, BLOCK_K=SPLIT_BLOCK_K) for name, c in LINEAR_CONFIGS.items()}
+
+
 #: streaming multiprocessors assumed when no GPU can be asked (an H100 SXM has 132)
 DEFAULT_SMS = 132
 

@@ -98,24 +98,24 @@ def _linear_dot_kernel(
     tl.store(part_ptr + k * spk + pid_n.to(tl.int64) * spb + offs_m, part, mask=mask_m)
 
 
-_autotuned = None
+_autotuned: dict[bool, object] = {}
 
 
-def _tuned_kernel():
-    """The fused kernel under ``triton.autotune`` over every config of LINEAR_CONFIGS, keyed by the shape
-    (N rounded up to a power of two, R, C) and the dot mode: each key is timed once per process."""
-    global _autotuned
-    if _autotuned is None:
+def _tuned_kernel(split: bool):
+    """The fused kernel under ``triton.autotune`` over every config of ``linear_configs`` (native dots, or the
+    split/IEEE modes), keyed by the shape (N rounded up to a power of two, R, C) and the dot mode: each key is
+    timed once per process."""
+    if split not in _autotuned:
         configs = [
             triton.Config(
                 {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K, "GROUP_M": c.GROUP_M},
                 num_warps=c.num_warps,
                 num_stages=c.num_stages,
             )
-            for c in _common.LINEAR_CONFIGS.values()
+            for c in _common.linear_configs(1 if split else 0).values()
         ]
-        _autotuned = triton.autotune(configs, key=["N_BUCKET", "R", "C", "MODE"])(_linear_dot_kernel)
-    return _autotuned
+        _autotuned[split] = triton.autotune(configs, key=["N_BUCKET", "R", "C", "MODE"])(_linear_dot_kernel)
+    return _autotuned[split]
 
 
 def _launch_fused(x1: Tensor, m: Tensor, x2: Tensor, tok: Tensor, config: str | None = None) -> None:
@@ -147,7 +147,9 @@ def _launch_fused(x1: Tensor, m: Tensor, x2: Tensor, tok: Tensor, config: str | 
             return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]), K)
 
         even = all(R % c.BLOCK_K == 0 for c in cfgs)
-        _tuned_kernel()[grid](*args, N_BUCKET=1 << max(0, (N - 1).bit_length()), MODE=mode, UPCAST=False, EVEN_R=even)
+        _tuned_kernel(mode != 0)[grid](
+            *args, N_BUCKET=1 << max(0, (N - 1).bit_length()), MODE=mode, UPCAST=False, EVEN_R=even
+        )
     else:
         cfg = cfgs[0]
         grid = (triton.cdiv(N, cfg.BLOCK_M) * triton.cdiv(C, cfg.BLOCK_N), K)
