@@ -1,23 +1,29 @@
-"""GPU benchmark: kernel ops against their roofline floor, and measure() end to end against plain
-forward+backward and a per-sample loop. Run by benchmarks/gpu_check.sh on a GPU machine.
+"""GPU benchmark: each kernel op against the library op it stands beside, and measure() against plain
+forward+backward on a ~1B-parameter Llama. Run by benchmarks/gpu_check.sh on a GPU machine.
 
     python -m benchmarks.bench_gpu --out DIR              # on a CUDA machine
     python -m benchmarks.bench_gpu --device cpu --quick   # a dry run of the script itself (CPU, interpreter)
 
-1. Ceilings, measured once: device-to-device copy bandwidth (bytes read + written), bf16 and float32
-   (IEEE, no TF32) matrix-product rates through torch.
-2. Per op, shape, dtype and backend: median time (CUDA events), FLOPs and bytes (each input read once,
-   output written once), floor = max(FLOPs / rate, bytes / bandwidth), time / floor, and the error
-   ‖out − ref‖ / ‖ref‖ against the float64 reference on the same inputs.
-3. measure(per_instance=True) vs plain forward+backward vs per-sample loop on Llama configs: median time
-   and peak memory (max_memory_allocated), agreement of the per-instance values.
+1. Ceilings, measured in the same run: device-to-device copy bandwidth (bytes read + written), bf16 and
+   float32 (IEEE, no TF32) GEMM rates at 8192³.
+2. linear_dot, per shape (N tokens, i, o, K) and dtype: every route — ``cuda`` (cuBLAS GEMM + CUDA epilogue),
+   Triton fused at each config and autotuned, Triton's GEMM route — timed against the cuBLAS weight-gradient
+   GEMM gᵀa of the same shape in the same run (the op that linear_dot replaces when weights are frozen):
+   ``vs_gemm`` = t_gemm / t (target ≥ 0.75), TFLOP/s, and ‖out − ref‖/‖ref‖ against float64.
+3. Memory-bound ops (embedding_dot, norm_dot, row_dot, segment_outer): GB/s (fewest bytes: each input read
+   once) against the measured copy bandwidth (target ≥ 60%).
+4. measure(per_instance=True) against plain forward+backward (weight gradients on) on a ~1B Llama in bf16,
+   B×T = 8×512 and 32×128, K = 1 and 3 (and a float32 direction): median time, ours/plain, peak memory
+   beyond the model (max_memory_allocated), agreement with measure(backend="reference").
+5. Host overhead: ours/plain against batch size, B = 1 … 16 at T = 128 (where Python per tap shows).
 
-Writes ops_gpu.csv, e2e_gpu.csv and summary.md to DIR; prints the short table last.
+Writes ops_gpu.csv, e2e_gpu.csv, batch_gpu.csv and summary.md to DIR; prints the short tables last.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -25,34 +31,41 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import llama_case, methods, write_csv
-
-OP_SHAPES = {
-    # name: (op, dims)
-    "llama7b.q_proj": ("linear_dot", dict(N=4096, i=4096, o=4096, K=1)),
-    "llama7b.q_proj K3": ("linear_dot", dict(N=4096, i=4096, o=4096, K=3)),
-    "llama7b.up_proj": ("linear_dot", dict(N=4096, i=4096, o=11008, K=1)),
-    "llama7b.lm_head": ("linear_dot", dict(N=4096, i=4096, o=32000, K=1)),
-    "llama7b.embed": ("embedding_dot", dict(N=4096, vocab=32000, d=4096, K=1)),
-    "llama7b.embed K3": ("embedding_dot", dict(N=4096, vocab=32000, d=4096, K=3)),
-    "llama7b.norm": ("norm_dot", dict(N=4096, d=4096, K=1)),
-    "llama7b.norm K3": ("norm_dot", dict(N=4096, d=4096, K=3)),
-    "sketch k64 N4096": ("segment_outer", dict(N=4096, ku=64, kw=64, K=1)),
+LINEAR = {
+    # name: (N, i, o, K) — 7B-class widths at 8k tokens, the ~1B model's, a small batch, an lm_head
+    "7B q_proj N8192": (8192, 4096, 4096, 1),
+    "7B q_proj N8192 K3": (8192, 4096, 4096, 3),
+    "7B up_proj N8192": (8192, 4096, 11008, 1),
+    "7B down_proj N8192": (8192, 11008, 4096, 1),
+    "1B q_proj N4096": (4096, 2048, 2048, 1),
+    "1B lm_head N4096": (4096, 2048, 32000, 1),
+    "7B q_proj N512": (512, 4096, 4096, 1),
 }
-QUICK_SHAPES = {
-    "tiny.linear": ("linear_dot", dict(N=40, i=48, o=72, K=1)),
-    "tiny.embed": ("embedding_dot", dict(N=40, vocab=90, d=48, K=1)),
-    "tiny.norm": ("norm_dot", dict(N=40, d=48, K=1)),
-    "tiny.sketch": ("segment_outer", dict(N=40, ku=8, kw=8, K=1)),
+ROWS = {
+    # name: (op, N, width, K[, vocab])
+    "embed N8192 d4096": ("embedding_dot", 8192, 4096, 1, 32000),
+    "embed N8192 d4096 K3": ("embedding_dot", 8192, 4096, 3, 32000),
+    "norm N8192 d4096": ("norm_dot", 8192, 4096, 1),
+    "norm N8192 d4096 K3": ("norm_dot", 8192, 4096, 3),
+    "row_dot N8192 C4096": ("row_dot", 8192, 4096, 1),
+    "sketch N8192 k64 uniform": ("segment_outer", 8192, 64, 1),
+    "sketch N8192 k64 ragged": ("segment_outer", 8192, 64, 1),
 }
-E2E = {
-    # name: (hidden, layers, intermediate, heads, vocab, B, T, dtype)
-    "llama2048x8 bf16 B16 T256": (2048, 8, 5504, 16, 32000, 16, 256, torch.bfloat16),
-    "llama2048x8 bf16 B64 T64": (2048, 8, 5504, 16, 32000, 64, 64, torch.bfloat16),
-    "llama1024x4 fp32 B16 T128": (1024, 4, 2752, 16, 32000, 16, 128, torch.float32),
+QUICK_LINEAR = {"tiny N48": (48, 48, 72, 1), "tiny N48 K3": (48, 72, 48, 3)}
+QUICK_ROWS = {
+    "tiny embed": ("embedding_dot", 48, 48, 2, 90),
+    "tiny norm": ("norm_dot", 48, 48, 1),
+    "tiny row_dot": ("row_dot", 48, 48, 2),
+    "tiny sketch uniform": ("segment_outer", 48, 8, 1),
+    "tiny sketch ragged": ("segment_outer", 48, 8, 1),
 }
-QUICK_E2E = {"llama64x2 fp32 B4 T16": (64, 2, 128, 4, 256, 4, 16, torch.float32)}
-B = 16
+#: the ~1B Llama: hidden 2048, 16 blocks, MLP 5632, 16 heads, vocab 32000 (0.95B parameters, untied head)
+E2E_MODEL = (2048, 16, 5632, 16, 32000)
+QUICK_MODEL = (64, 2, 128, 4, 256)
+E2E_CASES = [(8, 512, 1, "bf16"), (8, 512, 3, "bf16"), (32, 128, 1, "bf16"), (32, 128, 3, "bf16"), (8, 512, 1, "fp32")]
+QUICK_CASES = [(2, 16, 1, "bf16"), (2, 16, 2, "fp32")]
+BATCHES = [1, 2, 4, 8, 16]
+SAMPLES = 16  # samples of the op benchmarks' uniform segments
 
 
 def _sync(dev: torch.device) -> None:
@@ -60,8 +73,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _time(fn, dev: torch.device, repeats: int) -> float:
-    """Median seconds over ``repeats`` after two warm-ups (CUDA events on GPU)."""
+def timeit(fn, dev: torch.device, repeats: int) -> float:
+    """Median seconds over ``repeats`` after two warm-ups (CUDA events on a GPU)."""
     fn()
     fn()
     _sync(dev)
@@ -82,219 +95,331 @@ def _time(fn, dev: torch.device, repeats: int) -> float:
 
 
 def ceilings(dev: torch.device, quick: bool) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and bf16 / float32 GEMM rates, measured here."""
     n = 1 << (20 if quick else 28)
     x = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
     y = torch.empty_like(x)
-    bw = 2 * x.numel() * 4 / _time(lambda: y.copy_(x), dev, 10)
+    out = {"bandwidth_Bps": 2 * x.numel() * 4 / timeit(lambda: y.copy_(x), dev, 10)}
     m = 256 if quick else 8192
-    out = {"bandwidth_Bps": bw}
-    for name, dt in (("bf16_flops", torch.bfloat16), ("fp32_flops", torch.float32)):
-        a = torch.randn(m, m, device=dev).to(dt)
-        b = torch.randn(m, m, device=dev).to(dt)
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            out[name] = 2 * m**3 / _time(lambda a=a, b=b: a @ b, dev, 10)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, dt in (("bf16_flops", torch.bfloat16), ("fp32_flops", torch.float32)):
+            a, b = torch.randn(m, m, device=dev).to(dt), torch.randn(m, m, device=dev).to(dt)
+            out[name] = 2 * m**3 / timeit(lambda a=a, b=b: a @ b, dev, 10)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
     return out
 
 
-def _inputs(op: str, dims: dict, dtype: torch.dtype, dev: torch.device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    N = dims["N"]
-    seg = (torch.arange(N) * B // N).to(torch.int32).to(dev)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).to(dev)
-
-    if op == "linear_dot":
-        return (
-            rnd(N, dims["i"]),
-            rnd(N, dims["o"]),
-            rnd(dims["K"], dims["o"], dims["i"]),
-            seg,
-            B,
-            rnd(dims["K"], dims["o"]),
-        )
-    if op == "embedding_dot":
-        ids = torch.randint(0, dims["vocab"], (N,), generator=g).to(dev)
-        return (ids, rnd(N, dims["d"]), rnd(dims["K"], dims["vocab"], dims["d"]), seg, B)
-    if op == "segment_outer":
-        return (rnd(N, dims["ku"]), rnd(N, dims["kw"]), seg, B)
-    return (rnd(N, dims["d"]), rnd(N, dims["d"]), rnd(dims["K"], dims["d"]), rnd(dims["K"], dims["d"]), seg, B)
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _cost(op: str, dims: dict, itemsize: int) -> tuple[float, float]:
-    """(FLOPs, fewest bytes moved) of one call."""
-    N, K = dims["N"], dims["K"]
-    if op == "linear_dot":
-        i, o = dims["i"], dims["o"]
-        return 2.0 * N * i * o * K + 2.0 * N * o * K, itemsize * (N * i + N * o + K * o * i + K * o)
-    if op == "segment_outer":
-        ku, kw = dims["ku"], dims["kw"]
-        return 2.0 * N * ku * kw, itemsize * N * (ku + kw) + 4 * B * ku * kw
-    d = dims["d"]
-    if op == "embedding_dot":  # the gathered rows of V are read once per token
-        return 2.0 * N * d * K, itemsize * (N * d + K * N * d)
-    return 4.0 * N * d * K, itemsize * (2 * N * d + 2 * K * d)
-
-
-def bench_ops(dev: torch.device, quick: bool, ceil: dict, repeats: int) -> list[dict]:
-    from geffect_fast.ops import dispatch, reference
+def _linear_variants(dev: torch.device):
+    """(label, callable(a, g, v, T, B) -> out_w) of every linear_dot route usable here."""
+    from geffect_fast.ops import dispatch
     from geffect_fast.ops.triton import _common as tri
+    from geffect_fast.ops.triton import linear_dot as tld
 
-    rows = []
-    shapes = QUICK_SHAPES if quick else OP_SHAPES
-    for shape, (op, dims) in shapes.items():
-        for dtype in (torch.bfloat16, torch.float32):
-            args = _inputs(op, dims, dtype, dev)
-            # the float64 reference, on the same (rounded) inputs, computed on the device
-            ref_args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-            ref = getattr(reference, op)(*ref_args)
-            ref = ref[0] if isinstance(ref, tuple) else ref
-            flops, nbytes = _cost(op, dims, torch.finfo(dtype).bits // 8)
-            rate = ceil["bf16_flops"] if dtype == torch.bfloat16 else ceil["fp32_flops"]
-            floor = max(flops / rate, nbytes / ceil["bandwidth_Bps"])
-            variants = [("reference", None), ("cuda", None), ("triton", "atomic")]
-            if op == "linear_dot":
-                variants.append(("triton", "two_pass"))
-            for backend, mode in variants:
-                label = backend + (f"[{mode}]" if mode else "")
-                why = dispatch.backends(dev)[backend]["reason"] or (
-                    "" if dispatch._module(backend).supports(dtype) else f"does not take {dtype}"
-                )
-                if why:
-                    rows.append(dict(shape=shape, op=op, dtype=str(dtype)[6:], backend=label, error=why))
-                    continue
-                if mode:
-                    tri.SEGMENT_MODE = mode
-                fn = getattr(dispatch.resolve(backend, dev, dtype), op)
+    out = []
+    info = dispatch.backends(dev)
+    if not info["cuda"]["reason"]:
+        out.append(("cuda (cuBLAS+epilogue)", lambda *a: dispatch._op("cuda", "linear_dot")(*a)[0]))
+    if not info["triton"]["reason"]:
+
+        def fused(config=None, tuning="heuristic"):
+            def run(a, g, v, T, B):
+                prev = tri.LINEAR_TUNING
+                tri.LINEAR_TUNING = tuning
                 try:
-                    out = fn(*args)
-                    out = out[0] if isinstance(out, tuple) else out
-                    err = float((out.double() - ref).norm() / ref.norm())
-                    t = _time(lambda fn=fn, args=args: fn(*args), dev, repeats)
-                except Exception as e:  # a failing backend gets a row saying why
-                    rows.append(
-                        dict(
-                            shape=shape,
-                            op=op,
-                            dtype=str(dtype)[6:],
-                            backend=label,
-                            error=f"{type(e).__name__}: {e}"[:200],
-                        )
-                    )
-                    continue
+                    if config is None:
+                        return tld.linear_dot(a, g, v, T, B)[0]
+                    N, i = a.shape
+                    o = g.shape[1]
+                    x1, x2, m = (a, g, v.transpose(1, 2)) if i >= o else (g, a, v)
+                    tok = torch.empty(v.shape[0], N, dtype=torch.float32, device=a.device)
+                    with tri.on_device(a):
+                        tld._launch_fused(x1, m, x2, tok, config=config)
+                    from geffect_fast.ops.contract import segment_sum
+
+                    return segment_sum(tok, T, B)
                 finally:
-                    tri.SEGMENT_MODE = "atomic"
-                rows.append(
-                    dict(
-                        shape=shape,
-                        op=op,
-                        dtype=str(dtype)[6:],
-                        backend=label,
-                        ms=t * 1e3,
-                        floor_ms=floor * 1e3,
-                        x_floor=t / floor,
-                        tflops=flops / t / 1e12,
-                        tbps=nbytes / t / 1e12,
-                        rel_err=err,
-                    )
-                )
-                print(
-                    f"{shape:<20}{rows[-1]['dtype']:<9}{label:<18}{t * 1e3:9.3f} ms  floor {floor * 1e3:8.3f} "
-                    f"ms  x{t / floor:6.1f}  err {err:.1e}",
-                    flush=True,
-                )
-    return rows
+                    tri.LINEAR_TUNING = prev
 
+            return run
 
-def _e2e_case(name: str, spec: tuple, dev: torch.device, repeats: int) -> list[dict]:
-    hidden, layers, inter, heads, vocab, Bn, T, dtype = spec
-    model, batch, V = llama_case(hidden, layers, inter, heads, vocab, Bn, T, dtype=dtype, device=dev)
-    values = {}
-    rows = []
-    for method, fn in methods(model, batch, V).items():
-        base = 0
+        out.append(("triton fused (heuristic)", fused()))
+        for name in tri.LINEAR_CONFIGS:
+            out.append((f"triton fused [{name}]", fused(name)))
         if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
+            out.append(("triton fused (autotune)", fused(tuning="autotune")))
 
-        def run(fn=fn, method=method):
-            values[method] = fn()
+        def gemm_route(a, g, v, T, B):
+            prev = tri.LINEAR_ROUTE
+            tri.LINEAR_ROUTE = "gemm"
+            try:
+                return tld.linear_dot(a, g, v, T, B)[0]
+            finally:
+                tri.LINEAR_ROUTE = prev
 
-        t = _time(run, dev, repeats if method != "per_sample_loop" else max(2, repeats // 3))
-        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
-        rows.append(dict(case=name, method=method, ms=t * 1e3, peak_extra_mib=peak))
-        print(f"{name:<28}{method:<18}{t * 1e3:10.2f} ms  peak +{peak:9.1f} MiB", flush=True)
-    plain_ms = rows[0]["ms"]
-    ref = values["per_sample_loop"]
-    agree = float(((values["measure"].cpu() - ref).abs() / ref.abs().amax(0).clamp_min(1e-30)).max())
-    for r in rows:
-        r["x_plain"] = r["ms"] / plain_ms
-        if r["method"] == "measure":
-            r["agree_vs_loop"] = agree
+        out.append(("triton gemm route (cuBLAS+Triton epilogue)", gemm_route))
+    return out
+
+
+def bench_linear(dev: torch.device, shapes: dict, ceil: dict, repeats: int) -> list[dict]:
+    from geffect_fast.ops import reference
+
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape, (N, i, o, K) in shapes.items():
+        for label, act, vdt in (
+            ("bf16", torch.bfloat16, torch.bfloat16),
+            ("bf16+fp32 dir", torch.bfloat16, torch.float32),
+        ):
+            a = torch.randn(N, i, generator=gen).to(device=dev, dtype=act)
+            g = torch.randn(N, o, generator=gen).to(device=dev, dtype=act)
+            v = (torch.randn(K, o, i, generator=gen) / i**0.5).to(device=dev, dtype=vdt)
+            T, B = N // SAMPLES, SAMPLES
+            ref = reference.linear_dot(a.double(), g.double(), v.double(), T, B)[0]
+            flops = 2.0 * N * i * o * K
+            t_gemm = timeit(lambda a=a, g=g: g.T @ a, dev, repeats) * K  # the weight-gradient GEMM, once per direction
+            base = dict(shape=shape, dtype=label, N=N, i=i, o=o, K=K)
+            rows.append(
+                dict(base, route="cuBLAS gᵀa (baseline)", ms=t_gemm * 1e3, tflops=flops / t_gemm / 1e12, vs_gemm=1.0)
+            )
+            for name, fn in _linear_variants(dev):
+                try:
+                    out = fn(a, g, v, T, B)
+                    err = _rel(out, ref)
+                    t = timeit(lambda fn=fn, a=a, g=g, v=v, T=T, B=B: fn(a, g, v, T, B), dev, repeats)
+                except Exception as e:  # a failing route gets a row saying why
+                    rows.append(dict(base, route=name, error=f"{type(e).__name__}: {e}"[:200]))
+                    print(f"{shape:<22}{label:<15}{name:<44} ERROR {rows[-1]['error']}", flush=True)
+                    continue
+                rows.append(
+                    dict(base, route=name, ms=t * 1e3, tflops=flops / t / 1e12, vs_gemm=t_gemm / t, rel_err=err)
+                )
+                print(f"{shape:<22}{label:<15}{name:<44}{t * 1e3:9.3f} ms  {flops / t / 1e12:7.1f} TFLOP/s  "
+                      f"vs gemm {t_gemm / t:5.2f}  err {err:.1e}", flush=True)  # fmt: skip
+            del a, g, v, ref
     return rows
 
 
-def bench_e2e(dev: torch.device, quick: bool, repeats: int) -> list[dict]:
+def bench_rows(dev: torch.device, shapes: dict, ceil: dict, repeats: int) -> list[dict]:
+    from geffect_fast.ops import dispatch, reference
+
     rows = []
-    for name, spec in (QUICK_E2E if quick else E2E).items():
-        rows += _e2e_case(name, spec, dev, repeats)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    bw = ceil["bandwidth_Bps"]
+    for shape, (op, N, d, K, *rest) in shapes.items():
+        h = torch.bfloat16
+
+        def rnd(*s, dt=h):
+            return torch.randn(*s, generator=gen).to(device=dev, dtype=dt)
+
+        T, B = N // SAMPLES, SAMPLES
+        if op == "embedding_dot":
+            vocab = rest[0]
+            args = (torch.randint(0, vocab, (N,), generator=gen).to(dev), rnd(N, d), rnd(K, vocab, d), T, B)
+            nbytes = 2 * N * d * (1 + K) + 8 * N  # g, the gathered rows of V, the ids
+        elif op == "norm_dot":
+            args = (rnd(N, d), rnd(N, d), rnd(K, d), rnd(K, d), T, B)
+            nbytes = 2 * 2 * N * d
+        elif op == "row_dot":
+            args = (rnd(K, N, d, dt=torch.float32), rnd(N, d), T, B)
+            nbytes = 4 * K * N * d + 2 * N * d
+        else:  # segment_outer: uniform (an int) or ragged (sorted ids)
+            seg = T if "uniform" in shape else (torch.arange(N, device=dev) * B // N)
+            args = (rnd(N, d), rnd(N, d), seg, B)
+            nbytes = 2 * 2 * N * d
+        ref_args = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args)
+        ref = getattr(reference, op)(*ref_args)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        for backend in ("cuda", "triton"):
+            why = dispatch.backends(dev)[backend]["reason"]
+            if why:
+                rows.append(dict(shape=shape, op=op, backend=backend, error=why))
+                continue
+            fn = dispatch._op(backend, op)
+            try:
+                out = fn(*args)
+                out = out[0] if isinstance(out, tuple) else out
+                err = _rel(out, ref)
+                t = timeit(lambda fn=fn, args=args: fn(*args), dev, repeats)
+            except Exception as e:
+                rows.append(dict(shape=shape, op=op, backend=backend, error=f"{type(e).__name__}: {e}"[:200]))
+                print(f"{shape:<28}{backend:<8} ERROR {rows[-1]['error']}", flush=True)
+                continue
+            rows.append(dict(shape=shape, op=op, backend=backend, ms=t * 1e3, gbps=nbytes / t / 1e9,
+                             of_copy=nbytes / t / bw, rel_err=err))  # fmt: skip
+            print(f"{shape:<28}{backend:<8}{t * 1e3:9.3f} ms  {nbytes / t / 1e9:8.0f} GB/s  "
+                  f"{100 * nbytes / t / bw:5.1f}% of copy  err {err:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+def _model(spec: tuple, dev: torch.device, dtype: torch.dtype):
+    from benchmarks._common import llama_model
+
+    hidden, layers, inter, heads, vocab = spec
+    with torch.device(dev):  # initialise on the device (a 1B model's CPU init takes tens of seconds)
+        model = llama_model(hidden, layers, inter, heads, vocab, 512)
+    return model.to(dtype)
+
+
+def _direction(model, K: int, dtype: torch.dtype, seed: int):
+    import geffect_fast as gf
+
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    V = {n: torch.randn((K, *p.shape), generator=g, device=p.device, dtype=torch.float32).to(dtype)
+         for n, p in model.named_parameters()}  # fmt: skip
+    return gf.Direction(V, names=[f"v{k}" for k in range(K)])
+
+
+def _peak(dev: torch.device, fn) -> float:
+    """Peak device memory (MiB) beyond what was allocated before ``fn``."""
+    if dev.type != "cuda":
+        return float("nan")
+    _sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    _sync(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def bench_e2e(dev: torch.device, spec: tuple, cases: list, batches: list[int], repeats: int):
+    """measure() vs plain forward+backward on one model; then ours/plain over batch sizes."""
+    import geffect_fast as gf
+    from benchmarks._common import padded_batch
+
+    model = _model(spec, dev, torch.bfloat16)
+    nparams = sum(p.numel() for p in model.parameters())
+    vocab = spec[4]
+
+    def batch_of(Bn, T, seed=0):
+        return {k: t.to(dev) for k, t in padded_batch(Bn, T, vocab, torch.Generator().manual_seed(seed)).items()}
+
+    def plain(batch):
+        def run():
+            gf.risk(model, batch).backward()
+            for p in model.parameters():
+                p.grad = None
+
+        return run
+
+    e2e, sweep = [], []
+    for Bn, T, K, vdt in cases:
+        batch = batch_of(Bn, T)
+        d = _direction(model, K, torch.bfloat16 if vdt == "bf16" else torch.float32, seed=K)
+        case = f"B{Bn} T{T} K{K} dir {vdt}"
+        ours = {}
+
+        def measure(backend="auto", ours=ours, d=d, batch=batch):
+            ours[backend] = gf.measure(model, d, {"r": batch}, per_instance=True, backend=backend)
+
+        t_plain = timeit(plain(batch), dev, repeats)
+        m_plain = _peak(dev, plain(batch))
+        t_ours = timeit(measure, dev, repeats)
+        m_ours = _peak(dev, measure)
+        measure("reference")
+        a, r = ours["auto"].instances["r"], ours["reference"].instances["r"]
+        agree = float(((a - r).abs() / r.abs().amax(0).clamp_min(1e-30)).max())
+        e2e.append(dict(case=case, params=nparams, plain_ms=t_plain * 1e3, ours_ms=t_ours * 1e3,
+                        ours_over_plain=t_ours / t_plain, plain_peak_mib=m_plain, ours_peak_mib=m_ours,
+                        agree_vs_reference=agree, backend=ours["auto"].meta["backend"]))  # fmt: skip
+        print(f"{case:<26} plain {t_plain * 1e3:8.2f} ms  ours {t_ours * 1e3:8.2f} ms  x{t_ours / t_plain:5.2f}  "
+              f"peak {m_plain:7.0f}/{m_ours:7.0f} MiB  agree {agree:.1e}", flush=True)  # fmt: skip
+        del d, ours
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    d = _direction(model, 1, torch.bfloat16, seed=7)
+    T = batches[-1] and (128 if spec is E2E_MODEL else 16)
+    for Bn in batches:
+        batch = batch_of(Bn, T, seed=Bn)
+        t_plain = timeit(plain(batch), dev, repeats)
+        t_ours = timeit(lambda batch=batch: gf.measure(model, d, {"r": batch}, per_instance=True), dev, repeats)
+        sweep.append(dict(B=Bn, T=T, plain_ms=t_plain * 1e3, ours_ms=t_ours * 1e3, ours_over_plain=t_ours / t_plain))
+        print(f"B{Bn:<3} T{T}  plain {t_plain * 1e3:8.2f} ms  ours {t_ours * 1e3:8.2f} ms  x{t_ours / t_plain:5.2f}",
+              flush=True)  # fmt: skip
+    return e2e, sweep
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown rows: cols = (header, key, format)."""
+    out = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, k, fmt in cols:
+            v = r.get(k)
+            cells.append("" if v is None else (format(v, fmt) if fmt and not isinstance(v, str) else str(v)))
+        if "error" in r:
+            cells[-1] = r["error"][:70]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and model (a dry run of the script)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/gpu")
-    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--only", default="linear,rows,e2e", help="sections to run (comma list: linear, rows, e2e)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from benchmarks._common import write_csv
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
     ceil = ceilings(dev, args.quick)
-    print(
-        f"{card}: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 GEMM {ceil['bf16_flops'] / 1e12:.0f} TFLOP/s, "
-        f"fp32 GEMM {ceil['fp32_flops'] / 1e12:.1f} TFLOP/s",
-        flush=True,
+    head = (
+        f"{card}, torch {torch.__version__}: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 GEMM "
+        f"{ceil['bf16_flops'] / 1e12:.0f} TFLOP/s, fp32 GEMM {ceil['fp32_flops'] / 1e12:.1f} TFLOP/s (measured)"
     )
-    ops_rows = bench_ops(dev, args.quick, ceil, args.repeats)
-    e2e_rows = [] if args.skip_e2e else bench_e2e(dev, args.quick, max(3, args.repeats // 4))
-    for fname, rows in (("ops_gpu.csv", ops_rows), ("e2e_gpu.csv", e2e_rows)):
-        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        write_csv(out / fname, rows, keys)
-    lines = [
-        f"# GPU check: {card}, torch {torch.__version__}",
-        "",
-        f"Ceilings measured: copy {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s, bf16 GEMM "
-        f"{ceil['bf16_flops'] / 1e12:.0f} TFLOP/s, fp32 GEMM {ceil['fp32_flops'] / 1e12:.1f} TFLOP/s.",
-        "",
-        "| op shape | dtype | backend | ms | floor ms | × floor | rel err |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
-    for r in ops_rows:
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['backend']} | — | | | {r['error'][:60]} |")
-        else:
-            lines.append(
-                f"| {r['shape']} | {r['dtype']} | {r['backend']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
-                f"{r['x_floor']:.1f} | {r['rel_err']:.1e} |"
-            )
-    if e2e_rows:
-        lines += ["", "| case | method | ms | × plain | peak extra MiB | agree |", "|---|---|---:|---:|---:|---:|"]
-        for r in e2e_rows:
-            agree = f"{r['agree_vs_loop']:.1e}" if "agree_vs_loop" in r else ""
-            lines.append(
-                f"| {r['case']} | {r['method']} | {r['ms']:.2f} | {r['x_plain']:.2f} | "
-                f"{r['peak_extra_mib']:.0f} | {agree} |"
-            )
+    print(head, flush=True)
+    lin = bench_linear(dev, QUICK_LINEAR if args.quick else LINEAR, ceil, args.repeats) if "linear" in only else []
+    rws = bench_rows(dev, QUICK_ROWS if args.quick else ROWS, ceil, args.repeats) if "rows" in only else []
+    e2e, sweep = [], []
+    if "e2e" in only:
+        e2e, sweep = bench_e2e(
+            dev,
+            QUICK_MODEL if args.quick else E2E_MODEL,
+            QUICK_CASES if args.quick else E2E_CASES,
+            BATCHES[:2] if args.quick else BATCHES,
+            max(3, args.repeats // 2),
+        )
+    for name, rows in (("ops_gpu.csv", lin + rws), ("e2e_gpu.csv", e2e), ("batch_gpu.csv", sweep)):
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            write_csv(out / name, rows, keys)
+    lines = [f"# GPU benchmark: {head}", "", f"`python -m benchmarks.bench_gpu {' '.join(argv or sys.argv[1:])}`", ""]
+    if lin:
+        lines += ["## linear_dot against the same-shape cuBLAS GEMM (target vs_gemm ≥ 0.75)", ""]
+        lines += _table(lin, [("shape", "shape", ""), ("dtype", "dtype", ""), ("route", "route", ""),
+                              ("ms", "ms", ".3f"), ("TFLOP/s", "tflops", ".0f"), ("vs gemm", "vs_gemm", ".2f"),
+                              ("rel err", "rel_err", ".1e")])  # fmt: skip
+    if rws:
+        lines += ["", "## memory-bound ops against the copy bandwidth (target ≥ 60%)", ""]
+        lines += _table(rws, [("shape", "shape", ""), ("backend", "backend", ""), ("ms", "ms", ".3f"),
+                              ("GB/s", "gbps", ".0f"), ("of copy", "of_copy", ".0%"),
+                              ("rel err", "rel_err", ".1e")])  # fmt: skip
+    if e2e:
+        lines += ["", f"## measure(per_instance=True) vs plain forward+backward, Llama {e2e[0]['params'] / 1e9:.2f}B "
+                  "bf16 (target ≤ 1.10× at K = 1)", ""]  # fmt: skip
+        lines += _table(e2e, [("case", "case", ""), ("plain ms", "plain_ms", ".2f"), ("ours ms", "ours_ms", ".2f"),
+                              ("ours/plain", "ours_over_plain", ".2f"), ("plain peak MiB", "plain_peak_mib", ".0f"),
+                              ("ours peak MiB", "ours_peak_mib", ".0f"),
+                              ("agree", "agree_vs_reference", ".1e")])  # fmt: skip
+    if sweep:
+        lines += ["", "## host overhead: ours/plain against batch size", ""]
+        lines += _table(sweep, [("B", "B", ""), ("T", "T", ""), ("plain ms", "plain_ms", ".2f"),
+                                ("ours ms", "ours_ms", ".2f"), ("ours/plain", "ours_over_plain", ".2f")])  # fmt: skip
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

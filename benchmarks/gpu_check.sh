@@ -1,50 +1,77 @@
 #!/usr/bin/env bash
-# GPU check, for a lent GPU machine (see DEVELOPERS.md): build the extension there, run the GPU tests
-# (CUDA and Triton backends against the reference, bf16/fp32/fp64, large shapes, measure() end to end),
-# then the kernel and end-to-end benchmarks. Full results and logs go to $OUT; a short table is printed
-# last. Budget: under 10 minutes on an H100 (build ~1, tests <= 2.5, kernels and e2e <= 4, suite <= 2.5).
+# The GPU check, for a lent GPU machine (H100/H200, no network): one run of at most 8 minutes, build included.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; OUT defaults to ./gpu_out
+#   bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT (default ./gpu_out)
+#   bash benchmarks/gpu_check.sh --dry-run  # here, on a CPU: print each step and its budget, run nothing
+#
+# Steps, each under its own time budget (a step that runs out is cut and the next one starts):
+#   build   the extension for sm_90a only, nvcc jobs in parallel (one translation unit per op)
+#   tests   the op tests with Triton and CUDA on CUDA tensors, the GPU tests (pytest-xdist where installed)
+#   bench   benchmarks/bench_gpu.py: per-op rates against cuBLAS and the copy bandwidth measured in the same
+#           run, measure() against plain forward+backward on a ~1B Llama, ours/plain against batch size
+#   suite   benchmarks/run.py --device cuda on one case against the peers (directions built on the GPU)
+#   memory  benchmarks/memory_model.py --device cuda: the memory model against the allocator's peaks
+# Everything (logs, CSV, JSON, Markdown) is packed into one file, $OUT/gpu_check.tgz; the summary tables
+# print at the end, with each step's exit code and time.
 set -uo pipefail
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+JOBS=$(nproc 2>/dev/null || echo 4)
+W=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
+
+# name | budget (s) | command
+STEPS=(
+  "build|120|GEFFECT_FAST_CUDA=1 GEFFECT_FAST_CUDA_ARCHS=90a-real GEFFECT_FAST_BUILD_JOBS=$JOBS $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import geffect_fast as gf, json; print(json.dumps(gf.backends(\"cuda\")))'"
+  "tests|115|$PY -m pytest -q -p no:cacheprovider --maxfail=25 \$($PY -c 'import xdist' 2>/dev/null && echo -n '-n 8') tests/ops tests/test_gpu.py tests/test_backends.py"
+  "bench|145|$PY -m benchmarks.bench_gpu --out $W --repeats 20"
+  "suite|60|$PY -m benchmarks.run --device cuda --repeats 3 --timeout 50 --cases 'llama-135M B16 T256' --out $W --methods 'ours[auto],ours[triton],ours[cuda],plain_fwd_bwd,per_sample_loop,opacus'"
+  "memory|25|$PY -m benchmarks.memory_model --device cuda --out $W"
+)
+TOTAL=10  # machine facts and packing
+for s in "${STEPS[@]}"; do TOTAL=$((TOTAL + $(cut -d'|' -f2 <<<"$s"))); done
+
+if [ $DRY = 1 ]; then
+  echo "gpu_check dry run: steps and budgets (seconds)"
+  for s in "${STEPS[@]}"; do printf '  %-7s %4s  %s\n' "$(cut -d'|' -f1 <<<"$s")" "$(cut -d'|' -f2 <<<"$s")" "$(cut -d'|' -f3- <<<"$s")"; done
+  printf '  %-7s %4s\n' total "$TOTAL"
+  [ "$TOTAL" -le 480 ] || { echo "over the 8-minute budget" >&2; exit 1; }
+  exit 0
+fi
+
+mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
   nvcc --version | tail -1
-} 2>&1 | tee "$OUT/machine.txt"
+  echo "cpus $JOBS"
+} >"$W/machine.txt" 2>&1
+cat "$W/machine.txt"
 
-echo "== build (pip install --no-build-isolation --no-deps -e .)"
-start=$(date +%s)
-if ! GEFFECT_FAST_CUDA=1 GEFFECT_FAST_CUDA_ARCHS="90a-real;80-real" $PY -m pip install --no-build-isolation --no-deps -e . \
-    >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  echo "BUILD FAILED (log: $OUT/build.log)"
-  exit 1
-fi
-echo "built in $(( $(date +%s) - start ))s"
-$PY -c "import geffect_fast as gf, json; print(json.dumps(gf.backends('cuda')))" | tee "$OUT/backends.json"
+: >"$W/steps.txt"
+for s in "${STEPS[@]}"; do
+  name=$(cut -d'|' -f1 <<<"$s"); budget=$(cut -d'|' -f2 <<<"$s"); cmd=$(cut -d'|' -f3- <<<"$s")
+  echo "== $name (budget ${budget}s)"
+  t0=$(date +%s)
+  timeout --kill-after=5 "$budget" bash -c "$cmd" >"$W/$name.log" 2>&1
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  tail -3 "$W/$name.log"
+  echo "$name rc=$rc ${dt}s (budget ${budget}s)$([ $rc = 124 ] && echo ' TIMED OUT')" | tee -a "$W/steps.txt"
+  if [ "$name" = build ] && [ $rc != 0 ]; then
+    tail -40 "$W/build.log"
+    break  # nothing else can run without the extension
+  fi
+done
 
-echo "== GPU tests"
-TRITON_INTERPRET=0 timeout 150 $PY -m pytest -q -x tests/ops tests/test_gpu.py -p no:cacheprovider \
-  2>&1 | tee "$OUT/tests.log" | tail -15
-tests_rc=${PIPESTATUS[0]}
-
-echo "== benchmarks"
-timeout 240 $PY -m benchmarks.bench_gpu --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v '^|' || true
-echo "== the benchmark suite against peers, GPU cases"
-timeout 150 $PY -m benchmarks.run --device cuda --repeats 3 --timeout 60 --out "$OUT" \
-  --methods "ours[auto],ours[cuda],ours[triton],plain_fwd_bwd,per_sample_loop,official_protocol,torch.func_vmap,opacus" \
-  2>&1 | tee "$OUT/suite.log" | grep -v '^|' || true
-
-echo "== memory model against the CUDA allocator's peaks"
-timeout 90 $PY -m benchmarks.memory_model --device cuda --out "$OUT" 2>&1 | tail -3 || true
-
+tar czf "$OUT/gpu_check.tgz" -C "$W" . 2>/dev/null
 echo
-echo "== summary (tests exit code: $tests_rc)"
-cat "$OUT/summary.md" 2>/dev/null || echo "no summary: see $OUT/bench.log"
-grep '^|' "$OUT/suite_gpu.md" 2>/dev/null | cut -c1-150 || true
-grep -E '^\| [0-9]' "$OUT/memory_model_cuda.md" 2>/dev/null | cut -c1-120 || true
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+echo "== summary ($(head -2 "$W/machine.txt" | tail -1 | cut -d, -f1)); all files in $OUT/gpu_check.tgz"
+grep -v '^$' "$W/summary.md" 2>/dev/null | grep -v '^`' || echo "no benchmark summary: see bench.log"
+grep '^|' "$W/suite_gpu.md" 2>/dev/null | cut -c1-160
+grep -E '^\| [0-9]' "$W/memory_model_cuda.md" 2>/dev/null | cut -c1-120
+grep -E "passed|failed|error" "$W/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -15
+cat "$W/steps.txt"

@@ -67,8 +67,9 @@ METHOD_ORDER = [
 ]
 
 
-def build(model_name: str, B: int, T: int):
-    """(model, risk batch, query batch, V = ∇ Σ_q ℓ_q over the query batch), deterministic."""
+def build(model_name: str, B: int, T: int, device: str | torch.device = "cpu"):
+    """(model, risk batch, query batch, V = ∇ Σ_q ℓ_q over the query batch), deterministic; all on ``device``
+    (the direction's backward runs there: on a GPU worker it takes a fraction of a second, not minutes)."""
     import transformers as tf
 
     import geffect_fast as gf
@@ -94,8 +95,11 @@ def build(model_name: str, B: int, T: int):
         torch.manual_seed(0)
         model = tf.GPT2LMHeadModel(cfg).eval()
 
+    model = model.to(device)
+
     def batch(seed):
-        return padded_batch(B, T, vocab, torch.Generator().manual_seed(seed), low=1)
+        b = padded_batch(B, T, vocab, torch.Generator().manual_seed(seed), low=1)
+        return {k: t.to(device) for k, t in b.items()}
 
     risk, query = batch(1), batch(2)
 
@@ -112,12 +116,8 @@ def _worker(case: str, method: str, repeats: int, dump: str, device: str = "cpu"
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     spec = {c[0]: c for c in FULL_CASES + SMALL_CASES + GPU_CASES}[case]
-    model, batch, query, V = build(spec[1], spec[2], spec[3])
     dev = torch.device(device)
-    if dev.type == "cuda":
-        model = model.to(dev)
-        batch, query = ({k: t.to(dev) for k, t in b.items()} for b in (batch, query))
-        V = {n: t.to(dev) for n, t in V.items()}
+    model, batch, query, V = build(spec[1], spec[2], spec[3], dev)
     grouping = M.group_of(model)
     extra = {}
     if method == "kronfluence":
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=None, help="seconds per (case, method) process")
     ap.add_argument("--methods", default=",".join(METHOD_ORDER))
+    ap.add_argument("--cases", default="", help="comma list of case names to run (default: every case of the mode)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU cases (peak = max_memory_allocated)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -177,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = args.device.startswith("cuda")
     cases = GPU_CASES if gpu else SMALL_CASES if args.small else FULL_CASES
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = set(wanted) - {c[0] for c in cases}
+        if unknown:
+            ap.error(f"unknown case(s) {sorted(unknown)}; this mode has {[c[0] for c in cases]}")
+        cases = [c for c in cases if c[0] in wanted]
     repeats = 1 if args.small else args.repeats
     timeout = args.timeout or (120 if args.small else 900)
     out = Path(args.out)

@@ -139,8 +139,9 @@ class KernelOps:
     def norm_dot(self, xhat, g, vw, vb, seg, B):
         N, d, K = check_norm(xhat, g, vw, vb, seg, B)
         seg = seg_ids(seg, N, B, g.device)
-        if xhat.dtype != g.dtype:
-            xhat = xhat.to(g.dtype)
+        if xhat.dtype != g.dtype:  # e.g. HF RMSNorm's float32 x̂ beside a bf16 g: widen g, never round x̂
+            wide = torch.promote_types(xhat.dtype, g.dtype)
+            xhat, g = xhat.to(wide), g.to(wide)
         if vw is not None and vb is not None and vb.dtype != vw.dtype:
             vb = vb.to(vw.dtype)
         acc = acc_dtype(xhat, g, vw, vb)

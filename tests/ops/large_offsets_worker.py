@@ -9,10 +9,10 @@ import json
 import os
 import sys
 
-if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "0" if os.path.exists("/dev/nvidiactl") else "1")
-
 import torch  # noqa: E402
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from geffect_fast.ops import reference as ref  # noqa: E402
 
