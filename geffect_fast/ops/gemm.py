@@ -87,15 +87,19 @@ def matmul_acc(x: Tensor, m: Tensor, acc: torch.dtype, split: tuple | None = Non
     call by the caller) as two 16-bit GEMMs; see the module docstring for the error.
     """
     K = m.shape[0]
-    if split is not None:
-        hi, lo, scale = split
-        out = torch.stack([_mm(x, hi[k], acc) for k in range(K)])
-        for k in range(K):
-            out[k] += _mm(x, lo[k], acc)
-        return out if scale is None else out.mul_(scale.to(acc))
-    if x.dtype == m.dtype == acc:
+    if split is None and x.dtype == m.dtype == acc:
         return torch.matmul(x, m)
-    return torch.stack([_mm(x, m[k].to(x.dtype) if m.dtype != x.dtype else m[k], acc) for k in range(K)])
+    out = torch.empty(K, x.shape[0], m.shape[2], dtype=acc, device=x.device)
+    for k in range(K):
+        if split is not None:
+            hi, lo, scale = split
+            out[k] = _mm(x, hi[k], acc)
+            out[k] += _mm(x, lo[k], acc)
+            if scale is not None:
+                out[k] *= scale[k].to(acc)
+        else:
+            out[k] = _mm(x, m[k] if m.dtype == x.dtype else m[k].to(x.dtype), acc)
+    return out
 
 
 def needs_split(x_dtype: torch.dtype, m_dtype: torch.dtype) -> bool:
