@@ -34,8 +34,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_mod
 from . import groups as groups_mod
-from .capture import CaptureSession, ModulePlan, Slot, UnsupportedModuleError, find_adapter
-from .capture.base import NotPerSampleError
+from .capture import CaptureSession, ModulePlan, NotPerSampleError, Slot, UnsupportedModuleError, find_adapter
 from .direction import Direction
 from .loss import (
     REDUCTIONS,
@@ -326,7 +325,7 @@ def _plan(call: _Call, backend: str, strict: bool, forced: Mapping[str, str] | N
             items = [f"{n}: {why}" for n, why in list(plan.uncovered.items())[:5]]
             more = f" (and {len(plan.uncovered) - 5} more)" if len(plan.uncovered) > 5 else ""
             raise UnsupportedModuleError(
-                "these parameters have a nonzero direction but no adapter covers them: "
+                "these parameters have a nonzero direction but no adapter can measure them per sample: "
                 + "; ".join(items)
                 + more
                 + ". Register an adapter (geffect_fast.capture.register) or pass strict=False to measure "

@@ -193,7 +193,10 @@ MORE_FAMILIES: dict[str, tuple[type, dict]] = {
 EAGER = {f for f, (_, kw) in MORE_FAMILIES.items() if kw.get("attn_implementation") == "eager"}
 # fused-expert MoE families: their experts are refused with the reason (strict) or measured by autograd
 MOE_FAMILIES: dict[str, tuple[type, dict]] = {
-    "mixtral": (tf.MixtralConfig, dict(_H, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": (
+        tf.MixtralConfig,
+        dict(_H, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"),
+    ),
     "qwen2_moe": (
         tf.Qwen2MoeConfig,
         dict(
@@ -203,17 +206,22 @@ MOE_FAMILIES: dict[str, tuple[type, dict]] = {
             num_experts_per_tok=2,
             moe_intermediate_size=16,
             shared_expert_intermediate_size=24,
+            experts_implementation="eager",  # grouped_mm has no float64
         ),
     ),
 }
 _CONFIGS = {**ALL_FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}
 
 
-def make_model(family: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> nn.Module:
-    """A tiny randomly initialised causal LM of ``family`` (eval mode)."""
+def make_model(
+    family: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int | None = None, **overrides
+) -> nn.Module:
+    """A tiny randomly initialised causal LM of ``family`` (eval mode); ``layers`` blocks if given."""
     cls, kw = _CONFIGS[family]
     kw = {"attn_implementation": "sdpa", **kw, **overrides}
     cfg = cls(vocab_size=VOCAB, max_position_embeddings=64, **kw)
+    if layers is not None:
+        cfg.num_hidden_layers = layers  # HF configs map it to their own name (n_layer, num_layers, ...)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     # norms start at exactly 1 (or 0 for Gemma) and biases at 0: randomise them so every term is exercised

@@ -55,7 +55,10 @@ class _TapFn(torch.autograd.Function):
     def forward(ctx, y: Tensor, fn: Callable[[Tensor, Sequence[Tensor]], None], *saved: Tensor) -> Tensor:
         ctx.fn = fn
         ctx.save_for_backward(*saved)
-        return y.view_as(y)
+        # an alias, not a view: the model may modify a layer's output in place (Falcon's `mlp_output +=
+        # attention_output`), which autograd forbids on a custom Function's view outputs. The alias shares y's
+        # version counter, so an in-place change that plain autograd would refuse is refused here too.
+        return y.detach()
 
     @staticmethod
     def backward(ctx, g: Tensor):

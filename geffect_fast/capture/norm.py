@@ -128,8 +128,9 @@ class _NormAdapter(Adapter):
                     (torch.where(keep, y - w * xh, 0).abs().max() / scale).item(),
                     (torch.where(keep, y - (1 + w) * xh, 0).abs().max() / scale).item(),
                 )
-                if err < best_err:
-                    best, best_err, best_tol = p, err, _rtol(out.dtype, p)
+                tol = _rtol(out.dtype, p)
+                if best is None or err / tol < best_err / best_tol:  # the precision that fits best, for its dtype
+                    best, best_err, best_tol = p, err, tol
         if best_err > best_tol:
             raise UnsupportedModuleError(
                 f"module {name!r} ({type(module).__name__}) looks like {self.kind} but its output is neither "
@@ -224,7 +225,8 @@ class CohereLayerNormAdapter(HFRMSNormAdapter):
 
     def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
         x = a.to(prec)
-        return F.layer_norm(x, x.shape[-1:], None, None, self.eps(module)).to(_acc(a))
+        c = x - x.mean(-1, keepdim=True)  # the module's own arithmetic, so x̂ rounds as its does
+        return (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.eps(module))).to(_acc(a))
 
 
 _COHERE_LAYERNORM = CohereLayerNormAdapter()
