@@ -429,3 +429,15 @@ def test_from_objective_without_labels_names_the_missing_key():
         gf.Direction.from_objective(
             model, gf.objectives.get("ga", retain="gd"), {"forget": batch, "retain": make_batch(model)}
         )
+
+
+# -- 10. (the Tracker's part) a log file that already holds records --------------------------------------------
+def test_tracker_refuses_to_truncate_an_existing_log(tmp_path):
+    model = make_model("llama")
+    log = tmp_path / "g.jsonl"
+    log.write_text('{"step": 0}\n')
+    with pytest.raises(FileExistsError, match="g.jsonl exists and holds records"):
+        gf.Tracker(model, {"unlearn": make_batch(model)}, log=log)
+    assert log.read_text() == '{"step": 0}\n'
+    log.write_text("")  # an empty file is a fine place to start
+    gf.Tracker(model, {"unlearn": make_batch(model)}, log=log)
