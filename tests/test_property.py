@@ -8,8 +8,11 @@ Bounds are tests/test_oracle.py's, float64: per instance, max_b |ours − oracle
 every (direction, group) column; per group total, |ours − Σ_b c_b e_b| ≤ 1e-6 · Σ_b c_b |e_b| (the scale of
 the sum's terms, so that a total that cancels to near zero is not held to a bound its terms cannot meet).
 Both scales are floored at 1e-9 of the case's largest value: a column that is zero in exact arithmetic (a
-key projection's bias, by the softmax's shift invariance) holds only rounding noise, ~1e-19, that no
-relative bound can compare.
+key projection's bias, by the softmax's shift invariance) holds rounding noise (~1e-19) that no relative
+bound can compare. Families whose norm layers compute in float32 even in a float64 model (Gemma, Gemma2,
+Gemma3, Helium, Cohere: ``FLOAT32_INSIDE``) have an oracle that itself rounds at float32 in those layers —
+its per-sample gradients are float32 sums over tokens — so they are held to test_oracle.py's float32 bound,
+1e-4 (observed over 60 random cases each: ≤ 6.3e-6; the other families ≤ 2e-13).
 
 Seeded: every case is drawn from ``GEFFECT_FAST_PROPERTY_SEED`` (default 0), the family and the case index,
 so a run is reproducible and a failure prints the command that replays it. ``GEFFECT_FAST_PROPERTY_CASES``
@@ -45,6 +48,10 @@ BASE_SEED = int(os.environ.get("GEFFECT_FAST_PROPERTY_SEED", "0"))
 CASES = int(os.environ.get("GEFFECT_FAST_PROPERTY_CASES", "3"))
 FAMILIES = {**ALL_FAMILIES, **MORE_FAMILIES}
 RTOL = 1e-6
+#: families whose HF norms compute in float32 inside a float64 model: held to the float32 bound (see above)
+FLOAT32_INSIDE = {"gemma", "gemma2", "gemma3", "helium", "cohere"}
+RTOL_FLOAT32 = 1e-4
+FLOOR = 1e-9  #: of the case's largest value: the smallest scale an error is judged relative to (see above)
 
 
 @dataclass(frozen=True)
@@ -146,13 +153,14 @@ def relative_errors(case: Case):
     grouping = assign(model, case.groups, [n for n, _ in model.named_parameters()])
     assert res.groups == grouping.names
     e, c = oracle(model, dense, batch, grouping.of, len(grouping), case.reduction)
-    ours, floor = res.instances["r"], 1e-9 * e.abs().max().item()
+    rtol = RTOL_FLOAT32 if case.family in FLOAT32_INSIDE else RTOL
+    ours, floor = res.instances["r"], FLOOR * e.abs().max().item()
     inst = ((ours - e).abs().amax(1) / e.abs().amax(1).clamp_min(floor)).max().item()
-    assert inst <= RTOL, f"per instance: relative error {inst:.3e} > {RTOL:.0e}; replay: {case.replay()}; {case}"
+    assert inst <= rtol, f"per instance: relative error {inst:.3e} > {rtol:.0e}; replay: {case.replay()}; {case}"
     terms = (e.abs() * c[None, :, None]).sum(1)
     totals = (e * c[None, :, None]).sum(1)
-    err = ((res.group_totals["r"] - totals).abs() / terms.clamp_min(1e-9 * terms.max().item())).max().item()
-    assert err <= RTOL, f"per group total: relative error {err:.3e} > {RTOL:.0e}; replay: {case.replay()}; {case}"
+    err = ((res.group_totals["r"] - totals).abs() / terms.clamp_min(FLOOR * terms.max().item())).max().item()
+    assert err <= rtol, f"per group total: relative error {err:.3e} > {rtol:.0e}; replay: {case.replay()}; {case}"
     # the weights are the reduction's; samples without labels weigh nothing and measure zero
     assert torch.allclose(res.weights["r"], c, rtol=1e-12, atol=0)
     for b in range(case.B):
