@@ -155,6 +155,7 @@ class _Call:
     mode: str
     per_instance: bool
     device: torch.device
+    sharded: bool  #: FSDP2: collectives run inside the backward (gradient reduce-scatter, direction gathers)
     route: str  #: "taps" or "sharded" (FSDP2 aggregates)
 
 
@@ -308,7 +309,9 @@ def _check_inputs(
     sharded = dist_mod.sharded_mesh(model) is not None
     # FSDP2 aggregates come from the sharded gradient itself; per-instance values need the taps
     route = "sharded" if sharded and not per_instance else "taps"
-    return _Call(model, comm, direction, risks, named, V, grouping, reduction, mode, per_instance, device, route)
+    return _Call(
+        model, comm, direction, risks, named, V, grouping, reduction, mode, per_instance, device, sharded, route
+    )
 
 
 # -- phase 2 ----------------------------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def _one_pass(
         )
     ell = (nll.detach().sum(1) / n.clamp_min(1).to(device=nll.device, dtype=nll.dtype)).double().cpu()
     del nll
-    if comm is not None and call.route == "sharded":  # FSDP's backward collectives follow: all must get there
+    if comm is not None and call.sharded:  # the backward's collectives follow: every rank must get there
         comm.agree(f"running the forward of risk set {rname!r}")
     L.backward()
     del L

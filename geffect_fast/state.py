@@ -66,14 +66,15 @@ def _is_inference(t: torch.Tensor) -> bool:
     return False
 
 
-def check_not_inference(*models: nn.Module | None) -> None:
+def check_not_inference(*models: nn.Module | None, trainable_only: bool = False) -> None:
     """Raise a clear error for parameters created under ``torch.inference_mode()``: autograd cannot use them,
-    and their ``requires_grad`` cannot even be set back once cleared."""
+    and their ``requires_grad`` cannot even be set back once cleared. ``trainable_only``: check only those that
+    require grad (a frozen reference model made under inference mode is fine where nothing differentiates it)."""
     for m in models:
         if m is None:
             continue
         for n, p in m.named_parameters():
-            if _is_inference(p):
+            if (p.requires_grad or not trainable_only) and _is_inference(p):
                 raise RuntimeError(
                     f"the model's parameters are inference tensors (e.g. {n!r}): it was created or loaded under "
                     "torch.inference_mode(), and autograd cannot differentiate through such tensors. Create or "
@@ -88,12 +89,12 @@ def preserved(*models: nn.Module | None, mode: str = "keep") -> Iterator[None]:
 
     Inside the block every parameter's ``.grad`` is None (the originals are put back afterwards, untouched),
     so any gradient accumulated inside lands in fresh tensors. ``mode`` "eval" or "train" switches the
-    models for the duration; "keep" leaves them as they are. Parameters created under inference mode are
-    refused before anything is touched.
+    models for the duration; "keep" leaves them as they are. Trainable parameters created under inference mode
+    are refused before anything is touched (their flag could not be set back).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    check_not_inference(*models)
+    check_not_inference(*models, trainable_only=True)
     present = {id(_innermost(m)): m for m in models if m is not None}
     with ExitStack() as locks:
         for key in sorted(present):  # one order for every thread: no deadlock between two-model blocks

@@ -355,6 +355,23 @@ def test_inference_mode_around_the_call_is_a_clear_error_and_its_batches_are_fin
     )
 
 
+def test_frozen_reference_model_made_under_inference_mode_is_fine():
+    """Only what autograd must differentiate is refused: NPO's frozen reference may be an inference model."""
+    model = make_model("llama")
+    with torch.inference_mode():
+        ref = make_model("llama", seed=1)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    batch = make_batch(model)
+    npo = gf.objectives.get("npo")
+    v = gf.Direction.from_objective(model, npo, batch, ref_model=ref)
+    with torch.no_grad():
+        plain_ref = make_model("llama", seed=1)
+    w = gf.Direction.from_objective(model, npo, batch, ref_model=plain_ref)
+    for n in v.keys():
+        assert torch.equal(v.tensor(n), w.tensor(n)), n
+
+
 def test_restore_never_hides_the_original_error(monkeypatch):
     """A failure while putting the state back must not replace the error that stopped the pass."""
     model = make_model("llama")
