@@ -369,7 +369,7 @@ def _passes(
         try:
             parts = _run(call, plan, weights)
         except NotPerSampleError as e:
-            if strict:
+            if strict or not set(e.params) - set(plan.uncovered):  # nothing new to re-plan: no progress possible
                 raise
             if call.comm is not None:
                 raise NotPerSampleError(
