@@ -115,7 +115,7 @@ class Direction:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("no parameter of the model requires grad: nothing to differentiate")
-        with preserved(model, ref_model, mode=mode):
+        with preserved(model, ref_model, mode=mode), torch.enable_grad():  # inside a user's no_grad too
             try:
                 loss = objective(model, batch, ref_model)
             except KeyError as e:  # a bare KeyError('labels') from deep inside an objective says too little

@@ -396,7 +396,10 @@ def test_inside_no_grad_equals_outside():
     batch = make_batch(model)
     with torch.no_grad():
         inside = gf.measure(model, V, batch, per_instance=True)
+        v_inside = gf.Direction.from_objective(model, gf.objectives.get("ga"), batch)
     assert torch.is_grad_enabled()
+    v_outside = gf.Direction.from_objective(model, gf.objectives.get("ga"), batch)
+    assert all(torch.equal(v_inside.tensor(n), v_outside.tensor(n)) for n in v_outside.keys())
     outside = gf.measure(model, V, batch, per_instance=True)
     assert torch.equal(inside.instances["risk"], outside.instances["risk"])
 
