@@ -6,7 +6,8 @@
     geffect-fast report DIR
 
 Bad input gets one clear line on stderr and exit code 2; a run writes into a temporary folder that becomes
-``--out`` only when everything is written, so nothing half-written is left looking complete.
+``--out`` only when everything is written, so nothing half-written is left looking complete — also when the
+run is stopped by Ctrl-C or SIGTERM (exit code 130 / 143, the temporary folder removed).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -29,25 +33,94 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so temporary output is removed on the way out."""
+
+
+def check_output_folder(out: str | Path, force: bool = False) -> Path:
+    """``out`` as an absolute path that can become the output folder; a CLIError naming the problem if not."""
+    raw = str(out)
+    out = Path(out).resolve()
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents or out.parent == out:
+        raise CLIError(f"--out {raw} is the current folder or one that holds it; name a new folder, e.g. {raw}/run")
+    if out.exists() and not force:
+        raise CLIError(f"output folder {raw} exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {raw} is a file, not a folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create the output folder {raw}: {parent} is a file, not a folder")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is removed."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise CLIError(f"output folder {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure (any exception,
+    KeyboardInterrupt and SIGTERM included) it is removed."""
+    raw = str(out)
+    out = check_output_folder(out, force)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise CLIError(f"cannot create the output folder {raw}: {e.strerror or e}") from None
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CLIError(f"cannot move the finished output into {raw}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the body runs (main thread only), SIGTERM raises :class:`Terminated` instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_device(spec: str):
+    """``--device`` as a torch.device that this machine has; a CLIError naming the problem if not."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {spec} is not a device torch knows (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise CLIError(
+            f"--device {spec} was asked for, but this machine has no {dev.type.upper()} device torch can use"
+        )
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise CLIError(f"--device {spec}: this machine has {count()} {dev.type} device(s)")
+    return dev
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "report":
-            return _report(args)
+        with _sigterm_unwinds():
+            if args.command == "demo":
+                return _demo(args)
+            if args.command == "run":
+                return _run(args)
+            if args.command == "report":
+                return _report(args)
     except CLIError as e:
         print(f"geffect-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -112,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"geffect-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"geffect-fast {args.command}: {what}; no partial output left", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -190,6 +268,8 @@ def _run(args) -> int:
     names = _objective_names(args.objective)
     if args.groups not in SCHEMES:
         raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(SCHEMES)}")
+    if args.prompt not in (*data.PROMPTS, "chat"):
+        raise CLIError(f"unknown --prompt {args.prompt!r}; use one of {', '.join([*data.PROMPTS, 'chat'])}")
     for flag, v in (
         ("--steps", args.steps),
         ("--every", args.every),
@@ -198,12 +278,10 @@ def _run(args) -> int:
     ):
         if v < 1:
             raise CLIError(f"{flag} must be >= 1")
-    if args.lr <= 0:
-        raise CLIError("--lr must be > 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device} was asked for, but this machine has no CUDA device torch can use")
-    if Path(args.out).exists() and not args.force:
-        raise CLIError(f"output folder {args.out} exists; pass --force to replace it")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    check_device(args.device)
+    check_output_folder(args.out, args.force)
     forget_recs = data.load_records(args.forget)
     retain_recs = data.load_records(args.retain)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

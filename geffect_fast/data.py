@@ -44,8 +44,8 @@ REFUSALS = [
 
 # -- records ----------------------------------------------------------------------------------------------
 def load_records(path: str | Path, keys: Sequence[str] = ("question", "answer")) -> list[dict[str, Any]]:
-    """Records from a JSON file (a list, or {"data": [...]}) or JSONL (one object per line), each checked to
-    have ``keys`` with string values."""
+    """Records from a JSON file (a list, or {"data": [...]}) or JSONL (one object per line, whatever the file is
+    named: TOFU's own JSON-lines files are named ``.json``), each checked to have ``keys`` with string values."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
@@ -54,7 +54,12 @@ def load_records(path: str | Path, keys: Sequence[str] = ("question", "answer"))
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            obj = json.loads(text)
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                if not e.msg.startswith("Extra data"):
+                    raise
+                obj = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON lines
             records = obj.get("data", obj) if isinstance(obj, dict) else obj
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON/JSONL ({e})") from e

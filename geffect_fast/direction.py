@@ -73,7 +73,9 @@ class Direction:
         if len(set(self.names)) != len(self.names) or not all(self.names):
             raise ValueError(f"direction names must be unique and non-empty, got {self.names}")
         self.zero = frozenset(zero) - set(self._v)
-        self._nonzero: dict[str, bool] = {}
+        #: entry -> (version counter, storage address, nonzero): the checks of :meth:`bind`, redone when the
+        #: tensor is changed in place (its version counter moves) or replaced
+        self._checked: dict[str, tuple[int, int, bool]] = {}
 
     # -- constructors ------------------------------------------------------------------------------------
     @classmethod
@@ -113,8 +115,16 @@ class Direction:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("no parameter of the model requires grad: nothing to differentiate")
-        with preserved(model, ref_model, mode=mode):
-            loss = objective(model, batch, ref_model)
+        with preserved(model, ref_model, mode=mode), torch.enable_grad():  # inside a user's no_grad too
+            try:
+                loss = objective(model, batch, ref_model)
+            except KeyError as e:  # a bare KeyError('labels') from deep inside an objective says too little
+                key = e.args[0] if e.args else None
+                raise KeyError(
+                    f"objective {name!r} looked up {key!r}, which its batch does not have ({_describe(batch)}); "
+                    "a batch needs input_ids and labels (−100 = ignored), and objectives with a retain term take "
+                    "{'forget': batch, 'retain': batch}"
+                ) from e
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError(f"objective {name!r} must return a scalar tensor, got {type(loss).__name__}")
             if not torch.isfinite(loss.detach()).all():
@@ -239,7 +249,8 @@ class Direction:
         whose direction is nonzero.
 
         Raises for an entry naming no parameter, a wrong shape, dtype or device, a non-finite value, or a
-        trainable parameter (``requires_grad``) that the direction does not mention.
+        trainable parameter (``requires_grad``) that the direction does not mention. Whether an entry is finite
+        and nonzero is remembered between calls only while the tensor is unchanged (same version counter).
         """
         out: dict[str, Tensor] = {}
         mentioned: set[str] = set()
@@ -262,14 +273,18 @@ class Direction:
                 )
             if t.device != p.device:
                 raise ValueError(f"direction for {c!r} is on {t.device} but the parameter is on {p.device}")
-            nz = self._nonzero.get(key)
-            if nz is None:  # checked once per entry; entries are not expected to change in place
-                # a sharded entry is checked on this rank's shard, with no collective (ranks may fail here
-                # alone), and counts as nonzero: whether it is zero is a fact about every rank's shard
-                local = local_part(t)
+            # a sharded entry is checked on this rank's shard, with no collective (ranks may fail here alone),
+            # and counts as nonzero: whether it is zero is a fact about every rank's shard
+            local = local_part(t)
+            stamp = (-1, -1) if local.is_inference() else (local._version, local.data_ptr())  # -1: no counter
+            seen = None if stamp[0] < 0 else self._checked.get(key)
+            if seen is not None and seen[:2] == stamp:
+                nz = seen[2]
+            else:  # first bind, or the tensor changed in place since: check again
                 if not bool(torch.isfinite(local).all()):
                     raise ValueError(f"direction has NaN or inf in {key!r}")
-                nz = self._nonzero[key] = True if is_dtensor(t) else bool(t.any())
+                nz = True if is_dtensor(t) else bool(t.any())
+                self._checked[key] = (*stamp, nz)
             if nz:
                 out[c] = t
         missing = [n for n in trainable if n not in mentioned]
@@ -280,6 +295,14 @@ class Direction:
                 "in Direction(..., zero=[...]), or set requires_grad=False on parameters outside the direction"
             )
         return out
+
+
+def _describe(batch: Any) -> str:
+    """The keys of a batch, or of each part of an open-unlearning {'forget': ..., 'retain': ...} dict."""
+    if not isinstance(batch, Mapping):
+        return f"a {type(batch).__name__}"
+    parts = [f"{k}: keys {', '.join(map(str, v))}" for k, v in batch.items() if isinstance(v, Mapping)]
+    return "; ".join(parts) if parts else f"keys {', '.join(map(str, batch))}"
 
 
 def _as_tensor(key: str, t: Any) -> Tensor:

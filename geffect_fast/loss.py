@@ -66,6 +66,52 @@ def check_batch(batch: Any, name: str, device: torch.device | None = None) -> No
         )
 
 
+def check_causal_lm(model: nn.Module) -> None:
+    """Refuse Hugging Face models whose outputs are not next-token predictions: encoder-decoders, masked LMs
+    (BERT-style ``*ForMaskedLM``), and encoder families' causal-LM heads without ``config.is_decoder``, whose
+    attention is still bidirectional. R is the NLL of *shifted* labels; on these it would be a number with
+    no meaning, not an error. Models that are not Hugging Face ``PreTrainedModel`` s are taken as causal."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        return
+    name = type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} is an encoder-decoder model; the risk is the causal-LM NLL of shifted labels, which only "
+            "decoder-only causal LMs (AutoModelForCausalLM) define"
+        )
+    causal, masked, masked_types = _hf_lm_classes()
+    if name in masked and name not in causal:
+        raise ValueError(
+            f"{name} is a masked LM: it predicts masked tokens from both sides, not the next token, so the causal-LM "
+            "NLL of shifted labels measured on it would mean nothing; use a causal LM (AutoModelForCausalLM)"
+        )
+    if name in causal and config.model_type in masked_types:
+        if not getattr(config, "is_decoder", False):
+            raise ValueError(
+                f"{name} without config.is_decoder=True attends in both directions (a masked LM's encoder); build "
+                "it with is_decoder=True to measure it as a causal LM"
+            )
+
+
+@functools.cache
+def _hf_lm_classes() -> tuple[frozenset, frozenset, frozenset]:
+    """(causal-LM class names, masked-LM class names, masked-LM model types) from transformers' auto maps."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except Exception:  # pragma: no cover - transformers missing or broken: nothing to check against
+        return frozenset(), frozenset(), frozenset()
+
+    def names(mapping) -> set[str]:
+        out: set[str] = set()
+        for v in mapping.values():
+            out.update(v if isinstance(v, (tuple, list)) else (v,))
+        return out
+
+    masked = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return frozenset(names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)), frozenset(names(masked)), frozenset(masked)
+
+
 def label_counts(labels: Tensor) -> Tensor:
     """n_b: the labelled tokens of each sample (labels are shifted, so the first position never counts)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(1)

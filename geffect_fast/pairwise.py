@@ -117,13 +117,14 @@ def measure_pairwise(
             session.factor_sink = lambda slot, L, R, seg, pad: kept[slot.name].append(
                 (L.detach(), R.detach(), seg, pad)
             )
-            session.start(B_obj, device)
+            session.start(B_obj, device, obj_rows["input_ids"].shape[1])
             per = objective.per_sample(model, objective_batch, ref_model)
             if per.shape != (B_obj,):
                 raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B_obj}]")
             if not bool(torch.isfinite(per.detach()).all()):
                 raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
             per.sum().backward()
+            session.check_outside_uses()
             # 2. each risk batch against them
             for rname, batch in risks.items():
                 B = batch["input_ids"].shape[0]
@@ -149,10 +150,11 @@ def measure_pairwise(
                         routes[f"{slot.name}[{k}]"] = how
 
                 session.factor_sink = pair
-                session.start(B, device)
+                session.start(B, device, batch["input_ids"].shape[1])
                 ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
                 if not bool(torch.isfinite(ell.detach()).all()):
                     raise ValueError(f"risk set {rname!r}: the risk is not finite")
                 (ell * (n > 0)).sum().backward()
+                session.check_outside_uses()
                 matrices[rname] = E.cpu()
     return PairwiseResult(groups=tuple(grouping.names), matrix=matrices, routes=routes)

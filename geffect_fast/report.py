@@ -13,6 +13,9 @@ import csv
 import html
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +26,9 @@ TITLES = {"unlearn": "unlearning G-effect (forget set)", "retain": "retaining G-
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records from a geffects.jsonl, checked for the fields a report needs."""
+    """Records from a geffects.jsonl, each checked for the fields a report needs and their types: an object
+    with ``objective`` and ``risk`` strings, an integer ``step``, a finite ``total``, ``groups`` mapping names
+    to finite numbers, and numbers or null for ``loss``, ``measured_dR`` and ``predicted_dR``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no geffects.jsonl at {path}")
@@ -35,13 +40,45 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-        missing = [k for k in REQUIRED if k not in r]
-        if missing:
-            raise ValueError(f"{path}:{i}: record lacks {missing}")
+        problem = _record_problem(r)
+        if problem:
+            raise ValueError(f"{path}:{i}: {problem}")
         recs.append(r)
     if not recs:
         raise ValueError(f"{path} holds no records")
     return recs
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _record_problem(r: Any) -> str | None:
+    """Why ``r`` is not a usable record (None if it is)."""
+    if not isinstance(r, dict):
+        return f"a record must be a JSON object, got {type(r).__name__}"
+    missing = [k for k in REQUIRED if k not in r]
+    if missing:
+        return f"record lacks {missing}"
+    for k in ("objective", "risk"):
+        if not isinstance(r[k], str):
+            return f"{k} must be a string, got {r[k]!r}"
+    if not isinstance(r["step"], int) or isinstance(r["step"], bool):
+        return f"step must be an integer, got {r['step']!r}"
+    if not _finite(r["total"]):
+        return f"total must be a finite number, got {r['total']!r}"
+    if not isinstance(r["groups"], dict) or not all(isinstance(g, str) and _finite(v) for g, v in r["groups"].items()):
+        return f"groups must map group names to finite numbers, got {r['groups']!r}"[:200]
+    for k in ("loss", "measured_dR", "predicted_dR"):
+        v = r.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return f"{k} must be a number or null, got {v!r}"
+    pi = r.get("per_instance")
+    if pi is not None and not (
+        isinstance(pi, list) and all(isinstance(row, list) and all(x is None or _finite(x) for x in row) for row in pi)
+    ):
+        return "per_instance must be a list of rows of numbers (null for none)"
+    return None
 
 
 def _series(recs: Sequence[dict[str, Any]]):
@@ -351,26 +388,33 @@ def _linthresh(recs: Sequence[dict[str, Any]]) -> float:
 
 # -- documents --------------------------------------------------------------------------------------------
 def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """(Re-)render every report file of a run folder from its geffects.jsonl; returns name -> path."""
+    """(Re-)render every report file of a run folder from its geffects.jsonl; returns name -> path.
+
+    Everything is checked and written in a temporary folder first, then moved in: a failure leaves the files
+    already there as they were."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
-    out.mkdir(parents=True, exist_ok=True)
     recs = load_records(run_dir / "geffects.jsonl")
     meta_path = run_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    rows = summary_rows(recs)
-    write_csv(rows, out / "summary.csv")
-    images = plots(recs, out) + meta_plots(meta, out)
-    facts = findings(recs)
-    md = _markdown(meta, rows, facts, images)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(meta, rows, facts, images, out))
-    return {
-        "summary.csv": out / "summary.csv",
-        "report.md": out / "report.md",
-        "report.html": out / "report.html",
-        **{name: out / name for name, _ in images},
-    }
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        rows = summary_rows(recs)
+        write_csv(rows, tmp / "summary.csv")
+        images = plots(recs, tmp) + meta_plots(meta, tmp)
+        facts = findings(recs)
+        md = _markdown(meta, rows, facts, images)
+        (tmp / "report.md").write_text(md)
+        (tmp / "report.html").write_text(_html(meta, rows, facts, images, tmp))
+        names = ["summary.csv", "report.md", "report.html", *(name for name, _ in images)]
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {name: out / name for name in names}
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:

@@ -175,9 +175,10 @@ class Sketcher:
                 p.requires_grad_(False)
             with _session(model, self._plan, device) as session:
                 session.factor_sink = sink
-                session.start(B, device)
+                session.start(B, device, batch["input_ids"].shape[1])
                 ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
                 (ell * (n > 0)).sum().backward()
+                session.check_outside_uses()
         tensors = {n: (out[n] if n in out else self._zero(n, B)).float().cpu() for n in sorted(self._trainable())}
         return Sketch(tensors, self.seed, self.k, self.fingerprint, {n: self.group_of[n] for n in tensors})
 

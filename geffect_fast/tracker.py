@@ -133,6 +133,11 @@ class Tracker:
         self.cumulative_groups: dict[tuple[str, str], dict[str, float]] = {}
         self.log_path = Path(log) if log is not None else None
         if self.log_path is not None:
+            if self.log_path.is_file() and self.log_path.stat().st_size > 0:
+                raise FileExistsError(
+                    f"log file {self.log_path} exists and holds records (of an earlier run?); remove it or pass "
+                    "another path — the tracker starts its log empty and will not overwrite it"
+                )
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
         self._pending: dict[str, Any] | None = None

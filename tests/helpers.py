@@ -131,12 +131,97 @@ EXTRA_FAMILIES: dict[str, tuple[type, dict]] = {
 }
 ALL_FAMILIES = {**FAMILIES, **EXTRA_FAMILIES}
 
+_H = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4)
+_NO_DROP = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+# the rest of the property suite's causal-LM families (tests/test_property.py). Families whose HF code has no
+# sdpa attention run eager; in float64 eager attention is NaN at left-padded positions (a transformers quirk
+# that breaks plain autograd too), so those are measured with right padding only (EAGER).
+MORE_FAMILIES: dict[str, tuple[type, dict]] = {
+    "gemma2": (tf.Gemma2Config, dict(_H, num_key_value_heads=2, head_dim=8, attn_implementation="eager")),
+    "gemma3": (tf.Gemma3TextConfig, dict(_H, num_key_value_heads=2, head_dim=8, sliding_window=4)),
+    "bloom": (
+        tf.BloomConfig,
+        dict(
+            hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0, attn_implementation="eager"
+        ),
+    ),
+    "gptj": (tf.GPTJConfig, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **_NO_DROP)),
+    "gpt_neo": (
+        tf.GPTNeoConfig,
+        dict(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            resid_dropout=0.0,
+            embed_dropout=0.0,
+            attention_dropout=0.0,
+            attn_implementation="eager",
+        ),
+    ),
+    "codegen": (
+        tf.CodeGenConfig,
+        dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64, **_NO_DROP),
+    ),
+    "gpt_bigcode": (
+        tf.GPTBigCodeConfig,
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, **_NO_DROP),
+    ),
+    "stablelm": (tf.StableLmConfig, dict(_H, num_key_value_heads=2, partial_rotary_factor=0.5)),
+    "olmo": (tf.OlmoConfig, dict(_H, num_key_value_heads=2)),
+    "olmo2": (tf.Olmo2Config, dict(_H, num_key_value_heads=2)),
+    "olmo3": (tf.Olmo3Config, dict(_H, num_key_value_heads=2)),
+    "starcoder2": (tf.Starcoder2Config, dict(_H, num_key_value_heads=2, residual_dropout=0.0, embedding_dropout=0.0)),
+    "granite": (tf.GraniteConfig, dict(_H, num_key_value_heads=2)),
+    "persimmon": (tf.PersimmonConfig, dict(_H)),
+    "biogpt": (
+        tf.BioGptConfig,
+        dict(_H, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, activation_dropout=0.0),
+    ),
+    "mpt": (tf.MptConfig, dict(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, attn_implementation="eager")),
+    "glm": (tf.GlmConfig, dict(_H, num_key_value_heads=2, head_dim=8, pad_token_id=0)),
+    "helium": (tf.HeliumConfig, dict(_H, num_key_value_heads=2, head_dim=8)),
+    "smollm3": (tf.SmolLM3Config, dict(_H, num_key_value_heads=2, pad_token_id=0)),
+    # covered by adapters of their own: FalconLinear (capture/linear.py), CohereLayerNorm (capture/norm.py)
+    "falcon": (
+        tf.FalconConfig,
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2),
+    ),
+    "cohere": (tf.CohereConfig, dict(_H, num_key_value_heads=2, use_qk_norm=True)),
+}
+EAGER = {f for f, (_, kw) in MORE_FAMILIES.items() if kw.get("attn_implementation") == "eager"}
+# fused-expert MoE families: their experts are refused with the reason (strict) or measured by autograd
+MOE_FAMILIES: dict[str, tuple[type, dict]] = {
+    "mixtral": (
+        tf.MixtralConfig,
+        dict(_H, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"),
+    ),
+    "qwen2_moe": (
+        tf.Qwen2MoeConfig,
+        dict(
+            _H,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            experts_implementation="eager",  # grouped_mm has no float64
+        ),
+    ),
+}
+_CONFIGS = {**ALL_FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}
 
-def make_model(family: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> nn.Module:
-    """A tiny randomly initialised causal LM of ``family`` (eval mode)."""
-    cls, kw = ALL_FAMILIES[family]
-    kw = {**kw, **overrides}
-    cfg = cls(vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="sdpa", **kw)
+
+def make_model(
+    family: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int | None = None, **overrides
+) -> nn.Module:
+    """A tiny randomly initialised causal LM of ``family`` (eval mode); ``layers`` blocks if given."""
+    cls, kw = _CONFIGS[family]
+    kw = {"attn_implementation": "sdpa", **kw, **overrides}
+    cfg = cls(vocab_size=VOCAB, max_position_embeddings=64, **kw)
+    if layers is not None:
+        cfg.num_hidden_layers = layers  # HF configs map it to their own name (n_layer, num_layers, ...)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     # norms start at exactly 1 (or 0 for Gemma) and biases at 0: randomise them so every term is exercised

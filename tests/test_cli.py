@@ -171,6 +171,12 @@ def test_run_end_to_end(hf_model_dir, tmp_path):
         (lambda a, d: a.extend(["--max-length", "4"]), "answers are never truncated"),
         (lambda a, d: a.__setitem__(a.index("--retain") + 1, str(d / "bad_keys.json")), "has no ['answer']"),
         (lambda a, d: a.__setitem__(a.index("--steps") + 1, "0"), "--steps must be >= 1"),
+        # issue 13: each of these was a traceback with exit code 1, or a late or misleading error
+        (lambda a, d: a.__setitem__(a.index("--out") + 1, str(d / "forget.json" / "sub")), "is a file, not a folder"),
+        (lambda a, d: a.extend(["--device", "tpu9"]), "--device tpu9 is not a device torch knows"),
+        (lambda a, d: a.__setitem__(a.index("--lr") + 1, "inf"), "--lr must be a finite number > 0, got inf"),
+        (lambda a, d: a.__setitem__(a.index("--lr") + 1, "nan"), "--lr must be a finite number > 0, got nan"),
+        (lambda a, d: a.extend(["--prompt", "vicuna"]), "unknown --prompt 'vicuna'"),
     ],
 )
 def test_run_bad_input(hf_model_dir, tmp_path, capsys, mutate, message):
@@ -202,3 +208,99 @@ def test_report_bad_input(tmp_path, capsys):
     (tmp_path / "geffects.jsonl").write_text('{"objective": "GA"}\n')
     assert main(["report", str(tmp_path)]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_run_checks_the_prompt_before_loading_the_model(hf_model_dir, tmp_path, capsys, monkeypatch):
+    from geffect_fast import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_load)
+    assert main(_run_args(hf_model_dir, tmp_path / "out", "--prompt", "vicuna")) == 2
+    assert "unknown --prompt" in capsys.readouterr().err
+
+
+def test_run_out_is_the_current_folder(hf_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for extra in ((), ("--force",)):
+        assert main(_run_args(hf_model_dir, ".", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--out . is the current folder" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing created, nothing removed
+
+
+def test_run_out_unwritable(hf_model_dir, tmp_path, capsys, monkeypatch):
+    """An output folder that cannot be created (here: mkdir refused, as for a read-only place) is one line."""
+    import pathlib
+
+    target = tmp_path / "locked"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(target)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    assert main(_run_args(hf_model_dir, target / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot create the output folder" in err and "Permission denied" in err, err
+
+
+def test_sigterm_leaves_no_partial_output(hf_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = _run_args(hf_model_dir, out)
+    args[args.index("--steps") + 1] = "100000"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geffect_fast.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        deadline = time.time() + 120
+        while not any(p.name.startswith(".run.partial") for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the run (loading or unlearning)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.decode().strip().splitlines()[-1].startswith("geffect-fast run: terminated (SIGTERM)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("5", "a record must be a JSON object, got int"),
+        ('{"objective": "GA", "step": 1, "risk": "unlearn", "total": 1.0, "groups": "embed"}', "groups must map"),
+        ('{"objective": "GA", "step": 1, "risk": "unlearn", "total": null, "groups": {}}', "total must be a finite"),
+        ('{"objective": "GA", "step": 1, "risk": "unlearn", "total": NaN, "groups": {"embed": NaN}}', "total must"),
+        ('{"objective": "GA", "step": "1", "risk": "unlearn", "total": 1.0, "groups": {}}', "step must be an integer"),
+    ],
+)
+def test_report_on_corrupt_records_is_one_line_and_touches_nothing(tmp_path, capsys, line, message):
+    good = {"objective": "GA", "step": 0, "risk": "unlearn", "total": -1.0, "groups": {"embed": -1.0}}
+    (tmp_path / "geffects.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
+    (tmp_path / "summary.csv").write_text("an earlier summary")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("geffect-fast report: error:") and message in err, err
+    assert ":2:" in err  # names the line
+    assert (tmp_path / "summary.csv").read_text() == "an earlier summary"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["geffects.jsonl", "summary.csv"]
+
+
+def test_json_lines_file_named_json_is_read(tmp_path):
+    recs = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(3)]
+    p = tmp_path / "forget10.json"  # TOFU's own files are JSON lines named .json
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert data.load_records(p) == recs
+    p.write_text('[{"question": "q?", "answer": "a"}] trailing')  # still bad JSON: still refused
+    with pytest.raises(ValueError, match="not valid JSON/JSONL"):
+        data.load_records(p)

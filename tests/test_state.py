@@ -25,6 +25,7 @@ def _snapshot(model):
             for n, m in model.named_modules()
         },
         "rng": torch.random.get_rng_state().clone(),
+        "forward": {n: m.__dict__.get("forward") for n, m in model.named_modules()},  # taps wrap forward
     }
 
 
@@ -33,6 +34,7 @@ def _assert_same(before, model):
     assert after["rg"] == before["rg"]
     assert after["modes"] == before["modes"]
     assert after["hooks"] == before["hooks"]
+    assert after["forward"] == before["forward"]
     assert torch.equal(after["rng"], before["rng"])
     for n, g in before["grad"].items():
         p = dict(model.named_parameters())[n]

@@ -1,14 +1,16 @@
 """Per-layer capture: one file per layer kind, each registering its adapter (Opacus ``grad_sample`` style).
 
-- :mod:`.linear` — ``nn.Linear``, HF ``Conv1D``
+- :mod:`.linear` — ``nn.Linear``, HF ``Conv1D``, Falcon's ``FalconLinear``
 - :mod:`.embedding` — ``nn.Embedding`` and subclasses (token, learned position, scaled)
-- :mod:`.norm` — ``nn.LayerNorm``, ``nn.RMSNorm``, HF ``*RMSNorm`` classes (incl. Gemma's (1 + γ))
+- :mod:`.norm` — ``nn.LayerNorm``, ``nn.RMSNorm``, HF ``*RMSNorm`` classes (incl. Gemma's (1 + γ)), Cohere's
+  ``CohereLayerNorm``
+- :mod:`.moe` — HF fused MoE experts and top-k routers: refused with the reason (``strict=False``: autograd)
 
 Tied parameters (lm_head = embedding) are tapped at each use; the contributions add, by linearity.
 """
 
-from . import embedding, linear, norm  # noqa: F401  (registration side effects)
-from .base import Adapter, Slot, UnsupportedModuleError, tap
+from . import embedding, linear, moe, norm  # noqa: F401  (registration side effects)
+from .base import Adapter, NotPerSampleError, Slot, UnsupportedModuleError, tap
 from .registry import find_adapter, register, register_recogniser
 from .session import CaptureSession, ModulePlan
 
@@ -16,6 +18,7 @@ __all__ = [
     "Adapter",
     "CaptureSession",
     "ModulePlan",
+    "NotPerSampleError",
     "Slot",
     "UnsupportedModuleError",
     "find_adapter",

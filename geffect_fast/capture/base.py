@@ -1,18 +1,20 @@
 """What every layer adapter shares: the tap that hands a layer's output gradient to its adapter.
 
-The tap is an identity autograd function placed on a layer's output. Its forward saves what the adapter
-needs later (the layer input, or the token ids) with ``ctx.save_for_backward``; its backward receives the
-output gradient g, lets the adapter contract it with the direction (the ops of :mod:`geffect_fast.ops`),
-and passes g on unchanged. Saving through autograd's own mechanism is what makes the pass correct under
-gradient checkpointing of both kinds: the non-reentrant kind drops and recomputes saved tensors (ours
-included) and the reentrant kind re-runs the forward, hooks and all, with grad enabled. Nothing is kept
-from a forward that ran without grad.
+The tap is an identity autograd function placed on a layer's own output — inside the module's call,
+before any forward hook a user registered sees it (``CaptureSession.wrap``). Its forward saves what the
+adapter needs later (the layer input, or the token ids) with ``ctx.save_for_backward``; its backward
+receives the output gradient g, lets the adapter contract it with the direction (the ops of
+:mod:`geffect_fast.ops`, with autocast off, so a pass under ``torch.autocast`` accumulates in the
+session's dtype), and passes g on unchanged. Saving through autograd's own mechanism is what makes the
+pass correct under gradient checkpointing of both kinds: the non-reentrant kind drops and recomputes saved
+tensors (ours included) and the reentrant kind re-runs the forward, wrappers and all, with grad enabled.
+Nothing is kept from a forward that ran without grad.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class UnsupportedModuleError(ValueError):
     """A module cannot be handled by the adapter that claimed it, or by any adapter."""
+
+
+class NotPerSampleError(UnsupportedModuleError):
+    """Found during a pass: some covered parameters' per-sample gradients cannot be formed by their taps —
+    the parameter is used outside its module's forward, or the module's rows cannot be attributed to samples.
+    ``params`` maps each such parameter to the reason; with ``strict=False`` ``measure`` measures them by
+    ordinary autograd instead (group ``uncovered``)."""
+
+    def __init__(self, message: str, params: dict[str, str]):
+        super().__init__(message)
+        self.params = params
 
 
 @dataclass
@@ -42,12 +55,17 @@ class _TapFn(torch.autograd.Function):
     def forward(ctx, y: Tensor, fn: Callable[[Tensor, Sequence[Tensor]], None], *saved: Tensor) -> Tensor:
         ctx.fn = fn
         ctx.save_for_backward(*saved)
-        return y.view_as(y)
+        # an alias, not a view: the model may modify a layer's output in place (Falcon's `mlp_output +=
+        # attention_output`), which autograd forbids on a custom Function's view outputs. The alias shares y's
+        # version counter, so an in-place change that plain autograd would refuse is refused here too.
+        return y.detach()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors  # unpack once: non-reentrant checkpointing allows a single unpack
-        ctx.fn(g, saved)
+        # the contraction is ours, not the model's: under a user's autocast it must not drop to half precision
+        with torch.autocast(g.device.type, enabled=False):
+            ctx.fn(g, saved)
         return (g, None) + (None,) * len(saved)
 
 
@@ -74,12 +92,18 @@ def first_input(args: tuple, kwargs: dict, name: str) -> Tensor:
     raise UnsupportedModuleError("module was called without an input tensor")
 
 
+OutputFn = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
 class Adapter:
     """The rule for one layer kind: which parameters it covers and how their per-sample dot is computed.
 
     Subclasses register themselves with :func:`geffect_fast.capture.register` and implement
     :meth:`attach`, which installs the hooks on one module and returns their handles. The session owns the
-    handles and removes them when the pass ends, also on error.
+    handles and removes them when the pass ends, also on error. Tap through ``session.on_output(module, fn)``
+    (or ``session.wrap``) rather than ``register_forward_hook``: the session runs ``fn`` on the module's own
+    output inside its call, whatever forward hooks users add, and it watches the covered parameters for uses
+    outside the module's forward.
     """
 
     #: local parameter names this adapter covers (e.g. ``("weight", "bias")``)

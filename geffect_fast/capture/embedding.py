@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Adapter, Slot, UnsupportedModuleError, tap
+from .base import Adapter, NotPerSampleError, Slot, tap
 from .registry import register
 
 
@@ -72,34 +71,21 @@ class EmbeddingAdapter(Adapter):
             session.add(slot, out)
 
         def on_call(ids: Tensor, y: Tensor) -> Tensor:
-            if not torch.is_grad_enabled():
-                return y
             B = session.B
             if ids.dim() >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
                 ids = ids.expand(B, *ids.shape[1:])
                 y = y.expand(B, *y.shape[1:])
             elif ids.dim() < 2 or ids.shape[0] != B:
-                raise UnsupportedModuleError(
+                why = (
                     f"embedding {session.module_name(module)!r} was called with ids of shape {tuple(ids.shape)}, "
                     f"which cannot be split into the batch's {B} samples"
                 )
+                raise NotPerSampleError(why + " (pass [B, T] or [1, T] ids)", {slot.name: why})
             return tap(y, backward, ids)
 
-        mode = _EmbeddingCall(module.weight, on_call)
-        entered: list[bool] = []
+        def around(inner, args, kwargs):
+            # the mode is live only inside the module's own forward, and always left (KeyboardInterrupt too)
+            with _EmbeddingCall(module.weight, on_call):  # read now: FSDP2 swaps in the unsharded table
+                return inner(*args, **kwargs)
 
-        def pre_hook(mod, args):
-            if torch.is_grad_enabled():
-                mode.weight = mod.weight  # read now: FSDP2 swaps in the unsharded table for the forward
-                mode.__enter__()
-                entered.append(True)
-
-        def post_hook(mod, args, out):
-            if entered:
-                entered.pop()
-                mode.__exit__(None, None, None)
-
-        return [
-            module.register_forward_pre_hook(pre_hook),
-            module.register_forward_hook(post_hook, always_call=True),
-        ]
+        return [session.wrap(module, around)]

@@ -1,5 +1,6 @@
-"""Linear maps: ``torch.nn.Linear`` (y = a Wᵀ + b, W [o, i]) and Hugging Face GPT-2 ``Conv1D``
-(y = a W + b, W stored [i, o]).
+"""Linear maps: ``torch.nn.Linear`` (y = a Wᵀ + b, W [o, i]), Hugging Face GPT-2 ``Conv1D`` (y = a W + b,
+W stored [i, o]) and Falcon's ``FalconLinear`` (an ``nn.Linear`` whose forward computes the same
+y = a Wᵀ + b as ``a @ W.T + b``).
 
 Per sample b the weight gradient is G_b = Σ_{t∈b} g_t a_tᵀ; it is never formed. The tap contracts it with
 the direction at once: ⟨G_b, V⟩ = Σ_{t∈b} g_tᵀ V a_t and ⟨Σ_{t∈b} g_t, v_bias⟩ (ops ``linear_dot``).
@@ -30,6 +31,9 @@ class _LinearLike(Adapter):
             a = saved[0] if saved else None
             a2 = None if a is None else a.reshape(-1, a.shape[-1])
             g2 = g.reshape(-1, o)
+            if a2 is not None and a2.dtype != g2.dtype:  # autocast: the layer ran in half, its input is wider
+                dt = torch.promote_types(a2.dtype, g2.dtype)
+                a2, g2 = a2.to(dt), g2.to(dt)
             if session.factor_sink is not None:  # G_b = Σ g aᵀ (Linear) or Σ a gᵀ (Conv1D); bias: Σ g
                 if sw is not None:
                     session.factor_sink(sw, *((a2, g2) if self.transposed else (g2, a2)), seg, None)
@@ -45,13 +49,12 @@ class _LinearLike(Adapter):
             session.add(sw, out_w)
             session.add(sb, out_b)
 
-        def hook(mod, args, kwargs, out):
-            if not torch.is_grad_enabled():
-                return None
-            saved = (first_input(args, kwargs, "input"),) if sw is not None else ()
-            return tap(out, backward, *saved)
+        def on_output(mod, args, kwargs, out):
+            a = first_input(args, kwargs, "input")
+            session.check_rows(a, mod)
+            return tap(out, backward, *((a,) if sw is not None else ()))
 
-        return [module.register_forward_hook(hook, with_kwargs=True)]
+        return [session.on_output(module, on_output)]
 
 
 @register(nn.Linear)
@@ -68,6 +71,9 @@ class Conv1DAdapter(_LinearLike):
 _CONV1D = Conv1DAdapter()
 
 
+_LINEAR = LinearAdapter()
+
+
 @register_recogniser
 def _recognise_conv1d(module: nn.Module) -> Adapter | None:
     t = type(module)
@@ -75,4 +81,13 @@ def _recognise_conv1d(module: nn.Module) -> Adapter | None:
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[1] == module.nf:
             return _CONV1D
+    return None
+
+
+@register_recogniser
+def _recognise_falcon_linear(module: nn.Module) -> Adapter | None:
+    """Falcon's ``FalconLinear(nn.Linear)``: its own forward is ``input @ weight.T (+ bias)``, nn.Linear's map."""
+    t = type(module)
+    if t.__name__ == "FalconLinear" and t.__module__.startswith("transformers.") and isinstance(module, nn.Linear):
+        return _LINEAR
     return None

@@ -10,7 +10,11 @@ input dtype (float32 for bf16/fp16 here), Hugging Face's RMSNorms in float32 wha
 
 A class recognised only by structure is checked once per pass: its output must equal γ ⊙ x̂ or
 (1 + γ) ⊙ x̂ of its input, or the pass stops with an error naming it, rather than return wrong numbers.
-The check also picks the precision of x̂ (float32, or float64 for a float64 layer that computes in it).
+The check also picks the precision of x̂ (float32, or float64 for a float64 layer that computes in it), and
+looks at finite rows only (a row that is NaN or inf in the forward says nothing about the layer's form; a
+layer with no finite row at all is an error naming it). Cohere's ``CohereLayerNorm`` (a LayerNorm without
+bias, computed in float32, weight [d] or [heads, head_dim] with the statistics over the last dim) is
+recognised and checked the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class _NormAdapter(Adapter):
             if sw is not None:
                 a = saved[0]
                 xh = self.xhat(module, a, prec.get("x", self.precisions(a)[0])).reshape(-1, d)
+                g2 = g2 if g2.dtype == xh.dtype else g2.to(torch.promote_types(g2.dtype, xh.dtype))
             else:
                 xh = g2  # norm_dot ignores x̂ when there is no weight direction
             if session.factor_sink is not None:  # per-sample gradients are vectors: Σ g ⊙ x̂ and Σ g
@@ -82,9 +87,7 @@ class _NormAdapter(Adapter):
             session.add(sw, out_w)
             session.add(sb, out_b)
 
-        def hook(mod, args, kwargs, out):
-            if not torch.is_grad_enabled():
-                return None
+        def on_output(mod, args, kwargs, out):
             if not isinstance(out, Tensor):
                 raise UnsupportedModuleError(
                     f"norm {session.module_name(mod)!r} returned {type(out).__name__}, not a tensor"
@@ -94,23 +97,43 @@ class _NormAdapter(Adapter):
                 prec["x"] = self._verify(mod, a, out, session.module_name(mod))
             return tap(out, backward, *((a,) if sw is not None else ()))
 
-        return [module.register_forward_hook(hook, with_kwargs=True)]
+        return [session.on_output(module, on_output)]
+
+    #: what a structurally recognised class is taken for, in the check's error message
+    kind = "a normalisation layer"
 
     def _verify(self, module: nn.Module, a: Tensor, out: Tensor, name: str) -> torch.dtype:
-        """Check out == γ⊙x̂ or (1+γ)⊙x̂; return the precision of x̂ that matches best."""
+        """Check out == γ⊙x̂ or (1+γ)⊙x̂ on the finite rows; return the precision of x̂ that matches best."""
         best, best_err, best_tol = None, float("inf"), 0.0
+        nd = max(1, module.weight.dim())
         with torch.no_grad():
+            if a.shape != out.shape:
+                raise UnsupportedModuleError(
+                    f"module {name!r} ({type(module).__name__}) returned shape {tuple(out.shape)} for an input of "
+                    f"shape {tuple(a.shape)}: not {self.kind}; register an adapter with geffect_fast.capture.register"
+                )
+            finite = (torch.isfinite(a) & torch.isfinite(out)).flatten(-nd).all(-1)  # per row
+            if not bool(finite.any()):
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) saw NaN or inf in every row of its input or output: "
+                    "the model's forward is not finite on this batch (check the weights and the batch)"
+                )
+            keep = finite.reshape(*finite.shape, *([1] * nd))
             for p in self.precisions(a):
                 xh = self.xhat(module, a, p)
                 w = module.weight.to(xh.dtype)
                 y = out.to(xh.dtype)
-                scale = y.abs().max().clamp_min(torch.finfo(xh.dtype).tiny)
-                err = min(((y - w * xh).abs().max() / scale).item(), ((y - (1 + w) * xh).abs().max() / scale).item())
-                if err < best_err:
-                    best, best_err, best_tol = p, err, _rtol(out.dtype, p)
+                scale = torch.where(keep, y, 0).abs().max().clamp_min(torch.finfo(xh.dtype).tiny)
+                err = min(
+                    (torch.where(keep, y - w * xh, 0).abs().max() / scale).item(),
+                    (torch.where(keep, y - (1 + w) * xh, 0).abs().max() / scale).item(),
+                )
+                tol = _rtol(out.dtype, p)
+                if best is None or err / tol < best_err / best_tol:  # the precision that fits best, for its dtype
+                    best, best_err, best_tol = p, err, tol
         if best_err > best_tol:
             raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__name__}) looks like an RMSNorm but its output is neither "
+                f"module {name!r} ({type(module).__name__}) looks like {self.kind} but its output is neither "
                 f"γ⊙x̂ nor (1+γ)⊙x̂ of its input (relative error {best_err:.2e}); register an adapter for it "
                 "with geffect_fast.capture.register"
             )
@@ -157,6 +180,7 @@ class HFRMSNormAdapter(_NormAdapter):
 
     param_names = ("weight",)
     verify = True
+    kind = "an RMSNorm"
 
     @staticmethod
     def eps(module: nn.Module) -> float:
@@ -188,3 +212,32 @@ def _recognise_rmsnorm(module: nn.Module) -> Adapter | None:
     if not any(isinstance(getattr(module, a, None), (int, float)) for a in _EPS_ATTRS):
         return None
     return _HF_RMSNORM
+
+
+class CohereLayerNormAdapter(HFRMSNormAdapter):
+    """Cohere's ``CohereLayerNorm``: y = γ ⊙ (a − μ)/√(σ² + ε) in float32, no bias; γ is [d], or [heads, d_head]
+    for its QK norm (statistics over the last dim only). Verified once per pass, as the RMSNorms are."""
+
+    kind = "a LayerNorm without bias"
+
+    def normalized_dims(self, module: nn.Module) -> int:
+        return module.weight.dim()
+
+    def xhat(self, module: nn.Module, a: Tensor, prec: torch.dtype) -> Tensor:
+        x = a.to(prec)
+        c = x - x.mean(-1, keepdim=True)  # the module's own arithmetic, so x̂ rounds as its does
+        return (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.eps(module))).to(_acc(a))
+
+
+_COHERE_LAYERNORM = CohereLayerNormAdapter()
+
+
+@register_recogniser
+def _recognise_cohere_layernorm(module: nn.Module) -> Adapter | None:
+    t = type(module)
+    if t.__name__ != "CohereLayerNorm" or not t.__module__.startswith("transformers."):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) != {"weight"} or not isinstance(getattr(module, "variance_epsilon", None), (int, float)):
+        return None
+    return _COHERE_LAYERNORM
