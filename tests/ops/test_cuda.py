@@ -166,10 +166,9 @@ def test_more_directions_than_one_launch(dev, extra):
     E = torch.randn(K, vocab, d, generator=gen)
     got = cuda.embedding_dot(ids.to(dev), g.to(dev), E.to(dev), 12, B, 0)
     assert_matches(got, ref.embedding_dot(ids, g, E, 12, B, 0), torch.float32, "embedding_dot")
-    xh = torch.randn(N, d, generator=gen)
-    vn = v[:, :, 0].contiguous()
-    got = cuda.norm_dot(xh.to(dev), g.to(dev), vb.to(dev), vn.to(dev), 12, B)
-    for x, y in zip(got, ref.norm_dot(xh, g, vb, vn, 12, B)):
+    xh, nw, nb = torch.randn(N, d, generator=gen), torch.randn(K, d, generator=gen), torch.randn(K, d, generator=gen)
+    got = cuda.norm_dot(xh.to(dev), g.to(dev), nw.to(dev), nb.to(dev), 12, B)
+    for x, y in zip(got, ref.norm_dot(xh, g, nw, nb, 12, B)):
         assert_matches(x, y, torch.float32, "norm_dot")
 
 
