@@ -39,6 +39,7 @@ if [ $DRY = 1 ]; then
   echo "gpu_check dry run: steps and budgets (seconds)"
   for s in "${STEPS[@]}"; do printf '  %-7s %4s  %s\n' "$(cut -d'|' -f1 <<<"$s")" "$(cut -d'|' -f2 <<<"$s")" "$(cut -d'|' -f3- <<<"$s")"; done
   printf '  %-7s %4s\n' total "$TOTAL"
+  rmdir "$W"
   [ "$TOTAL" -le 480 ] || { echo "over the 8-minute budget" >&2; exit 1; }
   exit 0
 fi
