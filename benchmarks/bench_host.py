@@ -39,7 +39,9 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def run(dev: torch.device, model_name: str, T: int, batches: list[int], repeats: int) -> tuple[list[dict], dict]:
+def run(
+    dev: torch.device, model_name: str, T: int, batches: list[int], repeats: int, clock=time.perf_counter
+) -> tuple[list[dict], dict]:
     import geffect_fast as gf
     from benchmarks._common import llama_model, padded_batch
     from geffect_fast import api
@@ -60,12 +62,12 @@ def run(dev: torch.device, model_name: str, T: int, batches: list[int], repeats:
 
     def timed_pass(*a, **k):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return one_pass(*a, **k)
         finally:
             _sync(dev)
-            inside["s"] += time.perf_counter() - t0
+            inside["s"] += clock() - t0
 
     tap_backward = capture_base._TapFn.backward
 
@@ -139,10 +141,10 @@ def run(dev: torch.device, model_name: str, T: int, batches: list[int], repeats:
                     inside["s"] = 0.0
                     taps["n"] = 0
                     _sync(dev)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
                     _sync(dev)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
                     if name in passes:
                         passes[name].append(inside["s"])
                     if name == "ours":
@@ -188,12 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="", help="suffix of the output name (host_<device><tag>.md)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: perf_counter (the default; on a GPU always); cpu: this process's CPU time, which a busy machine "
+        "inflates far less than wall time (use with --threads 1 on a shared CPU)",
+    )
     args = ap.parse_args(argv)
     from benchmarks._common import cpu_name, write_csv
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    rows, detail = run(dev, args.model, args.T, [int(b) for b in args.batches.split(",")], args.repeats)
+    clock = time.process_time if args.clock == "cpu" and dev.type == "cpu" else time.perf_counter
+    rows, detail = run(dev, args.model, args.T, [int(b) for b in args.batches.split(",")], args.repeats, clock)
     where = (
         f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}"
         if dev.type == "cuda"
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Host overhead of measure(): {args.model} ({detail['params_m']:.1f}M parameters), T = {args.T}",
         "",
         f"`python -m benchmarks.bench_host {' '.join(argv if argv is not None else sys.argv[1:])}` on {where}; "
-        f"load average {load:.1f} at the end. Medians of {args.repeats} round-robin repeats (every variant once "
+        f"load average {load:.1f} at the end; clock: {'process CPU time' if clock is time.process_time else 'wall'}. "
+        f"Medians of {args.repeats} round-robin repeats (every variant once "
         "per repeat). plain: forward+backward with weight gradients; frozen: the same without them; fixed: ours "
         "minus the time inside its pass; tap machinery: the pass with null ops minus frozen; ops: ours minus "
         "null ops.",
