@@ -256,13 +256,20 @@ def _cuobjdump() -> str | None:
     return None
 
 
-def cuda_module_rows() -> list[dict]:
-    """Resource usage of the built CUDA module's kernels, per architecture (cuobjdump), or [] without it."""
+def cuda_module_path() -> str | None:
+    """The built ``geffect_fast._C_cuda`` this interpreter imports, or None. Run from the repository root, a
+    non-editable install is shadowed by the source tree (which holds no built module): pass ``--cuda-module``."""
     spec = importlib.util.find_spec("geffect_fast._C_cuda")
+    return spec.origin if spec is not None else None
+
+
+def cuda_module_rows(so: str | None) -> list[dict]:
+    """Resource usage of the CUDA module ``so``'s kernels, per architecture (cuobjdump), or [] without one."""
     tool = _cuobjdump()
-    if spec is None or spec.origin is None or tool is None:
+    if so is None:
         return []
-    so = spec.origin
+    if tool is None:
+        raise SystemExit(f"cuobjdump not found (PATH, CUDA_HOME, /usr/local/cuda, Triton's package): cannot read {so}")
     res = subprocess.run([tool, "-res-usage", so], capture_output=True, text=True, check=False).stdout
     sass = subprocess.run([tool, "-sass", so], capture_output=True, text=True, check=False).stdout
     tc: dict[tuple[str, str], int] = {}
@@ -354,7 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, help="write a Markdown table here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    ap.add_argument(
+        "--cuda-module",
+        type=Path,
+        help="the built _C_cuda shared object to read (default: the one this interpreter imports, if any)",
+    )
     args = ap.parse_args(argv)
+    if args.cuda_module is not None and not args.cuda_module.is_file():
+        ap.error(f"--cuda-module {args.cuda_module}: no such file")
+    so = str(args.cuda_module) if args.cuda_module is not None else cuda_module_path()
 
     import triton
 
@@ -365,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = list(pool.map(compile_one, todo))
     else:
         rows = [compile_one(v) for v in todo]
-    rows += [r for r in cuda_module_rows() if args.only in r["kernel"]]
+    cuda_rows = cuda_module_rows(so)
+    if so is not None and not cuda_rows:
+        print(f"FAIL: no kernel read from the CUDA module {so}", file=sys.stderr)
+        return 1
+    rows += [r for r in cuda_rows if args.only in r["kernel"]]
     meta = {
         "command": "python -m benchmarks.gpu_static " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),

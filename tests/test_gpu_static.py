@@ -17,8 +17,12 @@ def static_rows(tmp_path_factory):
     if importlib.util.find_spec("triton") is None:  # pragma: no cover - the test extras install it
         pytest.fail("triton is not installed: the static GPU check needs its compiler")
     out = tmp_path_factory.mktemp("static") / "gpu_static.json"
+    # The module this test process imports: the subprocess runs from the repository root, where the source tree
+    # (no built module under a non-editable install) would shadow the installed package.
+    spec = importlib.util.find_spec("geffect_fast._C_cuda")
+    cuda = ["--cuda-module", spec.origin] if spec is not None and spec.origin else []
     r = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_static", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.gpu_static", "--json", str(out), *cuda],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
