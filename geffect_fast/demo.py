@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -84,6 +85,42 @@ QUICK = DemoConfig(
     retain_probe=10,
     rmu_layer=1,
 )
+
+
+def free_cores(cores: int | None = None, load: float | None = None) -> int:
+    """CPU threads worth using now: the cores this process may run on less the 1-minute load average (the
+    other jobs' runnable threads), rounded, at least 1. On a shared machine more torch threads than free cores
+    make every parallel op wait at OpenMP's barriers for threads that are not running: the demo's fine-tune
+    took 129 s per epoch with 2 threads on 2 cores at load 4, and 10.5 s with 1 thread."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - no load average (Windows)
+            return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+@contextlib.contextmanager
+def threads_for_load(echo: Callable[[str], None] = print) -> Iterator[int]:
+    """Run the body on :func:`free_cores` torch threads (never more than torch would use anyway) and restore
+    the thread count after. ``OMP_NUM_THREADS`` or ``GEFFECT_FAST_THREADS`` in the environment wins."""
+    before = torch.get_num_threads()
+    fixed = os.environ.get("GEFFECT_FAST_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    n = before if fixed is None else max(1, int(fixed))
+    if fixed is None:
+        n = min(before, free_cores())
+        if n < before:
+            echo(
+                f"using {n} of {before} CPU threads: the other cores are busy (1-minute load average "
+                f"{os.getloadavg()[0]:.1f}; set GEFFECT_FAST_THREADS to override)"
+            )
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def cache_dir() -> Path:
@@ -165,8 +202,8 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
 
 
 def most_harmful(model, forget, retain, forget_recs, n: int = 5) -> list[dict]:
-    """The forget samples whose gradient-ascent step raises the retain NLL most: column sums of the pairwise
-    G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
+    """Up to ``n`` forget samples whose gradient-ascent step raises the retain NLL: negative column sums of the
+    pairwise G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
     from .pairwise import measure_pairwise
 
     res = measure_pairwise(model, objectives.get("ga"), forget, {"retain": retain})
@@ -193,7 +230,8 @@ def run_demo(
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
-    with atomic_output(out, force) as tmp:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
         model, tok, splits, acc, cached = finetuned(cfg, echo)
         forget_recs = splits[cfg.forget_split]
         retain_recs = splits[f"retain{100 - int(cfg.forget_split[-2:])}"][: cfg.retain_probe]
@@ -205,6 +243,8 @@ def run_demo(
         echo(
             "forget samples whose GA gradient raises the retain NLL most (pairwise G-effects): "
             + "; ".join(f"{h['question']!r} ({h['retain_g_effect']:+.2e})" for h in harmful[:3])
+            if harmful
+            else "no forget sample's GA gradient raises the retain NLL (pairwise G-effects all >= 0)"
         )
         records = []
         scatter = None
@@ -253,7 +293,8 @@ def run_demo(
             "direction": "gradient of the objective (the paper's G-effect)",
             "groups": "block",
             "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads} torch threads; 1-minute load "
+            f"average {load:.1f} at the start), torch {torch.__version__}",
             "config": asdict(cfg),
             "most_harmful": harmful,
         }
