@@ -406,7 +406,10 @@ def _run(args) -> int:
                 progress=_step_progress(name.upper(), tracker),
             )
             records += tr.records
-            print(f"{name.upper()}: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
+            print(
+                f"{name.upper()} cumulative G-effect: "
+                + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items())
+            )
             del m
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:

@@ -194,13 +194,12 @@ def _tradeoff(series, scores: dict[str, float]) -> str:
     ties = [k for k in order[1:] if tied(best, k)]
     rest = [k for k in order[1:] if k not in ties]
     meaning = (
-        "Trade-off = cumulative retaining G-effect ÷ |cumulative unlearning G-effect|, the retention gained (> 0) "
-        "or lost (< 0) per unit of unlearning: higher is better, and a negative value means the retain NLL is "
-        "pushed up while forgetting"
+        "Trade-off = cumulative retaining ÷ |cumulative unlearning| G-effect: retention kept (> 0) or lost (< 0) "
+        "per unit of unlearning, higher is better"
     )
     noise = (
-        f"± one standard error over steps (jackknife); within noise = closer than {TIE_SE:g} standard errors of "
-        f"the difference, or {TIE_REL:.0%}"
+        f"± one standard error over steps (jackknife); within noise = closer than {TIE_SE:g} standard errors, "
+        f"or {TIE_REL:.0%}"
     )
     if ties:
         lead = (
@@ -768,9 +767,9 @@ def _prediction_note(rows: Sequence[dict[str, Any]]) -> str:
         return ""
     return (
         "For the gradient direction (the paper's G-effect), predicted_dR = −lr·e in geffects.jsonl is what a plain "
-        "SGD step of size lr along the objective's gradient would change; the optimiser (AdamW here) took its own "
-        "step, whose change is measured_dR, so the two are not compared. Run with --direction update to check the "
-        "first-order prediction against the real step."
+        "SGD step of size lr along the objective's gradient would change; the optimiser (AdamW in the demo and "
+        "geffect-fast run) took its own step, whose change is measured_dR, so the two are not compared. Run with "
+        "--direction update to check the first-order prediction against the real step."
     )
 
 

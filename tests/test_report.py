@@ -222,7 +222,7 @@ def test_a_clear_winner_is_named_and_the_ratio_sign_explained():
     assert line.startswith("Best trade-off: **WGA**")
     assert "GA −" in line.replace("-", "−") or "GA -" in line
     # what the number is and which sign is good
-    assert "÷ |cumulative unlearning G-effect|" in line and "higher is better" in line and "negative" in line
+    assert "÷ |cumulative unlearning| G-effect" in line and "higher is better" in line and "lost (< 0)" in line
 
 
 def test_tradeoff_standard_error_is_the_jackknife_over_steps():
