@@ -400,7 +400,8 @@ def test_json_lines_file_named_json_is_read(tmp_path):
 
 def test_demo_threads_follow_the_free_cores(monkeypatch):
     """A busy machine gets fewer torch threads (oversubscribed OpenMP barriers made the fine-tune 12x slower),
-    the count is restored afterwards, and GEFFECT_FAST_THREADS overrides."""
+    re-sized as other jobs come and go (our own threads taken out of the load average), restored afterwards,
+    also on error; GEFFECT_FAST_THREADS fixes the count."""
     from geffect_fast import demo
 
     assert demo.free_cores(2, 0.0) == 2 and demo.free_cores(2, 0.4) == 2
@@ -408,14 +409,24 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("GEFFECT_FAST_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    real = demo.free_cores
+    monkeypatch.setattr(demo, "free_cores", lambda cores=None, load=None: real(2, load))  # a 2-core machine
+    # idle; another job starts (load = our 2 + its 1.2); it goes on (our 1 + 1.4); it ends (our 1 + 0.2)
+    loads = iter([0.1, 3.2, 2.4, 1.2])
+    monkeypatch.setattr(demo, "_load", lambda: next(loads))
     said = []
-    monkeypatch.setattr(demo, "free_cores", lambda: 1)
-    with demo.threads_for_load(said.append) as n:
-        assert n == 1 and torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    assert said == ([] if before == 1 else [said[0]]) and (before == 1 or "the other cores are busy" in said[0])
-    monkeypatch.setenv("GEFFECT_FAST_THREADS", "3")
-    with pytest.raises(RuntimeError), demo.threads_for_load(said.append) as n:
-        assert n == 3 and torch.get_num_threads() == 3
-        raise RuntimeError("restored on error too")
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        with demo.threads_for_load(said.append) as budget:
+            assert budget.n == 2 and torch.get_num_threads() == 2 and not said
+            assert budget.adjust() == 1 and torch.get_num_threads() == 1 and "other jobs" in said[-1]
+            assert budget.adjust() == 1 and len(said) == 1
+            assert budget.adjust() == 2 and torch.get_num_threads() == 2 and "free again" in said[-1]
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("GEFFECT_FAST_THREADS", "3")
+        with pytest.raises(RuntimeError), demo.threads_for_load(said.append) as budget:
+            assert budget.n == 3 and torch.get_num_threads() == 3
+            raise RuntimeError("restored on error too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
