@@ -331,8 +331,9 @@ def run_demo(
             "direction": "gradient of the objective (the paper's G-effect)",
             "groups": "block",
             "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch threads at the end; "
-            f"1-minute load average {load:.1f} at the start), torch {torch.__version__}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch thread"
+            f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "
+            f"torch {torch.__version__}",
             "config": asdict(cfg),
             "most_harmful": harmful,
         }

@@ -27,7 +27,7 @@ TITLES = {"unlearn": "unlearning G-effect (forget set)", "retain": "retaining G-
 SIGNS = (
     "**Signs first.** G-effect e = ⟨∇R, v⟩ (R: NLL of a probe set, v: the direction of a step); a step of size η "
     "changes R by about −η·e. **Unlearning wants e < 0** on the forget set (its NLL rises); **retention wants "
-    "e ≥ 0** on the retain set (its NLL does not rise). Negative values are red in the tables."
+    "e ≥ 0** on the retain set (its NLL does not rise)."
 )
 
 
@@ -148,31 +148,51 @@ def findings(recs: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-#: two trade-offs closer than this many standard errors (of their difference) are called a tie
+#: two trade-offs closer than this many standard errors of their difference (paired jackknife) are a tie
 TIE_SE = 2.0
 #: … or closer than this share of the larger one (when there are too few steps for a standard error)
 TIE_REL = 0.02
 
 
-def tradeoff_se(by_risk: dict[str, list[dict[str, Any]]]) -> float | None:
-    """Standard error of the trade-off ratio ρ = Σ_s r_s / −Σ_s u_s (retaining over unlearning G-effects of the
-    measured steps s), by the jackknife over steps: ρ_(s) leaves step s out, se² = (n−1)/n · Σ_s (ρ_(s) − ρ̄)².
-    It says how much the ratio rests on single steps. None with fewer than three common steps, or when leaving a
-    step out leaves no unlearning."""
+def _leave_one_step_out(by_risk: dict[str, list[dict[str, Any]]]) -> tuple[float, dict[int, float]] | None:
+    """The trade-off ratio ρ = Σ_s r_s / −Σ_s u_s (retaining over unlearning G-effects of the measured steps s),
+    and ρ_(s) with step s left out, for every step; None when leaving a step out leaves no unlearning."""
     u = {r["step"]: r["total"] for r in by_risk.get("unlearn", [])}
     r = {x["step"]: x["total"] for x in by_risk.get("retain", [])}
     steps = sorted(set(u) & set(r))
-    n = len(steps)
-    if n < 3:
-        return None
     U, R = sum(u[s] for s in steps), sum(r[s] for s in steps)
-    loo = []
-    for s in steps:
-        if U - u[s] >= 0:
-            return None
-        loo.append((R - r[s]) / -(U - u[s]))
-    mean = sum(loo) / n
-    return math.sqrt((n - 1) / n * sum((x - mean) ** 2 for x in loo))
+    if not steps or U >= 0 or any(U - u[s] >= 0 for s in steps):
+        return None
+    return R / -U, {s: (R - r[s]) / -(U - u[s]) for s in steps}
+
+
+def _jackknife_se(values: Sequence[float]) -> float:
+    n = len(values)
+    mean = sum(values) / n
+    return math.sqrt((n - 1) / n * sum((x - mean) ** 2 for x in values))
+
+
+def tradeoff_se(by_risk: dict[str, list[dict[str, Any]]]) -> float | None:
+    """Standard error of one objective's trade-off ratio ρ by the jackknife over its measured steps:
+    se² = (n−1)/n · Σ_s (ρ_(s) − ρ̄)², ρ_(s) leaving step s out. It says how much ρ rests on single steps.
+    None with fewer than three steps."""
+    got = _leave_one_step_out(by_risk)
+    if got is None or len(got[1]) < 3:
+        return None
+    return _jackknife_se(list(got[1].values()))
+
+
+def tradeoff_diff_se(a: dict[str, list[dict[str, Any]]], b: dict[str, list[dict[str, Any]]]) -> float | None:
+    """Standard error of the difference ρ_a − ρ_b by the paired jackknife over the steps both measured (step s
+    left out of both): steps that move both objectives alike cancel, so a consistent small advantage shows.
+    None with fewer than three common steps."""
+    ga, gb = _leave_one_step_out(a), _leave_one_step_out(b)
+    if ga is None or gb is None:
+        return None
+    common = sorted(set(ga[1]) & set(gb[1]))
+    if len(common) < 3 or len(common) != len(ga[1]) or len(common) != len(gb[1]):
+        return None
+    return _jackknife_se([ga[1][s] - gb[1][s] for s in common])
 
 
 def _tradeoff(series, scores: dict[str, float]) -> str:
@@ -182,7 +202,8 @@ def _tradeoff(series, scores: dict[str, float]) -> str:
 
     def tied(a: str, b: str) -> bool:
         d = abs(scores[a] - scores[b])
-        if se[a] is not None and se[b] is not None and d <= TIE_SE * math.hypot(se[a], se[b]):
+        paired = tradeoff_diff_se(series[a], series[b])
+        if paired is not None and d <= TIE_SE * paired:
             return True
         return d <= TIE_REL * max(abs(scores[a]), abs(scores[b]))
 
@@ -198,8 +219,8 @@ def _tradeoff(series, scores: dict[str, float]) -> str:
         "per unit of unlearning, higher is better"
     )
     noise = (
-        f"± one standard error over steps (jackknife); within noise = closer than {TIE_SE:g} standard errors, "
-        f"or {TIE_REL:.0%}"
+        f"± one standard error (jackknife over steps); within noise = a difference under {TIE_SE:g} standard errors "
+        f"of the paired jackknife over steps, or under {TIE_REL:.0%}"
     )
     if ties:
         lead = (
@@ -535,27 +556,32 @@ def _band(top: float) -> float:
 def _value_axis(ax, values: Sequence[float], axis: str = "y") -> float | None:
     """Scale a value axis for ``values``: linear when every nonzero |value| is within a factor 1/LINEAR_SHARE of
     the largest (nothing would hide near zero), else symmetric log with the linear band ±_band(max) shaded.
-    Returns the band (None when linear)."""
+    The view spans the values and 0 with a 5% margin on the drawn scale. Returns the band (None when linear)."""
     from matplotlib import ticker
 
-    mags = [abs(v) for v in values if v and math.isfinite(v)]
+    finite = [v for v in values if math.isfinite(v)]
+    mags = [abs(v) for v in finite if v]
     axis_obj = ax.yaxis if axis == "y" else ax.xaxis
+    set_scale, set_lim = (ax.set_yscale, ax.set_ylim) if axis == "y" else (ax.set_xscale, ax.set_xlim)
+    band = None
     if not mags or min(mags) >= max(mags) * LINEAR_SHARE:
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("linear")
+        set_scale("linear")
         axis_obj.set_major_locator(ticker.MaxNLocator(nbins=6, min_n_ticks=3))
         axis_obj.set_major_formatter(ticker.FuncFormatter(lambda y, _pos: _num(y)))
-        return None
-    top = max(mags)
-    band = _band(top)
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=band)
-    decades = math.log10(top / band)
-    axis_obj.set_major_locator(ticker.SymmetricalLogLocator(linthresh=band, base=10 if decades <= 5 else 100))
-    axis_obj.set_minor_locator(ticker.NullLocator())
-    axis_obj.set_major_formatter(ticker.FuncFormatter(_log_label(band)))
-    get_lim, set_lim = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
-    lim = get_lim()
-    (ax.axhspan if axis == "y" else ax.axvspan)(-band, band, color="0.5", alpha=0.12, lw=0, zorder=0)
-    set_lim(lim)  # the shading must not widen the view
+    else:
+        band = _band(max(mags))
+        set_scale("symlog", linthresh=band)
+        decades = math.log10(max(mags) / band)
+        axis_obj.set_major_locator(ticker.SymmetricalLogLocator(linthresh=band, base=10 if decades <= 5 else 100))
+        axis_obj.set_minor_locator(ticker.NullLocator())
+        axis_obj.set_major_formatter(ticker.FuncFormatter(_log_label(band)))
+        (ax.axhspan if axis == "y" else ax.axvspan)(-band, band, color="0.5", alpha=0.12, lw=0, zorder=0)
+    lo, hi = min([0.0, *finite]), max([0.0, *finite])
+    if hi > lo:
+        tr = axis_obj.get_transform()
+        t_lo, t_hi = tr.transform([lo, hi])
+        pad = 0.05 * (t_hi - t_lo)
+        set_lim(*tr.inverted().transform([t_lo - pad, t_hi + pad]))
     return band
 
 
@@ -842,7 +868,7 @@ def _html(meta, rows, facts, images, out: Path) -> str:
     h = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>G-effect report</title>",
         f"<style>{_CSS}</style></head><body><h1>G-effect report</h1>",
-        f"<p class='signs'>{md_bold(SIGNS)}</p>",
+        f"<p class='signs'>{md_bold(SIGNS)} Negative values are red in the tables.</p>",
     ]
     setup = _setup_lines(meta)
     if setup:

@@ -65,9 +65,10 @@ def figures(monkeypatch):
     real = Figure.savefig
 
     def savefig(self, fname, *a, **k):
-        self.canvas.draw()
         seen[getattr(fname, "name", str(fname))] = self
-        return real(self, fname, *a, **k)
+        out = real(self, fname, *a, **{**k, "dpi": 40})  # the labels are the same at any dpi; tests run faster
+        self.canvas.draw()  # read back below, as drawn when saved
+        return out
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     return seen
@@ -234,6 +235,32 @@ def test_tradeoff_standard_error_is_the_jackknife_over_steps():
     m = sum(loo) / 5
     assert report.tradeoff_se(by) == pytest.approx(math.sqrt(4 / 5 * sum((x - m) ** 2 for x in loo)), rel=1e-12)
     assert report.tradeoff_se(report._series(_records(objs=("GA",), steps=2))["GA"]) is None
+
+
+def _steps(obj, retain, unlearn=-1.0):
+    """Records of one objective, one group, with the given per-step retaining values."""
+    return [
+        {"objective": obj, "step": s, "risk": risk, "total": v, "groups": {"embed": v}}
+        for s, x in enumerate(retain, 1)
+        for risk, v in (("unlearn", unlearn), ("retain", x))
+    ]
+
+
+def test_a_consistent_advantage_is_not_a_tie_even_when_steps_vary_a_lot():
+    """Both objectives swing alike from step to step; A is better at every step by 0.05. Each one's own
+    standard error is large, but the paired jackknife of the difference is 0: A wins."""
+    x = [0.5, -0.9, 0.3, -0.7, 0.1, -0.6, 0.4, -0.8]
+    recs = _steps("A", [v + 0.05 for v in x]) + _steps("B", x)
+    by = report._series(recs)
+    assert report.tradeoff_se(by["A"]) > 0.1  # unpaired: the two would overlap
+    assert report.tradeoff_diff_se(by["A"], by["B"]) == pytest.approx(0.0, abs=1e-12)
+    assert _tradeoff_line(recs).startswith("Best trade-off: **A**")
+    # the paired jackknife itself: leave step s out of both, then the usual jackknife of the differences
+    y = [0.2, -0.1, 0.4, 0.0, -0.3]
+    by = report._series(_steps("A", x[:5]) + _steps("B", y))
+    d = [(sum(x[:5]) - x[i]) / 4 - (sum(y) - y[i]) / 4 for i in range(5)]
+    m = sum(d) / 5
+    assert report.tradeoff_diff_se(by["A"], by["B"]) == pytest.approx(math.sqrt(4 / 5 * sum((v - m) ** 2 for v in d)))
 
 
 def test_sign_convention_comes_first(tmp_path):
