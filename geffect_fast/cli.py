@@ -356,7 +356,7 @@ def _run(args) -> int:
     retain_recs = data.load_records(args.retain)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
-    with atomic_output(args.out, args.force) as tmp:
+    with atomic_output(args.out, args.force) as tmp, _cpu_threads(args.device) as threads:
         model, tok = _load_model(args.model, dtype, args.device)
         if args.grad_ckpt:
             model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else (
@@ -403,7 +403,7 @@ def _run(args) -> int:
                 name=name.upper(),
                 mode="train" if args.grad_ckpt else "eval",
                 on_tracker=lambda t, box=tracker: box.update(t=t),
-                progress=_step_progress(name.upper(), tracker),
+                progress=_step_progress(name.upper(), tracker, threads),
             )
             records += tr.records
             print(
@@ -449,9 +449,22 @@ def _resolve_groups(spec: str, model) -> tuple[str, str]:
     return scheme, f"{scheme} (auto: {n} blocks)"
 
 
-def _step_progress(name: str, box: dict):
+def _cpu_threads(device: str):
+    """On a CPU, a :class:`~geffect_fast.demo.ThreadBudget` (torch threads sized to the free cores, restored
+    afterwards); elsewhere None."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext(None)
+    from .demo import threads_for_load
+
+    return threads_for_load(lambda s: print(s, flush=True))
+
+
+def _step_progress(name: str, box: dict, threads=None):
     """A ``progress(step, steps)`` callback printing one line per step: time, and at measured steps the probes'
-    NLL after the step and the step's G-effects (from the tracker in ``box['t']``)."""
+    NLL after the step and the step's G-effects (from the tracker in ``box['t']``); then it re-sizes ``threads``
+    (a ThreadBudget, or None) to the cores free now."""
     t0 = [time.perf_counter()]
 
     def tick(step: int, steps: int) -> None:
@@ -470,6 +483,8 @@ def _step_progress(name: str, box: dict):
             )
             line += f": {nll}; G-effect {e}"
         print(line, flush=True)
+        if threads is not None:
+            threads.adjust()
 
     return tick
 
