@@ -586,13 +586,11 @@ def _value_axis(ax, values: Sequence[float], axis: str = "y") -> float | None:
 
 
 def _num(y: float) -> str:
-    """A short, readable number: 0, 0.25, −3.1, 1.4e4, −6e−5 (the minus sign is U+2212)."""
+    """A short, readable number: 0, 0.25, −3.1, 8e3, 1.4e4, −6e−5 (the minus sign is U+2212)."""
     if y == 0:
         return "0"
     a = abs(y)
-    if 1e3 <= a < 1e4:
-        s = f"{y:.0f}"
-    elif 1e-3 <= a < 1e3:
+    if 1e-3 <= a < 1e3:
         s = f"{y:.3g}"
     else:
         mant, exp = f"{y:.1e}".split("e")

@@ -283,8 +283,8 @@ def test_gradient_runs_say_predicted_dR_is_plain_sgd():
 def test_numbers_are_short():
     assert [report._num(x) for x in (0, 1000, -1e3, 0.25, -6.1e4, 1e-4, 1e5)] == [
         "0",
-        "1000",
-        "−1000",
+        "1e3",
+        "−1e3",
         "0.25",
         "−6.1e4",
         "1e−4",
