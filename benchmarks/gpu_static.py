@@ -309,7 +309,7 @@ def _demangle(name: str) -> str:
         return name
     out = subprocess.run([filt, name], capture_output=True, text=True, check=False).stdout.strip() or name
     out = re.sub(r"^void |\(anonymous namespace\)::|gf::", "", out)
-    out = re.sub(r"\(\w*Args( const)?&?\)$", "", out)
+    out = re.sub(r"\([^()]*\)$", "", out)  # the parameter list
     return out[:120]
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import groups as groups_mod
-from .api import _Plan, input_device, unwrap
+from .api import _layout, _Plan, input_device, unwrap
 from .capture import CaptureSession, UnsupportedModuleError
 from .distributed import refuse_sharded
 from .loss import check_batch, forward_logits, sample_nll
@@ -65,10 +65,11 @@ class PairwiseResult:
 
 def _trainable_plan(model: nn.Module, grouping: groups_mod.Grouping) -> _Plan:
     """A capture plan over every trainable parameter (the direction's values are not used)."""
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    everything = dict(model.named_parameters())
+    named = {n: p for n, p in everything.items() if p.requires_grad}
     if not named:
         raise ValueError("no parameter of the model requires grad: nothing to pair")
-    return _Plan(model, {n: p.detach()[None] for n, p in named.items()}, grouping)
+    return _Plan(_layout(model, everything), {n: p.detach()[None] for n, p in named.items()}, grouping)
 
 
 def _session(model, plan, device) -> CaptureSession:

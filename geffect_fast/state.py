@@ -108,7 +108,7 @@ def preserved(*models: nn.Module | None, mode: str = "keep") -> Iterator[None]:
         try:
             for p in params:
                 p.grad = None
-            if mode != "keep":
+            if mode != "keep" and any(m.training != (mode == "train") for m, _ in training):
                 for model in models:
                     if model is not None:
                         model.train(mode == "train")
@@ -132,7 +132,8 @@ def _restore(params, grads, flags, training, cpu_rng, cuda_rng) -> list[BaseExce
         except Exception as e:  # noqa: PERF203 - each parameter on its own
             failed.append(e)
     for m, t in training:
-        m.training = t
+        if m.training != t:
+            m.training = t
     try:
         torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:

@@ -5,6 +5,8 @@
 #include <stdexcept>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define GF_HD __host__ __device__ __forceinline__
 #else
 #define GF_HD inline
@@ -29,10 +31,31 @@ GF_HD float bits_to_float(uint32_t u) {
 #endif
 }
 
-GF_HD float to_float(bf16_t x) { return bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+// bytes per element of a dtype code
+inline int64_t elem_size(int code) {
+  switch (code) {
+    case kF32: return 4;
+    case kF64: return 8;
+    case kBF16:
+    case kF16: return 2;
+    default: throw std::invalid_argument("unsupported dtype code");
+  }
+}
 
-// IEEE half -> float, exact for normals, subnormals, inf and NaN
+// bfloat16 -> float: exact (the upper half of a float)
+GF_HD float to_float(bf16_t x) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat162float(__ushort_as_bfloat16(x.bits));
+#else
+  return bits_to_float(static_cast<uint32_t>(x.bits) << 16);
+#endif
+}
+
+// IEEE half -> float, exact for normals, subnormals, inf and NaN (device code: the cvt instruction)
 GF_HD float to_float(f16_t x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.bits));
+#else
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1Fu;
@@ -47,6 +70,7 @@ GF_HD float to_float(f16_t x) {
     return bits_to_float(sign | ((127 - 15 - e) << 23) | (mant << 13));
   }
   return bits_to_float(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+#endif
 }
 
 // load any supported element as the accumulation type A

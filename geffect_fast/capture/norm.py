@@ -8,17 +8,19 @@ gradient of γ is Σ_{t∈b} g_t ⊙ x̂_t and that of β is Σ_{t∈b} g_t (ops
 the saved input during backward, at the precision the layer itself uses: torch's layers compute in the
 input dtype (float32 for bf16/fp16 here), Hugging Face's RMSNorms in float32 whatever the input dtype.
 
-A class recognised only by structure is checked once per pass: its output must equal γ ⊙ x̂ or
+A class recognised only by structure is checked on its first call: its output must equal γ ⊙ x̂ or
 (1 + γ) ⊙ x̂ of its input, or the pass stops with an error naming it, rather than return wrong numbers.
 The check also picks the precision of x̂ (float32, or float64 for a float64 layer that computes in it), and
 looks at finite rows only (a row that is NaN or inf in the forward says nothing about the layer's form; a
-layer with no finite row at all is an error naming it). Cohere's ``CohereLayerNorm`` (a LayerNorm without
-bias, computed in float32, weight [d] or [heads, head_dim] with the statistics over the last dim) is
-recognised and checked the same way.
+layer with no finite row at all is an error naming it). The verdict is kept per module, forward function
+and dtypes, so later passes skip the check (about 1 ms and a device sync per norm per pass). Cohere's
+``CohereLayerNorm`` (a LayerNorm without bias, computed in float32, weight [d] or [heads, head_dim] with the
+statistics over the last dim) is recognised and checked the same way.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -35,6 +37,10 @@ _CHECK_RTOL_LOW = 3e-2  # bf16 / fp16
 
 def _rtol(*dtypes: torch.dtype) -> float:
     return max(_CHECK_RTOL.get(d, _CHECK_RTOL_LOW) for d in dtypes)
+
+
+#: module -> {(its forward, input, output and weight dtypes): the precision of x̂ its check found}
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.dtype]] = weakref.WeakKeyDictionary()
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -64,6 +70,9 @@ class _NormAdapter(Adapter):
         for s in module.weight.shape if module.weight is not None else module.bias.shape:
             d *= s
         prec: dict[str, torch.dtype] = {}  # set by the first call's check (structural classes only)
+        # the check's verdict is kept per module, forward and dtypes across passes: it holds while the code does
+        verified = _VERIFIED.setdefault(module, {}) if self.verify else {}
+        own_forward = module.__dict__.get("forward") or type(module).forward
 
         def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
             seg = session.rows(g.flatten(-nd) if nd > 1 else g, d, module)
@@ -94,7 +103,10 @@ class _NormAdapter(Adapter):
                 )
             a = first_input(args, kwargs, "hidden_states")
             if self.verify and "x" not in prec:
-                prec["x"] = self._verify(mod, a, out, session.module_name(mod))
+                key = (own_forward, a.dtype, out.dtype, mod.weight.dtype)
+                if key not in verified:
+                    verified[key] = self._verify(mod, a, out, session.module_name(mod))
+                prec["x"] = verified[key]
             return tap(out, backward, *((a,) if sw is not None else ()))
 
         return [session.on_output(module, on_output)]
@@ -176,7 +188,7 @@ _EPS_ATTRS = ("variance_epsilon", "eps", "epsilon", "layer_norm_eps", "rms_norm_
 
 class HFRMSNormAdapter(_NormAdapter):
     """RMSNorm classes found by structure: a class named ``*RMSNorm`` with one 1-D ``weight`` and an ε
-    attribute. Gemma's (1 + γ) form has the same γ-gradient. Verified once per pass."""
+    attribute. Gemma's (1 + γ) form has the same γ-gradient. Verified on first use."""
 
     param_names = ("weight",)
     verify = True
@@ -216,7 +228,7 @@ def _recognise_rmsnorm(module: nn.Module) -> Adapter | None:
 
 class CohereLayerNormAdapter(HFRMSNormAdapter):
     """Cohere's ``CohereLayerNorm``: y = γ ⊙ (a − μ)/√(σ² + ε) in float32, no bias; γ is [d], or [heads, d_head]
-    for its QK norm (statistics over the last dim only). Verified once per pass, as the RMSNorms are."""
+    for its QK norm (statistics over the last dim only). Verified on first use, as the RMSNorms are."""
 
     kind = "a LayerNorm without bias"
 

@@ -18,6 +18,12 @@ from .base import Adapter
 
 _BY_TYPE: dict[type, Adapter] = {}
 _RECOGNISERS: list[Callable[[nn.Module], Adapter | None]] = []
+_VERSION = [0]  #: bumped by every registration: plans made before it are stale
+
+
+def version() -> int:
+    """How many registrations have happened (a plan cached under another number is stale)."""
+    return _VERSION[0]
 
 
 def register(*module_types: type[nn.Module]) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -30,6 +36,7 @@ def register(*module_types: type[nn.Module]) -> Callable[[type[Adapter]], type[A
         inst = cls()
         for t in module_types:
             _BY_TYPE[t] = inst
+        _VERSION[0] += 1
         return cls
 
     return deco
@@ -38,6 +45,7 @@ def register(*module_types: type[nn.Module]) -> Callable[[type[Adapter]], type[A
 def register_recogniser(fn: Callable[[nn.Module], Adapter | None]) -> Callable[[nn.Module], Adapter | None]:
     """Register ``fn(module) -> Adapter | None`` for layers recognised by structure rather than type."""
     _RECOGNISERS.append(fn)
+    _VERSION[0] += 1
     return fn
 
 

@@ -106,7 +106,7 @@ class CaptureSession:
         self.B = 0
         self.T: int | None = None
         self.out: Tensor | None = None
-        self._seg: dict[tuple[int, torch.device], Tensor] = {}
+        self._pending: list[tuple[int, Tensor]] = []  # (group column, [K, B] contribution), summed by result()
         self._handles: list[RemovableHandle | _Unwrap] = []
         self._names = {id(p.module): p.name for p in plans}
         self._slots = {id(p.module): p.slots for p in plans}
@@ -191,7 +191,7 @@ class CaptureSession:
         self.B = B
         self.T = T
         self.out = torch.zeros(self.K, B, self.G, dtype=self.acc, device=device)
-        self._seg.clear()
+        self._pending.clear()
         self._inflight.clear()
         self._done.clear()
 
@@ -246,8 +246,9 @@ class CaptureSession:
                 module, a, "its rows were gathered by index (routed tokens, e.g. an MoE expert run on x[idx])"
             )
 
-    def rows(self, x: Tensor, features: int, module: nn.Module) -> Tensor:
-        """Sample id of each row of ``x`` viewed as [rows, features].
+    def rows(self, x: Tensor, features: int, module: nn.Module) -> int | Tensor:
+        """Which sample each row of ``x`` viewed as [rows, features] belongs to, as the ops take it: an int T
+        (uniform segments: sample b owns rows [b·T, (b+1)·T)), which every known layout is.
 
         Known layouts only: batch first ([B, ...]), the batch's B·T tokens flattened in order ([B·T, f]), or
         any rows when B = 1. Anything else (e.g. the tokens an MoE router sent to one expert) cannot be
@@ -267,12 +268,9 @@ class CaptureSession:
             self._unattributable(
                 module, x, f"its rows are neither batch first nor the batch's {B}×{self.T} tokens in order"
             )
-        key = (rows, x.device)
-        seg = self._seg.get(key)
-        if seg is None:
-            seg = torch.arange(B, device=x.device).repeat_interleave(rows // B)
-            self._seg[key] = seg
-        return seg
+        if rows == 0:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        return rows // B
 
     def _unattributable(self, module: nn.Module, x: Tensor, why: str) -> None:
         name = self.module_name(module)
@@ -336,10 +334,22 @@ class CaptureSession:
                 self._inflight[k] = gather_async(s.v)
 
     def add(self, slot: Slot | None, contrib: Tensor | None) -> None:
-        """Add a [K, B] contribution to ``slot``'s group column."""
+        """Add a [K, B] contribution to ``slot``'s group column (kept until :meth:`result` sums them all)."""
         if slot is None or contrib is None:
             return
-        self.out[:, :, slot.group] += contrib.to(self.acc)
+        self._pending.append((slot.group, contrib))
+
+    def result(self) -> Tensor:
+        """``out`` [K, B, G] with every contribution of this batch added: one product with the one-hot group
+        matrix instead of one indexed add per tap (deterministic on every device)."""
+        if self._pending:
+            K, B, G = self.out.shape
+            vals = torch.stack([c.to(self.acc) for _, c in self._pending], dim=-1).reshape(K * B, -1)
+            cols = torch.tensor([g for g, _ in self._pending], device=self.out.device)
+            onehot = torch.nn.functional.one_hot(cols, G).to(self.acc)
+            self.out += (vals @ onehot).reshape(K, B, G)
+            self._pending.clear()
+        return self.out
 
 
 __all__ = ["CaptureSession", "ModulePlan", "NotPerSampleError", "UnsupportedModuleError"]

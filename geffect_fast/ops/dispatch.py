@@ -19,6 +19,7 @@ model goes past Triton). Naming a backend that cannot run raises a clear error.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -75,7 +76,10 @@ def _op(name: str, op: str) -> Callable:
     return mod.get_op(op) if hasattr(mod, "get_op") else getattr(mod, op)
 
 
+@functools.cache
 def _reason(name: str, device: torch.device, *dtypes: torch.dtype | None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` with these dtypes (None: it can). Kept per process: what
+    is built and which devices exist do not change while it runs (asking the CUDA runtime costs a call)."""
     mod = _module(name)
     why = mod.unusable_reason(device)
     for dtype in dtypes:

@@ -114,15 +114,19 @@ def linear_dot_gemm(
     seg: Seg,
     B: int,
     vb: Tensor | None,
-    row_dot_tokens: Callable[[Tensor, Tensor, Tensor], None],
+    row_dot_tokens: Callable[[Tensor, Tensor, Tensor], object],
+    empty: Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``linear_dot`` (contract in ``reference.linear_dot``) as chunked GEMMs + the ``row_dot_tokens``
-    epilogue; outputs [K, B] in the accumulation dtype."""
+    epilogue; outputs [K, B] in the accumulation dtype. ``empty(shape, dtype, device)`` allocates the
+    per-token values (default ``torch.empty``; the epilogue writes every element)."""
     N, i, o, K = check_linear(a, g, v, seg, B, vb)
     acc = acc_dtype(a, g, v, vb)
+    if empty is None:
+        empty = _torch_empty
     out_w = out_b = None
     if v is not None:
-        tok = torch.empty(K, N, dtype=acc, device=g.device)
+        tok = empty((K, N), acc, g.device)
         if N:
             x1, x2, m = (a, g, v.transpose(1, 2)) if i >= o else (g, a, v)  # m [K, r, c]
             if x1.dtype != x2.dtype:
@@ -140,11 +144,15 @@ def linear_dot_gemm(
                 del p
         out_w = segment_sum(tok, seg, B)
     if vb is not None:
-        tok = torch.empty(K, N, dtype=acc, device=g.device)
+        tok = empty((K, N), acc, g.device)
         if N:
             row_dot_tokens(vb[:, None, :].expand(K, N, o), g, tok)
         out_b = segment_sum(tok, seg, B)
     return out_w, out_b
+
+
+def _torch_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def torch_row_dot_tokens(p: Tensor, x: Tensor, out: Tensor) -> None:

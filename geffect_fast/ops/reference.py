@@ -27,7 +27,6 @@ from .contract import (
     check_linear,
     check_norm,
     check_row_dot,
-    seg_tensor,
     segment_sum,
 )
 from .pairwise import segment_outer  # noqa: E402,F401  (the sketch op's spec lives beside the pairwise ops)
@@ -71,15 +70,15 @@ def linear_dot(
     """
     N, i, o, K = check_linear(a, g, v, seg, B, vb)
     acc = acc_dtype(a, g, v, vb)
-    out_w = None if v is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg_tensor(seg, N, B, g.device).long()
+    # per-token values [K, N], summed per sample at the end (a reshape-sum for uniform segments)
+    tok_w = None if v is None else torch.empty(K, N, dtype=acc, device=g.device)
+    tok_b = None if vb is None else torch.empty(K, N, dtype=acc, device=g.device)
+    vbc = None if vb is None else vb.to(acc)
     if v is None:
-        vbc = vb.to(acc)
         n = _rows_per_tile(o + K, torch.finfo(acc).bits // 8)
         for n0 in range(0, N, n):
-            out_b.index_add_(1, seg[n0 : n0 + n], (g[n0 : n0 + n].to(acc) @ vbc.T).T)
-        return out_w, out_b
+            tok_b[:, n0 : n0 + n] = (g[n0 : n0 + n].to(acc) @ vbc.T).T
+        return None, segment_sum(tok_b, seg, B)
     itemsize = torch.finfo(acc).bits // 8
     g_side = i <= o  # contract g with V over o (result [K, n, i]); else a with Vᵀ over i
     inner, outer = (o, i) if g_side else (i, o)
@@ -92,7 +91,6 @@ def linear_dot(
     # per-row transients: the product p [K, n, outer], plus the upcast copies of a and g when they need one
     row = K * outer + (0 if a.dtype == acc else i) + (0 if g.dtype == acc else o)
     n = _rows_per_tile(row, itemsize)
-    vbc = None if vb is None else vb.to(acc)
     for n0 in range(0, N, n):
         n1 = min(N, n0 + n)
         gt = g[n0:n1].to(acc)
@@ -105,11 +103,10 @@ def linear_dot(
             else:
                 part = torch.matmul(at[:, c0:c1], v[:, :, c0:c1].to(acc).transpose(1, 2))  # [K, n, o]
             p = part if p is None else p.add_(part)
-        r = p.mul_(at if g_side else gt).sum(-1)  # [K, n]
-        out_w.index_add_(1, seg[n0:n1], r)
+        tok_w[:, n0:n1] = p.mul_(at if g_side else gt).sum(-1)  # [K, n]
         if vbc is not None:
-            out_b.index_add_(1, seg[n0:n1], (gt @ vbc.T).T)
-    return out_w, out_b
+            tok_b[:, n0:n1] = (gt @ vbc.T).T
+    return segment_sum(tok_w, seg, B), None if tok_b is None else segment_sum(tok_b, seg, B)
 
 
 def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
@@ -124,17 +121,14 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_i
     """
     N, d, K, _ = check_embedding(ids, g, v, seg, B)
     acc = acc_dtype(g, v)
-    out = torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg_tensor(seg, N, B, g.device).long()
+    tok = torch.empty(K, N, dtype=acc, device=g.device)
     n = _rows_per_tile(K * d + d, torch.finfo(acc).bits // 8)
     for n0 in range(0, N, n):
         n1 = min(N, n0 + n)
         it = ids[n0:n1].long()
         r = (v[:, it, :].to(acc) * g[n0:n1].to(acc)).sum(-1)  # [K, n]
-        if padding_idx is not None:
-            r = r.masked_fill(it == padding_idx, 0)
-        out.index_add_(1, seg[n0:n1], r)
-    return out
+        tok[:, n0:n1] = r if padding_idx is None else r.masked_fill(it == padding_idx, 0)
+    return segment_sum(tok, seg, B)
 
 
 def norm_dot(
@@ -151,21 +145,19 @@ def norm_dot(
     """
     N, d, K = check_norm(xhat, g, vw, vb, seg, B)
     acc = acc_dtype(xhat, g, vw, vb)
-    out_w = None if vw is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    out_b = None if vb is None else torch.zeros(K, B, dtype=acc, device=g.device)
-    seg = seg_tensor(seg, N, B, g.device).long()
+    tok_w = None if vw is None else torch.empty(K, N, dtype=acc, device=g.device)
+    tok_b = None if vb is None else torch.empty(K, N, dtype=acc, device=g.device)
     vwc = None if vw is None else vw.to(acc)
     vbc = None if vb is None else vb.to(acc)
     n = _rows_per_tile(2 * d + 2 * K, torch.finfo(acc).bits // 8)
     for n0 in range(0, N, n):
         n1 = min(N, n0 + n)
         gt = g[n0:n1].to(acc)
-        s = seg[n0:n1]
         if vwc is not None:
-            out_w.index_add_(1, s, ((gt * xhat[n0:n1].to(acc)) @ vwc.T).T)
+            tok_w[:, n0:n1] = ((gt * xhat[n0:n1].to(acc)) @ vwc.T).T
         if vbc is not None:
-            out_b.index_add_(1, s, (gt @ vbc.T).T)
-    return out_w, out_b
+            tok_b[:, n0:n1] = (gt @ vbc.T).T
+    return tuple(None if t is None else segment_sum(t, seg, B) for t in (tok_w, tok_b))
 
 
 def row_dot(p: Tensor, x: Tensor, seg: Seg, B: int) -> Tensor:
