@@ -1,4 +1,4 @@
-"""``measure()``: the measuring pass of DESIGN.md §2.
+"""``measure()``: the measuring pass of docs/design.md §2.
 
 For each risk batch: one forward, the per-token NLL, and one backward of the sum of the per-sample mean
 NLLs, L = Σ_b ℓ_b, with every parameter frozen. Each covered layer's output carries a tap; in backward the

@@ -1,8 +1,11 @@
-"""``geffect-fast``: the command-line entry point.
+"""``geffect-fast``: the command-line entry point (``geffect-fast COMMAND --help`` lists every option with its
+default).
 
-    geffect-fast demo [--out DIR] [--force] [--quick]
-    geffect-fast run --model PATH|smollm2 --forget F --retain R --objective NAME[,NAME...] --steps N
-                     [--every K] [--lr LR] [--groups G] --out DIR [--device cuda] [--dtype bf16] [--grad-ckpt]
+    geffect-fast demo [--out DIR] [--force] [--quick] [--objectives NAME,...] [--steps N]
+    geffect-fast run --model PATH|smollm2 --forget F --retain R --objective NAME[,NAME...] --out DIR
+                     [--steps N] [--every K] [--lr LR] [--groups G] [--direction gradient|update] [--device cuda]
+                     [--dtype bf16] [--grad-ckpt] [--prompt P] [--max-length T] [--batch-size B]
+                     [--probe-size N] [--per-instance] [--force]
     geffect-fast report DIR
 
 Bad input gets one clear line on stderr and exit code 2; a run writes into a temporary folder that becomes
@@ -123,6 +126,25 @@ def check_device(spec: str):
     return dev
 
 
+class _Help(argparse.HelpFormatter):
+    """Help lines end with the option's default, where it has one worth showing (not None, not a switch's off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+#: ``--groups auto`` uses the paper's depth groups from this many transformer blocks on (the official code's
+#: 0–9 / 10–19 / ≥ 20 split is then about thirds); shallower models get one group per block
+AUTO_PAPER_BLOCKS = 30
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geffect-fast",
@@ -132,36 +154,84 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"geffect-fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="fine-tune a small Llama on synthetic authors, unlearn, report (offline)")
-    d.add_argument("--out", metavar="DIR", default="geffect_demo", help="output folder (default ./geffect_demo)")
+    d = sub.add_parser(
+        "demo",
+        help="fine-tune a small Llama on synthetic authors, unlearn, report (offline)",
+        description="Fine-tune a small Llama until it knows 1000 QA about 100 fictitious authors (cached after "
+        "the first run), unlearn forget05 with each objective while tracking G-effects per layer group and per "
+        "instance, and write a report (report.html) into DIR.",
+        formatter_class=_Help,
+    )
+    d.add_argument("--out", metavar="DIR", default="geffect_demo", help="output folder")
     d.add_argument("--force", action="store_true", help="replace DIR if it exists")
     d.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
-    d.add_argument("--steps", type=int, default=None, help="unlearning steps per objective")
-    d.add_argument("--objectives", default=None, help="comma-separated objectives (default: all of the demo's)")
+    d.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="unlearning steps per objective (default: 12; --quick 3)"
+    )
+    d.add_argument(
+        "--objectives",
+        metavar="NAME,...",
+        default=None,
+        help="comma-separated objectives (default: ga,npo,wga,tnpo,wtnpo,rmu,idkpo; --quick ga,npo,rmu)",
+    )
 
-    r = sub.add_parser("run", help="track G-effects of objectives on your model and TOFU-format data")
-    r.add_argument("--model", required=True, help="a local Hugging Face causal-LM folder, or 'smollm2'")
-    r.add_argument("--forget", required=True, help="forget records (JSON/JSONL with question, answer)")
-    r.add_argument("--retain", required=True, help="retain records (JSON/JSONL with question, answer)")
-    r.add_argument("--objective", required=True, help="objective name(s), comma-separated (e.g. ga,npo,wga)")
-    r.add_argument("--steps", type=int, default=10)
-    r.add_argument("--every", type=int, default=1, help="measure every K steps")
-    r.add_argument("--lr", type=float, default=1e-5)
-    r.add_argument("--groups", default="block", help="block, paper or module")
-    r.add_argument("--direction", default="gradient", choices=("gradient", "update"))
-    r.add_argument("--out", required=True, metavar="DIR")
-    r.add_argument("--force", action="store_true")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    r = sub.add_parser(
+        "run",
+        help="track G-effects of objectives on your model and TOFU-format data",
+        description="Unlearn the forget records with each objective (AdamW, one copy of the model per objective) "
+        "and record the G-effects of every K-th step on the forget and retain probes, per layer group (and per "
+        "instance), with the probes' NLL; writes geffects.jsonl, summary.csv, plots, report.md and report.html "
+        "into DIR.",
+        formatter_class=_Help,
+    )
+    r.add_argument(
+        "--model", required=True, metavar="PATH|smollm2", help="a local Hugging Face causal-LM folder, or smollm2"
+    )
+    r.add_argument("--forget", required=True, metavar="F", help="forget records (JSON/JSONL with question, answer)")
+    r.add_argument("--retain", required=True, metavar="R", help="retain records (JSON/JSONL with question, answer)")
+    r.add_argument(
+        "--objective", required=True, metavar="NAME[,NAME...]", help="objective name(s), comma-separated (e.g. ga,npo)"
+    )
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, unless --force)")
+    r.add_argument("--steps", type=int, default=10, metavar="N", help="unlearning steps per objective")
+    r.add_argument("--every", type=int, default=1, metavar="K", help="measure the G-effects every K steps")
+    r.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of the unlearning steps")
+    r.add_argument(
+        "--groups",
+        default="auto",
+        metavar="G",
+        help=f"layer groups: auto (paper for models with >= {AUTO_PAPER_BLOCKS} blocks, else block), block (embed, "
+        "each block, final_norm, lm_head), paper (embed/shallow 0-9/middle 10-19/deep/lm) or module",
+    )
+    r.add_argument(
+        "--direction",
+        default="gradient",
+        choices=("gradient", "update"),
+        help="gradient: the objective's gradient, the paper's G-effect (predicted_dR is then a plain-SGD step's "
+        "prediction, not AdamW's); update: the step AdamW took (predicted_dR checked against measured_dR)",
+    )
+    r.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    r.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the model's weights")
     r.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing during unlearning")
     r.add_argument("--prompt", default="llama2", help="llama2, phi or chat (the tokenizer's template)")
-    r.add_argument("--max-length", type=int, default=256)
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--probe-size", type=int, default=32, help="samples of each set used as G-effect probes")
-    r.add_argument("--per-instance", action="store_true")
+    r.add_argument(
+        "--max-length", type=int, default=256, metavar="T", help="tokens per sample (prompts truncated, never answers)"
+    )
+    r.add_argument("--batch-size", type=int, default=8, metavar="B", help="forget (and retain) rows per step")
+    r.add_argument(
+        "--probe-size", type=int, default=32, metavar="N", help="samples of each set used as G-effect probes"
+    )
+    r.add_argument("--per-instance", action="store_true", help="also record every probe sample's G-effects")
 
-    rep = sub.add_parser("report", help="re-render a run folder's report from its geffects.jsonl")
-    rep.add_argument("dir")
+    rep = sub.add_parser(
+        "report",
+        help="re-render a run folder's report from its geffects.jsonl",
+        description="Re-render summary.csv, the plots, report.md and report.html of a run folder from its "
+        "geffects.jsonl (and meta.json).",
+        formatter_class=_Help,
+    )
+    rep.add_argument("dir", metavar="DIR", help="a run folder (holds geffects.jsonl)")
     return p
 
 
@@ -266,8 +336,8 @@ def _run(args) -> int:
 
     # validate everything cheap before loading anything big
     names = _objective_names(args.objective)
-    if args.groups not in SCHEMES:
-        raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(SCHEMES)}")
+    if args.groups not in ("auto", *SCHEMES):
+        raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(('auto', *SCHEMES))}")
     if args.prompt not in (*data.PROMPTS, "chat"):
         raise CLIError(f"unknown --prompt {args.prompt!r}; use one of {', '.join([*data.PROMPTS, 'chat'])}")
     for flag, v in (
@@ -286,7 +356,7 @@ def _run(args) -> int:
     retain_recs = data.load_records(args.retain)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
-    with atomic_output(args.out, args.force) as tmp:
+    with atomic_output(args.out, args.force) as tmp, _cpu_threads(args.device) as threads:
         model, tok = _load_model(args.model, dtype, args.device)
         if args.grad_ckpt:
             model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else (
@@ -303,10 +373,18 @@ def _run(args) -> int:
         ]
         idk = enc(idk_recs)
         probes = {"unlearn": _head(forget, args.probe_size), "retain": _head(retain, args.probe_size)}
+        groups, groups_note = _resolve_groups(args.groups, model)
+        print(
+            f"{len(names)} objective(s) x {args.steps} steps on {len(forget_recs)} forget / {len(retain_recs)} retain "
+            f"records; G-effects every {args.every} step(s) on {probes['unlearn']['input_ids'].shape[0]} + "
+            f"{probes['retain']['input_ids'].shape[0]} probe samples, groups {groups_note}",
+            flush=True,
+        )
         ref = pipeline.frozen_copy(model)
         records = []
         for name in names:
             m = copy.deepcopy(model)
+            tracker: dict = {}
             tr = pipeline.unlearn(
                 m,
                 objectives.get(name),
@@ -319,14 +397,19 @@ def _run(args) -> int:
                 probes=probes,
                 batch_size=args.batch_size,
                 every=args.every,
-                groups=args.groups,
+                groups=groups,
                 direction=args.direction,
                 per_instance=args.per_instance,
                 name=name.upper(),
                 mode="train" if args.grad_ckpt else "eval",
+                on_tracker=lambda t, box=tracker: box.update(t=t),
+                progress=_step_progress(name.upper(), tracker, threads),
             )
             records += tr.records
-            print(f"{name.upper()}: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
+            print(
+                f"{name.upper()} cumulative G-effect: "
+                + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items())
+            )
             del m
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
@@ -337,14 +420,73 @@ def _run(args) -> int:
             "objectives": ", ".join(n.upper() for n in names),
             "steps": args.steps,
             "lr": args.lr,
-            "direction": args.direction,
-            "groups": args.groups,
+            "direction": DIRECTION_NOTE[args.direction],
+            "groups": groups_note,
             "wall_time_s": round(time.perf_counter() - t0, 1),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         report.render(tmp)
     print(f"wrote {args.out}/")
     return 0
+
+
+#: what each ``--direction`` means for the records' predicted_dR (the report's setup line)
+DIRECTION_NOTE = {
+    "gradient": "gradient of the objective (the paper's G-effect); predicted_dR = −lr·e is a plain-SGD step's "
+    "prediction, not the AdamW step taken (measured_dR)",
+    "update": "update: the step AdamW took, v = (θ_before − θ_after)/lr; predicted_dR = −lr·e predicts its measured_dR",
+}
+
+
+def _resolve_groups(spec: str, model) -> tuple[str, str]:
+    """(scheme, how the report names it): ``auto`` is ``paper`` from AUTO_PAPER_BLOCKS blocks on, else ``block``."""
+    if spec != "auto":
+        return spec, spec
+    from .groups import find_layout
+
+    n = find_layout(model).n_blocks
+    scheme = "paper" if n >= AUTO_PAPER_BLOCKS else "block"
+    return scheme, f"{scheme} (auto: {n} blocks)"
+
+
+def _cpu_threads(device: str):
+    """On a CPU, a :class:`~geffect_fast.demo.ThreadBudget` (torch threads sized to the free cores, restored
+    afterwards); elsewhere None."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext(None)
+    from .demo import threads_for_load
+
+    return threads_for_load(lambda s: print(s, flush=True))
+
+
+def _step_progress(name: str, box: dict, threads=None):
+    """A ``progress(step, steps)`` callback printing one line per step: time, and at measured steps the probes'
+    NLL after the step and the step's G-effects (from the tracker in ``box['t']``); then it re-sizes ``threads``
+    (a ThreadBudget, or None) to the cores free now."""
+    t0 = [time.perf_counter()]
+
+    def tick(step: int, steps: int) -> None:
+        now = time.perf_counter()
+        line = f"  {name} step {step}/{steps} ({now - t0[0]:.1f} s)"
+        t0[0] = now
+        recs = {r["risk"]: r for r in box["t"].records if r["step"] == step and r["kind"] != "compare"}
+        if recs:
+            nll = ", ".join(
+                f"{'forget' if k == 'unlearn' else k} NLL {r['loss'] + r['measured_dR']:.4g}"
+                for k, r in recs.items()
+                if r.get("loss") is not None and r.get("measured_dR") is not None
+            )
+            e = ", ".join(
+                f"{'unlearning' if k == 'unlearn' else 'retaining'} {r['total']:+.3g}" for k, r in recs.items()
+            )
+            line += f": {nll}; G-effect {e}"
+        print(line, flush=True)
+        if threads is not None:
+            threads.adjust()
+
+    return tick
 
 
 def _head(batch, n):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -86,6 +87,76 @@ QUICK = DemoConfig(
 )
 
 
+def free_cores(cores: int | None = None, load: float | None = None) -> int:
+    """CPU threads worth using now: the cores this process may run on less ``load`` (the other jobs' runnable
+    threads; default: the 1-minute load average), rounded, at least 1. On a shared machine more torch threads
+    than free cores make every parallel op wait at OpenMP's barriers for threads that are not running: the
+    demo's fine-tune took 129 s for an epoch with 2 threads on 2 cores at load 4, 10.5 s with 1 thread."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = _load()
+        if load is None:  # pragma: no cover - no load average (Windows)
+            return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return None
+
+
+class ThreadBudget:
+    """torch's thread count sized to the free cores, and re-sized by :meth:`adjust` (the demo calls it after
+    every fine-tuning epoch and before every objective) as other jobs come and go; the count torch had is put
+    back by :meth:`restore`. Our own threads are in the load average once they have run, so they are taken
+    out of it: others = load − our threads. ``GEFFECT_FAST_THREADS`` or ``OMP_NUM_THREADS`` fixes the count."""
+
+    def __init__(self, echo: Callable[[str], None] = print):
+        self.echo = echo
+        self.before = torch.get_num_threads()
+        fixed = os.environ.get("GEFFECT_FAST_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        self.fixed = None if not fixed else max(1, int(fixed))
+        self.n = self.before
+        self._ran = False  #: whether our threads have run (and so sit in the load average)
+
+    def adjust(self) -> int:
+        """Set and return the thread count for the next stretch of work."""
+        if self.fixed is not None:
+            n = self.fixed
+        else:
+            load = _load()
+            if load is None:  # pragma: no cover - Windows
+                return self.n
+            others = max(0.0, load - (self.n if self._ran else 0))
+            n = min(self.before, free_cores(load=others))
+            if n != self.n:
+                self.echo(
+                    f"using {n} of {self.before} CPU threads (1-minute load average {load:.1f}: "
+                    f"{'other jobs hold the other cores' if n < self.before else 'the cores are free again'}; "
+                    "GEFFECT_FAST_THREADS fixes the count)"
+                )
+        torch.set_num_threads(n)
+        self.n, self._ran = n, True
+        return n
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.before)
+
+
+@contextlib.contextmanager
+def threads_for_load(echo: Callable[[str], None] = print) -> Iterator[ThreadBudget]:
+    """A :class:`ThreadBudget`, adjusted once on entry and restored on exit (also on error)."""
+    budget = ThreadBudget(echo)
+    try:
+        budget.adjust()
+        yield budget
+    finally:
+        budget.restore()
+
+
 def cache_dir() -> Path:
     root = os.environ.get("GEFFECT_FAST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "geffect_fast"
@@ -119,8 +190,9 @@ def _model(cfg: DemoConfig, tok):
     return LlamaForCausalLM(mc)
 
 
-def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
-    """(model, tokenizer, splits, accuracy, cached) — loaded from the cache when it holds this config."""
+def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print, threads: ThreadBudget | None = None):
+    """(model, tokenizer, splits, accuracy, cached) — loaded from the cache when it holds this config.
+    ``threads`` is re-sized to the free cores after every fine-tuning epoch."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
@@ -147,6 +219,8 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
         def tick(ep, total, loss):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+            if threads is not None:
+                threads.adjust()
 
         pipeline.finetune(model, full, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, progress=tick)
         bar.close()
@@ -165,8 +239,8 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print):
 
 
 def most_harmful(model, forget, retain, forget_recs, n: int = 5) -> list[dict]:
-    """The forget samples whose gradient-ascent step raises the retain NLL most: column sums of the pairwise
-    G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
+    """Up to ``n`` forget samples whose gradient-ascent step raises the retain NLL: negative column sums of the
+    pairwise G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
     from .pairwise import measure_pairwise
 
     res = measure_pairwise(model, objectives.get("ga"), forget, {"retain": retain})
@@ -193,8 +267,9 @@ def run_demo(
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
-    with atomic_output(out, force) as tmp:
-        model, tok, splits, acc, cached = finetuned(cfg, echo)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
+        model, tok, splits, acc, cached = finetuned(cfg, echo, threads)
         forget_recs = splits[cfg.forget_split]
         retain_recs = splits[f"retain{100 - int(cfg.forget_split[-2:])}"][: cfg.retain_probe]
         forget = data.encode_qa(forget_recs, tok)
@@ -205,12 +280,15 @@ def run_demo(
         echo(
             "forget samples whose GA gradient raises the retain NLL most (pairwise G-effects): "
             + "; ".join(f"{h['question']!r} ({h['retain_g_effect']:+.2e})" for h in harmful[:3])
+            if harmful
+            else "no forget sample's GA gradient raises the retain NLL (pairwise G-effects all >= 0)"
         )
         records = []
         scatter = None
         for name in cfg.objectives:
             obj = objectives.get(name, layer=cfg.rmu_layer) if name == "rmu" else objectives.get(name)
             m = copy.deepcopy(model)
+            threads.adjust()
             bar = _progress(cfg.steps, f"unlearn {name}")
             tr = pipeline.unlearn(
                 m,
@@ -253,7 +331,9 @@ def run_demo(
             "direction": "gradient of the objective (the paper's G-effect)",
             "groups": "block",
             "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch thread"
+            f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "
+            f"torch {torch.__version__}",
             "config": asdict(cfg),
             "most_harmful": harmful,
         }

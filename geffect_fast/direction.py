@@ -1,4 +1,4 @@
-"""Directions v: what the risk gradient is dotted with. e = ⟨∇θ R, v⟩ (DESIGN.md §1).
+"""Directions v: what the risk gradient is dotted with. e = ⟨∇θ R, v⟩ (docs/design.md §1).
 
 A :class:`Direction` holds K named directions over a model's parameters, each parameter's entry stacked
 as a tensor [K, *param.shape]. Sources:

@@ -1,4 +1,4 @@
-"""Parameter name -> group, for the layer-wise split e = Σ_g ⟨∇_g R, v_g⟩ (DESIGN.md §1).
+"""Parameter name -> group, for the layer-wise split e = Σ_g ⟨∇_g R, v_g⟩ (docs/design.md §1).
 
 Schemes
 -------

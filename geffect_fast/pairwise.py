@@ -53,11 +53,14 @@ class PairwiseResult:
         return {g: self.matrix[risk][k] for k, g in enumerate(self.groups)}
 
     def most_harmful(self, risk: str = "retain", n: int = 5) -> list[tuple[int, float]]:
-        """Objective samples j ordered by Σ_i E[i, j] (most negative first): the ones whose unlearning gradient
-        raises the risk set's NLL most."""
+        """Up to ``n`` objective samples j with Σ_i E[i, j] < 0, most negative first: the ones whose unlearning
+        gradient raises the risk set's NLL (a step −η·∇ℓ^obj_j changes it by about −η·Σ_i E[i, j] > 0). Samples
+        that help (Σ_i E[i, j] ≥ 0) are never listed, so fewer than ``n`` come back when fewer harm."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
         col = self.total(risk).sum(0)
         order = torch.argsort(col)
-        return [(int(j), float(col[j])) for j in order[:n]]
+        return [(int(j), float(col[j])) for j in order[:n] if col[j] < 0]
 
 
 def _trainable_plan(model: nn.Module, grouping: groups_mod.Grouping) -> _Plan:

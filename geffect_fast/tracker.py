@@ -39,7 +39,9 @@ Records (kept in ``tracker.records`` and, with ``log=``, appended to a JSONL fil
 ``objective`` (``name``, default the direction kind; or a compare name), ``kind`` ("gradient", "update" or
 "compare"), ``risk``, ``total``,
 ``groups``, ``cumulative`` (sum of ``total`` over the measured steps), ``lr``, ``loss`` (R at θ_before),
-``train_loss``, ``predicted_dR``, ``predicted_dR_2nd``, ``measured_dR``, and ``per_instance`` when asked.
+``train_loss``, ``predicted_dR``, ``predicted_dR_2nd``, ``measured_dR``, ``prediction`` (what predicted_dR
+= −lr·e predicts: "optimiser step" for the update direction, "plain SGD step" of size lr along v otherwise — with
+Adam not the step taken), and ``per_instance`` when asked.
 With ``every=k`` only every k-th step is measured and cumulative sums run over the measured steps.
 """
 
@@ -317,6 +319,8 @@ class Tracker:
                 }
                 if is_taken and pending.get("vhv") is not None:
                     rec["predicted_dR_2nd"] = -lr * total + 0.5 * lr * lr * pending["vhv"][r]
+                # what −lr·e predicts: the real step only for the update direction
+                rec["prediction"] = "optimiser step" if rec["kind"] == "update" else "plain SGD step"
                 if self.per_instance:
                     rec["per_instance"] = [[None if x != x else float(x) for x in row] for row in sub.per_instance[r]]
                 new.append(rec)
@@ -338,7 +342,7 @@ class Tracker:
 
     def summary(self) -> str:
         """Cumulative G-effects per direction and probe, and the latest fidelity numbers."""
-        lines = [f"{'objective':<14}{'risk':<10}{'cumulative':>14}{'last e':>14}{'last dR':>14}{'pred dR':>14}"]
+        lines = [f"{'objective':<14}{'risk':<10}{'cumulative':>14}{'last e':>14}{'last dR':>14}{'pred dR':>14}  of"]
         last: dict[tuple[str, str], dict[str, Any]] = {}
         for r in self.records:
             last[(r["objective"], r["risk"])] = r
@@ -346,6 +350,6 @@ class Tracker:
             md = "" if r["measured_dR"] is None else f"{r['measured_dR']:.3e}"
             lines.append(
                 f"{name:<14}{risk_name:<10}{self.cumulative[(name, risk_name)]:>14.4e}{r['total']:>14.4e}"
-                f"{md:>14}{r['predicted_dR']:>14.3e}"
+                f"{md:>14}{r['predicted_dR']:>14.3e}  {r['prediction']}"
             )
         return "\n".join(lines)

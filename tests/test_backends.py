@@ -19,8 +19,9 @@ def test_backends_report():
     info = gf.backends()
     assert set(info) == {"reference", "native", "cuda", "triton"}
     for name, d in info.items():
-        assert set(d) == {"built", "usable", "reason"}
+        assert set(d) == {"built", "usable", "reason", "auto_ops"}
         assert d["usable"] == (d["reason"] == ""), name
+        assert not d["auto_ops"] or d["usable"], name  # auto never picks a backend that cannot run
     assert info["reference"]["usable"]
     assert info["native"]["built"], info["native"]["reason"]  # the CPU module always builds
     # the test extras install triton, and conftest turns its interpreter on where there is no GPU: the Triton
@@ -32,6 +33,57 @@ def test_backends_report():
         assert info["cuda"]["built"], info["cuda"]["reason"]
     if not torch.cuda.is_available():
         assert not info["cuda"]["usable"] and info["cuda"]["reason"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_backends_say_what_auto_picks_per_op_here(device):
+    """Every op goes to exactly one backend, the one resolve("auto") uses for that device and dtype."""
+    from geffect_fast.ops.contract import OPS
+
+    for dtype in (torch.float32, torch.float64):
+        info = gf.backends(device, dtype)
+        picked = [op for d in info.values() for op in d["auto_ops"]]
+        assert sorted(picked) == sorted(OPS)
+        label = dispatch.resolve("auto", torch.device(device), dtype, dtype).name
+        for name, d in info.items():
+            for op in d["auto_ops"]:
+                assert f"{op}={name}" in label
+    if device == "cpu":
+        assert gf.backends("cpu")["reference"]["auto_ops"] == ["linear_dot"]  # the measured CPU table
+        if gf.backends("cpu")["native"]["usable"]:
+            assert gf.backends("cpu")["native"]["auto_ops"] == ["embedding_dot", "norm_dot", "segment_outer"]
+
+
+def test_cuda_reason_on_a_machine_without_any_driver(monkeypatch):
+    """The static CUDA runtime calls a machine with no NVIDIA driver at all "driver version is insufficient";
+    backends() says there is no driver instead, and keeps the runtime's words when a driver is too old."""
+    import types
+
+    from geffect_fast.ops import cuda
+
+    fake = types.SimpleNamespace(
+        device_count=lambda: (0, "CUDA driver version is insufficient for CUDA runtime version"),
+        runtime_version=lambda: 12080,
+    )
+    monkeypatch.setattr(cuda, "_ext", fake)
+    monkeypatch.setattr(cuda, "_load_driver", lambda: None)
+    why = cuda.unusable_reason(torch.device("cuda"))
+    assert "no NVIDIA driver on this machine" in why and "insufficient" not in why
+    dispatch._reason.cache_clear()  # reasons are kept per process; this one is made up
+    try:
+        assert gf.backends("cpu")["cuda"]["reason"] == why and not gf.backends("cpu")["cuda"]["usable"]
+    finally:
+        dispatch._reason.cache_clear()
+
+    class OldDriver:
+        @staticmethod
+        def cuDriverGetVersion(ptr):
+            ptr._obj.value = 11040
+            return 0
+
+    monkeypatch.setattr(cuda, "_load_driver", lambda: OldDriver())
+    why = cuda.unusable_reason(torch.device("cuda"))
+    assert "driver supports CUDA 11.4, older than the CUDA 12.8 runtime" in why and "insufficient" in why
 
 
 def test_cuda_module_loads_without_a_gpu():

@@ -101,7 +101,21 @@ def test_rows_sum_to_per_instance_g_effects(name):
     rows = res.matrix["retain"].sum(2).T  # [B, G]
     assert torch.allclose(rows, e, rtol=1e-8, atol=1e-12 * e.abs().max())
     worst = res.most_harmful("retain", n=2)
-    assert len(worst) == 2 and worst[0][1] <= worst[1][1]
+    assert len(worst) <= 2 and all(v < 0 for _, v in worst) and [v for _, v in worst] == sorted(v for _, v in worst)
+
+
+def test_most_harmful_never_lists_helpful_samples():
+    """Column sums −3, +2, −1, +5, 0: asked for 5, only the two harmful samples come back, most harmful first."""
+    from geffect_fast.pairwise import PairwiseResult
+
+    col = torch.tensor([-3.0, 2.0, -1.0, 5.0, 0.0], dtype=torch.float64)
+    E = torch.stack([col / 2, col / 2])[None]  # [1 group, 2 retain rows, 5 forget samples]
+    res = PairwiseResult(groups=("all",), matrix={"retain": E})
+    assert res.most_harmful("retain", 5) == [(0, -3.0), (2, -1.0)]
+    assert res.most_harmful("retain", 1) == [(0, -3.0)]
+    assert res.most_harmful("retain", 0) == []
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        res.most_harmful("retain", -1)
 
 
 def test_pairwise_bad_input():

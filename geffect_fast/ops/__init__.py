@@ -1,4 +1,4 @@
-"""The kernel contract (DESIGN.md §4): a torch reference beside each backend, and the dispatcher."""
+"""The kernel contract (docs/design.md §4): a torch reference beside each backend, and the dispatcher."""
 
 from . import contract, reference
 from .dispatch import AUTO, Backend, available, backends, resolve

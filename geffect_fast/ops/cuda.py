@@ -63,12 +63,49 @@ def unusable_reason(device: torch.device) -> str | None:
         return why
     n, reason = _ext.device_count()
     if n == 0:
-        return f"no CUDA device: {reason}"
+        return f"no CUDA device: {_driver_reason(reason)}"
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors, not {device.type}"
     if not torch.cuda.is_available():
         return "torch has no CUDA support in this build"
     return None
+
+
+def _load_driver():
+    """The NVIDIA driver library (libcuda), or None when this machine has none."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"):
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _driver_reason(runtime_reason: str) -> str:
+    """The CUDA runtime's reason for seeing no device, said plainly: the statically linked runtime reports a
+    machine without any NVIDIA driver as "driver version is insufficient", so look for the driver first."""
+    import ctypes
+
+    lib = _load_driver()
+    if lib is None:
+        return "no NVIDIA driver on this machine (libcuda could not be loaded); the cuda backend needs a CUDA GPU"
+    version = ctypes.c_int(0)
+    try:
+        ok = lib.cuDriverGetVersion(ctypes.byref(version)) == 0
+    except AttributeError:  # pragma: no cover - not a CUDA driver library
+        ok = False
+    if ok and "insufficient" in runtime_reason:
+        v, rt = version.value, _ext.runtime_version()
+        return (
+            f"the NVIDIA driver supports CUDA {v // 1000}.{v % 1000 // 10}, older than the CUDA {rt // 1000}."
+            f"{rt % 1000 // 10} runtime this module was built with ({runtime_reason})"
+        )
+    return runtime_reason
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -93,16 +93,31 @@ def available() -> list[str]:
     return list(_MODULES)
 
 
-def backends(device: str | torch.device = "cpu") -> dict[str, dict[str, object]]:
-    """``{name: {"built": bool, "usable": bool, "reason": str}}``; usable means: on ``device``."""
+def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, dict[str, object]]:
+    """``{name: {"built": bool, "usable": bool, "reason": str, "auto_ops": [op, ...]}}`` for every backend on
+    ``device``: whether it is compiled in, whether it can run here (and if not, why), and the ops that
+    ``backend="auto"`` gives it here for activations and directions of ``dtype`` (every op goes to exactly one
+    backend)."""
     dev = torch.device(device)
+    picks = _auto_picks(dev, dtype, dtype)
     out: dict[str, dict[str, object]] = {}
     for name in _MODULES:
         mod = _module(name)
         built, why = mod.built()
         reason = why if not built else _reason(name, dev, None)
-        out[name] = {"built": built, "usable": reason is None, "reason": reason or ""}
+        out[name] = {
+            "built": built,
+            "usable": reason is None,
+            "reason": reason or "",
+            "auto_ops": [op for op in OPS if picks[op] == name],
+        }
     return out
+
+
+def _auto_picks(device: torch.device, dtype: torch.dtype | None, dir_dtype: torch.dtype | None) -> dict[str, str]:
+    """op -> the backend ``auto`` uses: the first in :data:`AUTO`'s list that can run here with these dtypes."""
+    table = AUTO.get(device.type, _DEFAULT_AUTO)
+    return {op: next((b for b in table[op] if _reason(b, device, dtype, dir_dtype) is None), "reference") for op in OPS}
 
 
 def resolve(
@@ -111,10 +126,7 @@ def resolve(
     """The ops to use for backend ``name`` ("auto" or a name from :func:`available`) on ``device`` with
     activations of ``dtype`` and directions of ``dir_dtype``."""
     if name == "auto":
-        table = AUTO.get(device.type, _DEFAULT_AUTO)
-        chosen = {}
-        for op in OPS:
-            chosen[op] = next((b for b in table[op] if _reason(b, device, dtype, dir_dtype) is None), "reference")
+        chosen = _auto_picks(device, dtype, dir_dtype)
         label = "auto(" + ", ".join(f"{op}={b}" for op, b in chosen.items()) + ")"
         return Backend(label, *(_op(chosen[op], op) for op in OPS))
     if name not in _MODULES:

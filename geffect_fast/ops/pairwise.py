@@ -1,4 +1,4 @@
-"""Reference implementations of the pairwise and sketch ops (DESIGN.md §2, §4), in plain torch.
+"""Reference implementations of the pairwise and sketch ops (docs/design.md §2, §4), in plain torch.
 
 A parameter use's per-sample gradient is a sum of outer products, G_b = Σ_{t∈b} L_t R_tᵀ, with one factor per
 side of the weight: ``nn.Linear`` (W [o, i]): L = g, R = a; HF ``Conv1D`` (W [i, o]): L = a, R = g;

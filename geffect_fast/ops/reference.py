@@ -1,4 +1,4 @@
-"""Reference implementations of the kernel contract (DESIGN.md §4), in plain torch.
+"""Reference implementations of the kernel contract (docs/design.md §4), in plain torch.
 
 These functions are the *specification* every other backend is tested against. They never form a
 per-sample gradient and never hold more than one tile of intermediates: tokens are processed in tiles of
