@@ -174,8 +174,13 @@ class FactoredEntry:
 
 
 # -- capturing an objective's factors ---------------------------------------------------------------------
+#: the objective's rows without gradient are dropped (the rest copied) when they are at least this share of a use
+DROP_SHARE = 0.125
+
+
 class _Collector:
-    """The factor sink of the objective's backward: keeps each use's factors, rows with no gradient dropped.
+    """The factor sink of the objective's backward: keeps each use's factors, rows with no gradient dropped
+    where they are at least :data:`DROP_SHARE` of the use's rows (fewer are not worth copying the rest for).
 
     Dropping rows copies the rest; a tensor handed over for several uses (the input shared by q/k/v) is copied
     once per distinct row set: copies are remembered by the source's storage while the capture runs (the
@@ -187,7 +192,7 @@ class _Collector:
 
     def __call__(self, slot: Slot, L: Tensor, R: Tensor, seg: Seg, pad: int | None) -> None:
         L, R = L.detach(), R.detach()
-        keep, finite = _keep(L, R, pad)
+        keep, finite = _keep(L, R, pad, DROP_SHARE)
         if not finite:
             raise ValueError(f"the objective's gradient is not finite (NaN or inf) at {slot.name!r}")
         if not bool(keep.any()):
@@ -438,10 +443,12 @@ class Machine:
 
 
 #: per device type and accumulation class ("half" when the factors are bf16/fp16 on CUDA: tensor cores).
-#: CPU: one thread of this machine (benchmarks/results/factored_cpu.md); CUDA: H100/H200-class figures,
-#: provisional until benchmarks/gpu_check.sh measures them.
+#: CPU: fitted to the 48 layer shapes of benchmarks/results/factored_cpu.md (one thread of an Intel Xeon: RMS
+#: error of the predicted times 18%, the same choice as the measured faster route at every shape); only the
+#: ratios matter for the choice. CUDA: H100/H200-class figures, provisional until benchmarks/gpu_check.sh
+#: measures them.
 MACHINES: dict[str, Machine] = {
-    "cpu": Machine(flops=7e10, bandwidth=6e9, call=1.5e-5),
+    "cpu": Machine(flops=1.3e11, bandwidth=1e10, call=2e-5),
     "cuda": Machine(flops=4.5e13, bandwidth=3e12, call=8e-6),
     "cuda-half": Machine(flops=4e14, bandwidth=3e12, call=8e-6),
 }
@@ -629,12 +636,18 @@ def plan_routes(
 
 
 # -- the factored route in a risk pass ---------------------------------------------------------------------
-def _rows_nonzero(x: Tensor) -> tuple[Tensor, bool]:
-    """([n] bool: row t of x is nonzero, every row finite), from one fast reduction: the row norms ‖x_t‖₂ (zero
-    iff the row is, finite iff it is), each checked exactly on the few rows where they underflow or overflow."""
+def _rows_nonzero(x: Tensor, share: float = 0.0) -> tuple[Tensor, bool]:
+    """([n] bool: row t of x is nonzero, every row finite), from one fast reduction, the row norms ‖x_t‖₂: zero for a
+    zero row, not finite for a row with NaN or inf (rows whose norm overflows are checked exactly). A nonzero row
+    whose squares underflow also has norm 0 (all |x_tj| < 4e-23 in float32): it is dropped only where the largest
+    row norm is ≥ 1e-10 (so it is below 1e-10 of it: beneath float32 rounding), else checked exactly.
+    Where fewer than ``share`` of the rows have a zero norm, every row counts as nonzero."""
     s = torch.linalg.vector_norm(x, 2, dim=1)
     keep = s != 0
-    if not bool(keep.all()):  # a zero norm: a zero row, or entries whose squares underflow
+    n_zero = x.shape[0] - int(keep.sum())
+    if n_zero and n_zero < share * x.shape[0]:
+        keep.fill_(True)
+    elif n_zero and not bool(s.max() >= 1e-10):  # a tiny gradient: underflow could hide whole rows
         zero = ~keep
         keep[zero] = x[zero].any(1)
     bad = ~torch.isfinite(s)
@@ -644,11 +657,12 @@ def _rows_nonzero(x: Tensor) -> tuple[Tensor, bool]:
     return keep, finite
 
 
-def _keep(L: Tensor, R: Tensor, pad: int | None) -> tuple[Tensor, bool]:
-    """([n] bool: the rows that carry gradient — L and R nonzero, ids other than ``pad`` —, all rows finite)."""
-    keep, finite = _rows_nonzero(R)
+def _keep(L: Tensor, R: Tensor, pad: int | None, share: float = 0.0) -> tuple[Tensor, bool]:
+    """([n] bool: the rows that carry gradient — L and R nonzero, ids other than ``pad`` —, all rows finite);
+    ``share``: see :func:`_rows_nonzero` (ids at ``pad`` are always dropped)."""
+    keep, finite = _rows_nonzero(R, share)
     if not _is_ids(L):
-        kl, fl = _rows_nonzero(L)
+        kl, fl = _rows_nonzero(L, share)
         keep &= kl
         finite = finite and fl
     elif pad is not None:

@@ -7,6 +7,8 @@ outside their module; tiles bound the memory; the cost model's choices; the Trac
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -364,17 +366,25 @@ def test_cost_model_crossover_follows_the_flop_count():
 
 
 def test_auto_routes_by_size():
-    """A small objective batch against a large risk batch: the linear weights go factored, the vectors (norms)
-    dense; a large objective batch on the same tiny model: dense."""
-    model = make_model("llama", dtype=torch.float32, hidden_size=128, intermediate_size=256)
-    retain = make_batch(model, B=16, T=32, seed=2)
-    small = gf.Direction.from_objective(model, O.get("ga"), make_batch(model, B=1, T=4, seed=1), factored=True)
-    res = gf.measure(model, small, {"r": retain})
-    assert res.meta["direction_routes"]["Linear.weight"] == "factored"
-    assert res.meta["direction_routes"]["LlamaRMSNorm.weight"] == "dense"
-    large = gf.Direction.from_objective(model, O.get("ga"), make_batch(model, B=16, T=32, seed=1), factored=True)
-    res = gf.measure(model, large, {"r": retain})
-    assert res.meta["direction_routes"]["Linear.weight"] == "dense"
+    """A small objective batch against a large risk batch: the blocks' linear weights go factored, the vectors
+    (norms) dense; a large objective batch on the same small model: everything dense."""
+    model = make_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512, layers=1)
+    retain = make_batch(model, B=16, T=48, seed=2)
+    named = dict(model.named_parameters())
+    layout = api._layout(model, named)
+
+    def routes(obj_batch):
+        fd = gf.Direction.from_objective(model, O.get("ga"), obj_batch, factored=True)
+        entries = fd.bind(named, [n for n, p in named.items() if p.requires_grad])
+        return fm.plan_routes(entries, layout, {"r": retain}, "auto", torch.device("cpu")).routes, fd
+
+    small, fd = routes(make_batch(model, B=1, T=4, seed=1))
+    blocks = [n for n in small if ".layers." in n and n.endswith("proj.weight")]
+    assert len(blocks) == 7 and all(small[n] == "factored" for n in blocks), small
+    assert all(small[n] == "dense" for n in small if "norm" in n)
+    assert gf.measure(model, fd, {"r": retain}).meta["direction_routes"]["LlamaRMSNorm.weight"] == "dense"
+    large, _ = routes(make_batch(model, B=48, T=48, seed=1))
+    assert set(large.values()) == {"dense"}, large
 
 
 def test_committed_grid_the_cost_model_picks_the_faster_route():
@@ -426,3 +436,20 @@ def test_tracker_compare_directions_are_factored_and_exact(monkeypatch):
         assert rec["total"] == pytest.approx(want.total[rec["risk"]], rel=1e-12, abs=1e-15)
         for g, v in want.by_group[rec["risk"]].items():
             assert rec["groups"][g] == pytest.approx(v, rel=1e-12, abs=1e-15)
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/bench_factored.py --quick: both parts, the tables, the crossover plot (a dry run of the script the
+    committed results come from)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_factored", "--quick", "--repeats", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    layers = list(csv.DictReader(open(tmp_path / "factored_layers_quick.csv")))
+    models = list(csv.DictReader(open(tmp_path / "factored_models_quick.csv")))
+    assert len(layers) == 3 and len(models) == 8
+    assert all(float(row["agree"]) < 1e-4 for row in layers + models)
+    assert {row["method"] for row in models} == {"plain", "dense", "factored", "auto"}
+    assert (tmp_path / "factored_crossover_quick.png").stat().st_size > 0
+    assert "Crossover in N'" in (tmp_path / "factored_quick.md").read_text()
