@@ -9,6 +9,8 @@
 #   tests   the op tests with Triton and CUDA on CUDA tensors, the GPU tests (pytest-xdist where installed)
 #   bench   benchmarks/bench_gpu.py: per-op rates against cuBLAS and the copy bandwidth measured in the same
 #           run, measure() against plain forward+backward on a ~1B Llama, ours/plain against batch size
+#   factored benchmarks/bench_factored.py: one layer's dense and factored routes (float32, bf16) against the
+#           cost model's choice, and from_objective + measure dense/factored/auto on 1-block Llamas (h 2048, 4096)
 #   host    benchmarks/bench_host.py: the fixed per-call cost, the taps' machinery per tap, ours/plain at B = 1…16
 #   suite   benchmarks/run.py --device cuda on one case against the peers (directions built on the GPU)
 #   memory  benchmarks/memory_model.py --device cuda: the memory model against the allocator's peaks
@@ -27,7 +29,8 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
 STEPS=(
   "build|120|GEFFECT_FAST_CUDA=1 GEFFECT_FAST_CUDA_ARCHS=90a-real GEFFECT_FAST_BUILD_JOBS=$JOBS $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import geffect_fast as gf, json; print(json.dumps(gf.backends(\"cuda\")))'"
   "tests|110|$PY -m pytest -q -p no:cacheprovider --maxfail=25 \$($PY -c 'import xdist' 2>/dev/null && echo -n '-n 8') --ignore=tests/ops/test_cuda_emulated.py tests/ops tests/test_gpu.py tests/test_backends.py"
-  "bench|145|$PY -m benchmarks.bench_gpu --out $W --repeats 20"
+  "bench|120|$PY -m benchmarks.bench_gpu --out $W --repeats 20"
+  "factored|25|$PY -m benchmarks.bench_factored --device cuda --dtypes float32,bfloat16 --repeats 5 --budget 18 --out $W"
   "host|20|$PY -m benchmarks.bench_host --device cuda --repeats 10 --out $W"
   "suite|50|$PY -m benchmarks.run --device cuda --repeats 3 --timeout 50 --cases 'llama-135M B16 T256' --out $W --methods 'ours[auto],ours[triton],ours[cuda],plain_fwd_bwd,per_sample_loop,opacus'"
   "memory|25|$PY -m benchmarks.memory_model --device cuda --out $W"
@@ -74,6 +77,7 @@ echo
 echo "== summary ($(head -2 "$W/machine.txt" | tail -1 | cut -d, -f1)); all files in $OUT/gpu_check.tgz"
 grep -v '^$' "$W/summary.md" 2>/dev/null | grep -v '^`' || echo "no benchmark summary: see bench.log"
 grep '^|' "$W/host_cuda.md" 2>/dev/null
+grep -E "^(\| [0-9]|The model picks|- I)" "$W/factored_gpu.md" 2>/dev/null | cut -c1-160
 grep '^|' "$W/suite_gpu.md" 2>/dev/null | cut -c1-160
 grep -E '^\| [0-9]' "$W/memory_model_cuda.md" 2>/dev/null | cut -c1-120
 grep -E "passed|failed|error" "$W/tests.log" | tail -3

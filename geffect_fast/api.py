@@ -38,6 +38,7 @@ from . import distributed as dist_mod
 from . import groups as groups_mod
 from .capture import CaptureSession, ModulePlan, NotPerSampleError, Slot, UnsupportedModuleError, find_adapter, registry
 from .direction import Direction
+from .factored import ROUTES, FactoredDirection, FactoredEntry, Routing, pair_sink, plan_routes
 from .loss import (
     REDUCTIONS,
     check_batch,
@@ -211,6 +212,8 @@ class _Call:
     device: torch.device
     sharded: bool  #: FSDP2: collectives run inside the backward (gradient reduce-scatter, direction gathers)
     route: str  #: "taps" or "sharded" (FSDP2 aggregates)
+    routing: Routing | None = None  #: a factored direction's route per parameter (V holds its FactoredEntry
+    #: where the route is "factored", the formed V where it is "dense")
 
 
 @dataclass
@@ -252,6 +255,7 @@ def measure(
     mode: str = "eval",
     process_group: Any = "auto",
     timeout: float = 600.0,
+    route: str = "auto",
 ) -> Result:
     """G-effects e = ⟨∇θ R(D), v⟩ of each risk set D, per group and per instance, in one backward per set.
 
@@ -260,7 +264,10 @@ def measure(
             may be wrapped in DDP or sharded with FSDP2 (``fully_shard``). Masked LMs and encoder-decoders are
             refused.
         direction: a :class:`Direction` (K directions), or a mapping parameter name -> tensor. Under FSDP2
-            its entries may be sharded DTensors (e.g. from ``Direction.from_grads``) or whole tensors.
+            its entries may be sharded DTensors (e.g. from ``Direction.from_grads``) or whole tensors. Or a
+            :class:`~geffect_fast.factored.FactoredDirection` (``Direction.from_objective(..., factored=True)``,
+            one process): per parameter its factors are contracted as they are, or V is formed first, whichever
+            :func:`geffect_fast.factored.route_costs` predicts is faster (see ``route``).
         risks: ``{name: batch}``, or a single batch (then named ``"risk"``). A batch is a dict with
             ``input_ids``, ``labels`` (−100 ignored, shifted as in HF) and optionally ``attention_mask``.
         groups: ``"block"``, ``"paper"``, ``"module"`` or ``fn(param_name) -> group`` (see
@@ -281,6 +288,11 @@ def measure(
             own batches and every rank gets the result over their union, as one process would compute it
             (see :mod:`geffect_fast.distributed`).
         timeout: seconds a rank waits for the others at each agreement point before raising.
+        route: for a factored direction: ``"auto"`` (per parameter, by the cost model), ``"dense"`` (form V for
+            every parameter) or ``"factored"`` (never form V where the taps can factor the parameter).
+            ``Result.meta["direction_routes"]`` says what each layer kind took (``"mixed"`` where its parameters
+            differ), ``meta["route_costs"]`` the model's predicted seconds of each. A dense direction takes
+            ``"auto"`` or ``"dense"``.
 
     Works inside ``torch.no_grad()`` (the pass enables grad for itself) and under ``torch.autocast`` (the
     forward is the autocast one; the taps accumulate in float32/float64); refused inside
@@ -296,7 +308,8 @@ def measure(
         # one agreement for every local check (there is no collective among them): the same call on every rank,
         # so the same collectives follow in the same order
         with dist_mod.phase(comm, "checking the inputs") as agreement:
-            call = _check_inputs(model, comm, direction, risks, groups, per_instance, reduction, mode)
+            call = _check_inputs(model, comm, direction, risks, groups, per_instance, reduction, mode, route)
+            _route(call, route)
             plan = _plan(call, backend, strict)
             agreement.check = dist_mod.fingerprint(
                 tuple(call.risks),
@@ -322,8 +335,11 @@ def _check_inputs(
     per_instance: bool,
     reduction: str,
     mode: str,
+    route: str = "auto",
 ) -> _Call:
     """Every check that needs no pass: options, the model, the batches, the direction, the grouping."""
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; use one of {', '.join(ROUTES)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; use one of {', '.join(REDUCTIONS)}")
     if mode not in MODES:
@@ -335,7 +351,15 @@ def _check_inputs(
         )
     check_not_inference(model)
     check_causal_lm(model)
-    if not isinstance(direction, Direction):
+    if isinstance(direction, FactoredDirection):
+        if comm is not None or dist_mod.sharded_mesh(model) is not None:
+            raise NotImplementedError(
+                "a factored direction is measured by one process (its factors are this rank's objective batch); "
+                "pass its .dense() (averaged over the ranks, as DDP averages gradients)"
+            )
+    elif route == "factored":
+        raise ValueError("route='factored' needs a factored direction: Direction.from_objective(..., factored=True)")
+    elif not isinstance(direction, Direction):
         if not isinstance(direction, Mapping):
             raise TypeError(
                 f"direction must be a Direction or a mapping name -> tensor, got {type(direction).__name__}"
@@ -370,6 +394,15 @@ def _check_inputs(
 
 
 # -- phase 2 ----------------------------------------------------------------------------------------------
+def _route(call: _Call, route: str) -> None:
+    """A factored direction's route per parameter (:func:`geffect_fast.factored.plan_routes`): V is formed here,
+    once for every risk set, where it is "dense"; the factors stay where it is "factored"."""
+    if not isinstance(call.direction, FactoredDirection):
+        return
+    call.routing = plan_routes(call.V, call.layout, call.risks, route, call.device)
+    call.V = {n: v.dense_tensor() if call.routing.routes[n] == "dense" else v for n, v in call.V.items()}
+
+
 def _plan(call: _Call, backend: str, strict: bool, forced: Mapping[str, str] | None = None) -> _PassPlan:
     """Taps, autograd parameters, op backend and accumulation dtype. ``forced``: parameters an earlier pass
     found the taps cannot measure (``strict=False`` re-plans them to autograd)."""
@@ -392,7 +425,14 @@ def _plan(call: _Call, backend: str, strict: bool, forced: Mapping[str, str] | N
         plans, roots, uncovered = plan.plans, plan.roots, plan.uncovered
         autograd = {n: len(grouping.names) for n in uncovered}
     # the local shard of v that each autograd parameter's (possibly sharded) gradient is dotted with
-    V_auto = {n: dist_mod.shard_of(V[n], named[n]) if dist_mod.is_dtensor(named[n]) else V[n] for n in autograd}
+    V_auto = {
+        n: V[n].dense_tensor()
+        if isinstance(V[n], FactoredEntry)  # found uncovered by a pass (strict=False): formed for autograd
+        else dist_mod.shard_of(V[n], named[n])
+        if dist_mod.is_dtensor(named[n])
+        else V[n]
+        for n in autograd
+    }
     emb = call.layout.input_embedding
     act_dtype = (
         emb.weight.dtype
@@ -449,6 +489,10 @@ def _run(call: _Call, plan: _PassPlan, weights: _Weights) -> dict[str, dist_mod.
             named[n].requires_grad_(True)
         guard = call.route == "taps"
         with CaptureSession(plan.plans, plan.roots, plan.ops, K, plan.G, plan.acc, guard=guard) as session:
+            factored = frozenset(s.name for p in plan.plans for s in p.slots.values() if isinstance(s.v, FactoredEntry))
+            if factored:  # their taps hand over the factors, paired with the direction's (factored.pair_sink)
+                session.factor_sink = pair_sink(session)
+                session.factor_slots = factored
             for rname, batch in call.risks.items():
                 n = weights.n[rname]
                 c = reduction_weights(n, weights.pooled[rname], call.reduction)  # within the union
@@ -521,6 +565,16 @@ def _combine(call: _Call, plan: _PassPlan, weights: _Weights, parts: dict[str, d
     """The union over ranks (if any), as a :class:`Result`."""
     if call.comm is not None:
         parts = dist_mod.combine(call.comm, parts, weights.sizes, call.direction.k, plan.G)
+    meta = {
+        "backend": plan.ops.name,
+        "mode": call.mode,
+        "dtype": str(plan.acc).replace("torch.", ""),
+        "route": call.route,
+        "world_size": 1 if call.comm is None else call.comm.world,
+    }
+    if call.routing is not None:
+        meta["direction_routes"] = dict(call.routing.kinds)
+        meta["route_costs"] = dict(call.routing.predicted)
     return Result(
         directions=call.direction.names,
         risks=tuple(call.risks),
@@ -532,11 +586,5 @@ def _combine(call: _Call, plan: _PassPlan, weights: _Weights, parts: dict[str, d
         n_tokens={r: p.n for r, p in parts.items()},
         losses={r: p.loss for r, p in parts.items()},
         uncovered=tuple(plan.uncovered),
-        meta={
-            "backend": plan.ops.name,
-            "mode": call.mode,
-            "dtype": str(plan.acc).replace("torch.", ""),
-            "route": call.route,
-            "world_size": 1 if call.comm is None else call.comm.world,
-        },
+        meta=meta,
     )

@@ -17,13 +17,16 @@ rather than stored, and cost nothing to measure.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import is_dtensor, local_part
 from .state import preserved
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .factored import FactoredDirection
 
 #: wrapper path components that do not change which parameter a name refers to
 _WRAPPER_PARTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -102,35 +105,28 @@ class Direction:
         ref_model: nn.Module | None = None,
         name: str | None = None,
         mode: str = "eval",
-    ) -> Direction:
+        factored: bool = False,
+    ) -> Direction | FactoredDirection:
         """v = ∇θ L_u(batch) for ``objective(model, batch, ref_model) -> scalar loss``.
 
         Taken over the parameters that require grad. The model's ``.grad``, flags, mode and RNG state are
         left as they were; ``mode`` ("eval" by default, so dropout does not randomise v) is used meanwhile.
+
+        ``factored=True`` returns a :class:`~geffect_fast.factored.FactoredDirection` instead: per tapped layer
+        the objective's per-token output gradients and inputs (ids for embeddings, x̂ for norms), from a backward
+        with every covered weight frozen — v itself is never formed (``.dense()`` forms it), and ``measure()``
+        contracts it by its factors where that is cheaper (see :mod:`geffect_fast.factored`).
         """
-        if name is None:
-            name = getattr(objective, "name", None) or getattr(objective, "__name__", None) or "objective"
-            if name == "<lambda>":
-                name = "objective"
+        name = objective_name(objective, name)
+        if factored:
+            from .factored import FactoredDirection
+
+            return FactoredDirection.from_objective(model, objective, batch, ref_model, name, mode)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("no parameter of the model requires grad: nothing to differentiate")
         with preserved(model, ref_model, mode=mode), torch.enable_grad():  # inside a user's no_grad too
-            try:
-                loss = objective(model, batch, ref_model)
-            except KeyError as e:  # a bare KeyError('labels') from deep inside an objective says too little
-                key = e.args[0] if e.args else None
-                raise KeyError(
-                    f"objective {name!r} looked up {key!r}, which its batch does not have ({_describe(batch)}); "
-                    "a batch needs input_ids and labels (−100 = ignored), and objectives with a retain term take "
-                    "{'forget': batch, 'retain': batch}"
-                ) from e
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(f"objective {name!r} must return a scalar tensor, got {type(loss).__name__}")
-            if not torch.isfinite(loss.detach()).all():
-                raise ValueError(f"objective {name!r} is not finite ({loss.item()})")
-            if not loss.requires_grad:
-                raise ValueError(f"objective {name!r} does not depend on the model's trainable parameters")
+            loss = objective_loss(model, objective, batch, ref_model, name)
             loss.reshape(()).backward()
             tensors, zero = {}, []
             for n, p in trainable:
@@ -178,11 +174,16 @@ class Direction:
         return cls(tensors, name, zero=zero)
 
     @classmethod
-    def stack(cls, directions: Mapping[str, Direction]) -> Direction:
+    def stack(cls, directions: Mapping[str, Direction | FactoredDirection]) -> Direction | FactoredDirection:
         """Several named directions measured in one pass (K = total count). A direction with K > 1 contributes
-        its own names prefixed with its key (``key.name``)."""
+        its own names prefixed with its key (``key.name``). With a factored direction among them the stack is a
+        :class:`~geffect_fast.factored.FactoredDirection` (the dense ones kept dense)."""
         if not directions:
             raise ValueError("stack() needs at least one direction")
+        from .factored import FactoredDirection
+
+        if any(isinstance(d, FactoredDirection) for d in directions.values()):
+            return FactoredDirection.stack(directions)
         names: list[str] = []
         for key, d in directions.items():
             if not isinstance(d, Direction):
@@ -295,6 +296,38 @@ class Direction:
                 "in Direction(..., zero=[...]), or set requires_grad=False on parameters outside the direction"
             )
         return out
+
+
+def objective_name(objective: Objective, name: str | None = None) -> str:
+    """``name``, or the objective's own ``name``/``__name__`` ("objective" for a lambda)."""
+    if name is None:
+        name = getattr(objective, "name", None) or getattr(objective, "__name__", None) or "objective"
+        if name == "<lambda>":
+            name = "objective"
+    return name
+
+
+def objective_loss(
+    model: nn.Module, objective: Objective, batch: Any, ref_model: nn.Module | None, name: str
+) -> Tensor:
+    """L_u = ``objective(model, batch, ref_model)``, checked: a finite scalar that requires grad (clear errors for
+    a batch without the keys the objective looks up)."""
+    try:
+        loss = objective(model, batch, ref_model)
+    except KeyError as e:  # a bare KeyError('labels') from deep inside an objective says too little
+        key = e.args[0] if e.args else None
+        raise KeyError(
+            f"objective {name!r} looked up {key!r}, which its batch does not have ({_describe(batch)}); "
+            "a batch needs input_ids and labels (−100 = ignored), and objectives with a retain term take "
+            "{'forget': batch, 'retain': batch}"
+        ) from e
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"objective {name!r} must return a scalar tensor, got {type(loss).__name__}")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"objective {name!r} is not finite ({loss.item()})")
+    if not loss.requires_grad:
+        raise ValueError(f"objective {name!r} does not depend on the model's trainable parameters")
+    return loss
 
 
 def _describe(batch: Any) -> str:

@@ -27,7 +27,9 @@ a tiny GPT-2: within 1%, the second order closer); at large ones neither does �
 lr 0.2 on a tiny Llama overshoots by ~70% at first order and further at second (tests/test_tracker.py).
 ``compare={"GA": objective, ...}`` also measures, at the same θ
 and in the same pass, the G-effects of other objectives' gradients on ``compare_batch`` (their ΔR is
-predicted, not measured: they were not taken).
+predicted, not measured: they were not taken). In one process they are factored directions
+(``Direction.from_objective(..., factored=True)``): per layer, ``measure()`` contracts their factors or forms
+their V, whichever its cost model predicts is faster; the taken direction stays dense.
 
 Under DDP (pass the DDP-wrapped model; each rank gives its own probe batches): the directions are the
 ranks' common ones (DDP's averaged gradient, the same update), compare directions are averaged over ranks
@@ -167,9 +169,14 @@ class Tracker:
             raise ValueError(f"the optimiser's learning rate is {lr}; G-effect predictions need lr > 0")
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         pending: dict[str, Any] = {"lr": lr, "train_loss": _scalar(loss), "step": self.n_steps}
+        # one process: compare directions stay factored, and measure() forms a layer's V only where that is
+        # cheaper (geffect_fast.factored); under DDP they are averaged over the ranks, so formed
+        factored = self._comm is None
         compare_dirs = {
             name: self._averaged(
-                Direction.from_objective(self.model, obj, self.compare_batch, ref_model=self.ref_model, name=name)
+                Direction.from_objective(
+                    self.model, obj, self.compare_batch, ref_model=self.ref_model, name=name, factored=factored
+                )
             )
             for name, obj in self.compare.items()
         }

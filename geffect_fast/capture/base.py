@@ -111,6 +111,9 @@ class Adapter:
     #: whether a subclass that overrides ``forward`` is still covered (true only for adapters that
     #: intercept the functional call inside the forward, as the embedding adapter does)
     covers_subclass_forward: bool = False
+    #: whether the adapter hands a slot's per-sample gradient factors to ``session.factor_sink`` when
+    #: ``session.wants_factors(slot)`` (factored directions need it; the built-in adapters do)
+    gives_factors: bool = False
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this adapter cannot handle ``module`` (None if it can)."""

@@ -47,6 +47,7 @@ class _EmbeddingCall(TorchFunctionMode):
 class EmbeddingAdapter(Adapter):
     param_names = ("weight",)
     covers_subclass_forward = True
+    gives_factors = True
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         if getattr(module, "max_norm", None) is not None:
@@ -63,7 +64,7 @@ class EmbeddingAdapter(Adapter):
             (ids,) = saved
             d = g.shape[-1]
             seg = session.rows(g, d, module)
-            if session.factor_sink is not None:  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
+            if session.wants_factors(slot):  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
                 session.factor_sink(slot, ids.reshape(-1), g.reshape(-1, d), seg, padding_idx)
                 return
             v = session.direction(slot)
@@ -72,6 +73,8 @@ class EmbeddingAdapter(Adapter):
 
         def on_call(ids: Tensor, y: Tensor) -> Tensor:
             B = session.B
+            if session.pooled:  # one pooled batch: the rows need not be split into samples
+                return tap(y, backward, ids)
             if ids.dim() >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
                 ids = ids.expand(B, *ids.shape[1:])
                 y = y.expand(B, *y.shape[1:])

@@ -19,6 +19,7 @@ from .registry import register, register_recogniser
 
 class _LinearLike(Adapter):
     param_names = ("weight", "bias")
+    gives_factors = True
     #: whether the weight is stored transposed ([i, o], as Conv1D does)
     transposed = False
 
@@ -34,20 +35,24 @@ class _LinearLike(Adapter):
             if a2 is not None and a2.dtype != g2.dtype:  # autocast: the layer ran in half, its input is wider
                 dt = torch.promote_types(a2.dtype, g2.dtype)
                 a2, g2 = a2.to(dt), g2.to(dt)
-            if session.factor_sink is not None:  # G_b = Σ g aᵀ (Linear) or Σ a gᵀ (Conv1D); bias: Σ g
-                if sw is not None:
-                    session.factor_sink(sw, *((a2, g2) if self.transposed else (g2, a2)), seg, None)
-                if sb is not None:
-                    session.factor_sink(sb, g2, g2.new_ones(g2.shape[0], 1), seg, None)
+            # slots whose factors are wanted: G_b = Σ g aᵀ (Linear) or Σ a gᵀ (Conv1D); bias: Σ g
+            fw = sw is not None and session.wants_factors(sw)
+            fb = sb is not None and session.wants_factors(sb)
+            if fw:
+                session.factor_sink(sw, *((a2, g2) if self.transposed else (g2, a2)), seg, None)
+            if fb:
+                session.factor_sink(sb, g2, g2.new_ones(g2.shape[0], 1), seg, None)
+            cw, cb = (None if fw else sw), (None if fb else sb)  # contracted here
+            if cw is None and cb is None:
                 return
             vw = None
-            if sw is not None:
-                vw = session.direction(sw)
+            if cw is not None:
+                vw = session.direction(cw)
                 vw = vw.transpose(1, 2) if self.transposed else vw  # [K, o, i]
-            vb = None if sb is None else session.direction(sb)
-            out_w, out_b = session.ops.linear_dot(a2, g2, vw, seg, session.B, vb)
-            session.add(sw, out_w)
-            session.add(sb, out_b)
+            vb = None if cb is None else session.direction(cb)
+            out_w, out_b = session.ops.linear_dot(a2 if vw is not None else None, g2, vw, seg, session.B, vb)
+            session.add(cw, out_w)
+            session.add(cb, out_b)
 
         def on_output(mod, args, kwargs, out):
             a = first_input(args, kwargs, "input")

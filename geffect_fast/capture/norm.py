@@ -49,6 +49,7 @@ def _acc(x: Tensor) -> torch.dtype:
 
 class _NormAdapter(Adapter):
     param_names = ("weight", "bias")
+    gives_factors = True
     #: check the module's output against γ ⊙ x̂ on its first call in a pass
     verify = False
 
@@ -83,18 +84,23 @@ class _NormAdapter(Adapter):
                 g2 = g2 if g2.dtype == xh.dtype else g2.to(torch.promote_types(g2.dtype, xh.dtype))
             else:
                 xh = g2  # norm_dot ignores x̂ when there is no weight direction
-            if session.factor_sink is not None:  # per-sample gradients are vectors: Σ g ⊙ x̂ and Σ g
+            # slots whose factors are wanted (per-sample gradients are vectors: Σ g ⊙ x̂ and Σ g); the rest here
+            fw = sw is not None and session.wants_factors(sw)
+            fb = sb is not None and session.wants_factors(sb)
+            if fw or fb:
                 ones = g2.new_ones(g2.shape[0], 1)
-                if sw is not None:
+                if fw:
                     session.factor_sink(sw, g2.to(xh.dtype) * xh, ones, seg, None)
-                if sb is not None:
+                if fb:
                     session.factor_sink(sb, g2, ones, seg, None)
+            cw, cb = (None if fw else sw), (None if fb else sb)
+            if cw is None and cb is None:
                 return
-            vw = None if sw is None else session.direction(sw).reshape(sw.v.shape[0], d)
-            vb = None if sb is None else session.direction(sb).reshape(sb.v.shape[0], d)
+            vw = None if cw is None else session.direction(cw).reshape(cw.v.shape[0], d)
+            vb = None if cb is None else session.direction(cb).reshape(cb.v.shape[0], d)
             out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
-            session.add(sw, out_w)
-            session.add(sb, out_b)
+            session.add(cw, out_w)
+            session.add(cb, out_b)
 
         def on_output(mod, args, kwargs, out):
             if not isinstance(out, Tensor):

@@ -113,8 +113,12 @@ class CaptureSession:
         self._closed = True
         self._claimed: list[int] = []
         #: when set, adapters hand over the factors of each per-sample gradient, G_b = Σ_{t∈b} L_t R_tᵀ, as
-        #: ``factor_sink(slot, L, R, seg, pad)`` instead of contracting them with the direction (pairwise, sketches)
+        #: ``factor_sink(slot, L, R, seg, pad)`` instead of contracting them with the direction (pairwise, sketches,
+        #: factored directions) — for every slot, or only for the slots whose parameter ``factor_slots`` names
         self.factor_sink = None
+        self.factor_slots: frozenset[str] | None = None
+        #: one pooled batch (:meth:`start_pooled`): rows are not attributed to samples (all are sample 0)
+        self.pooled = False
         # FSDP2: modules whose direction is sharded, in module (≈ forward) order, for gathering ahead
         self._sharded = [p for p in plans if any(is_dtensor(s.v) for s in p.slots.values())]
         self._index = {id(s): j for j, p in enumerate(self._sharded) for s in p.slots.values()}
@@ -190,10 +194,17 @@ class CaptureSession:
         """Begin one risk batch of B samples of T positions (T known: flattened [B·T, ...] rows are allowed)."""
         self.B = B
         self.T = T
+        self.pooled = False
         self.out = torch.zeros(self.K, B, self.G, dtype=self.acc, device=device)
         self._pending.clear()
         self._inflight.clear()
         self._done.clear()
+
+    def start_pooled(self, device: torch.device) -> None:
+        """Begin a pass whose rows all count as one sample, whatever the batches' shapes (an objective that runs
+        the model on several batches: its gradient's factors are wanted, not per-sample values)."""
+        self.start(1, device)
+        self.pooled = True
 
     # -- used by adapters ------------------------------------------------------------------------------
     def wrap(self, module: nn.Module, around: Callable[[Callable, tuple, dict], Any]) -> _Unwrap:
@@ -235,6 +246,10 @@ class CaptureSession:
 
         return self.wrap(module, around)
 
+    def wants_factors(self, slot: Slot) -> bool:
+        """Whether an adapter hands ``slot``'s factors to :attr:`factor_sink` (else it contracts them itself)."""
+        return self.factor_sink is not None and (self.factor_slots is None or slot.name in self.factor_slots)
+
     def module_name(self, module: nn.Module) -> str:
         return self._names.get(id(module), type(module).__name__)
 
@@ -258,6 +273,8 @@ class CaptureSession:
         rows = x.numel() // features if features else 0
         if x.shape[-1] != features:
             ok = False
+        elif self.pooled:
+            ok = True
         elif x.dim() >= 3:
             ok = x.shape[0] == B
         elif x.dim() == 2:

@@ -85,8 +85,11 @@ def factor_pairwise(
         s1 = _onehot_seg(seg1[i0:i1], B1, acc)
         for j0 in range(0, n2, side):
             j1 = min(n2, j0 + side)
-            k = _kernel(l1[i0:i1], l2[j0:j1], acc, pad) * _kernel(r1[i0:i1], r2[j0:j1], acc, None)
-            out += s1.T @ k @ _onehot_seg(seg2[j0:j1], B2, acc)
+            k = _kernel(l1[i0:i1], l2[j0:j1], acc, pad)  # a fresh tensor: multiplied in place
+            k.mul_(_kernel(r1[i0:i1], r2[j0:j1], acc, None))
+            s2 = _onehot_seg(seg2[j0:j1], B2, acc)
+            # the segment sums in the cheaper order: t1·t2·min(B1, B2) multiply-adds for the first product
+            out += (s1.T @ k) @ s2 if B1 <= B2 else s1.T @ (k @ s2)
     return out
 
 
