@@ -168,7 +168,7 @@ def test_run_end_to_end(hf_model_dir, tmp_path):
         (lambda a, d: a.__setitem__(a.index("--model") + 1, str(d)), "is not a Hugging Face model folder"),
         (lambda a, d: a.extend(["--groups", "layers"]), "unknown groups 'layers'"),
         (lambda a, d: a.extend(["--device", "cuda"]), "no CUDA device"),
-        (lambda a, d: a.extend(["--max-length", "4"]), "answers are never truncated"),
+        (lambda a, d: a.extend(["--max-length", "4"]), "the prompt fills max_length=4"),
         (lambda a, d: a.__setitem__(a.index("--retain") + 1, str(d / "bad_keys.json")), "has no ['answer']"),
         (lambda a, d: a.__setitem__(a.index("--steps") + 1, "0"), "--steps must be >= 1"),
     ],
