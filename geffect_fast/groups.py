@@ -12,9 +12,10 @@ Schemes
     on, ``shallow`` for a 4-block model). Absolute indices: a model with fewer than 11 blocks has only
     ``shallow``. (Unlike the official code, no DDP ``module.`` prefix is needed for blocks to be found.)
 ``"thirds"``
-    The paper's three depths for any number of blocks L: block i goes to ``shallow``, ``middle`` or ``deep`` by
-    ⌊3i/L⌋ (the first, second and last third; 0–9, 10–19, 20–29 for L = 30, so it equals ``paper`` there), the
-    final norm with the last block (``deep``), plus ``embed`` and ``lm``.
+    The paper's three depths for any number of blocks L: block i goes to the third of the depth its middle
+    falls in, ``shallow``/``middle``/``deep`` by ⌊3(i + ½)/L⌋ (0–9, 10–19, 20–29 for L = 30, so it equals
+    ``paper`` there; symmetric: 7/8/7 blocks for L = 22, 1/2/1 for L = 4, shallow/deep for L = 2), the final
+    norm with the last block (``deep``), plus ``embed`` and ``lm``.
 ``"module"``
     One group per parameter-owning module (``model.layers.3.self_attn.q_proj``, …).
 a callable
@@ -132,11 +133,11 @@ def paper_bucket(block_name: str, n_blocks: int) -> str:
 
 
 def thirds_bucket(block_name: str, n_blocks: int) -> str:
-    """Map a ``block``-scheme group to its third of the depth: block i of L -> DEPTHS[⌊3i/L⌋]."""
+    """Map a ``block``-scheme group to its third of the depth: block i of L -> DEPTHS[⌊3(i + ½)/L⌋]."""
     if block_name == "final_norm":
         return thirds_bucket(f"block.{n_blocks - 1}", n_blocks) if n_blocks > 0 else "deep"
     if block_name.startswith("block."):
-        return DEPTHS[3 * int(block_name.split(".", 1)[1]) // n_blocks]
+        return DEPTHS[(6 * int(block_name.split(".", 1)[1]) + 3) // (2 * n_blocks)]
     return {"embed": "embed", "lm_head": "lm"}[block_name]
 
 

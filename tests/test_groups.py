@@ -89,17 +89,19 @@ def test_thirds_split_any_depth(layers):
     g = assign(model, "thirds", names)
     by = {n: g.names[i] for n, i in g.of.items()}
     depth = [by[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(layers)]
-    for i, d in enumerate(depth):  # block i of L in third ⌊3i/L⌋, blocks in order, every block in one third
-        assert d == ("shallow", "middle", "deep")[3 * i // layers]
+    for i, d in enumerate(depth):  # block i in the third its middle falls in
+        third = int(3 * (i + 0.5) / layers)
+        assert d == ("shallow", "middle", "deep")[third]
     sizes = [depth.count(d) for d in ("shallow", "middle", "deep") if d in depth]
     assert max(sizes) - min(sizes) <= 1
+    assert depth.count("shallow") == depth.count("deep")  # symmetric
     assert by["model.norm.weight"] == depth[-1] and by["model.embed_tokens.weight"] == "embed"
     assert by["lm_head.weight"] == "lm"
     assert g.names == ("embed", *dict.fromkeys(depth), "lm")
     if layers == 30:  # the paper's own buckets where the paper's depth is
         assert g.of == assign(model, "paper", names).of
-    if layers >= 3:
-        assert "deep" in g.names and "shallow" in g.names
+    if layers >= 2:
+        assert depth[0] == "shallow" and depth[-1] == "deep"
 
 
 def test_module_and_callable_schemes():
