@@ -1,8 +1,10 @@
 """``geffect-fast``: the command-line entry point.
 
-    geffect-fast demo [--out DIR] [--force] [--quick]
+    geffect-fast demo [--out DIR] [--force] [--quick] [--groups G]
     geffect-fast run --model PATH|smollm2 --forget F --retain R --objective NAME[,NAME...] --steps N
                      [--every K] [--lr LR] [--groups G] --out DIR [--device cuda] [--dtype bf16] [--grad-ckpt]
+                     [--smooth] [--probe-batch K]
+    geffect-fast reproduce [--model smollm2|demo] [--quick] [--out DIR] [--force]
     geffect-fast report DIR
 
 Bad input gets one clear line on stderr and exit code 2; a run writes into a temporary folder that becomes
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
     d.add_argument("--steps", type=int, default=None, help="unlearning steps per objective")
     d.add_argument("--objectives", default=None, help="comma-separated objectives (default: all of the demo's)")
+    d.add_argument("--groups", default=None, help="block (default), paper, thirds or module")
 
     r = sub.add_parser("run", help="track G-effects of objectives on your model and TOFU-format data")
     r.add_argument("--model", required=True, help="a local Hugging Face causal-LM folder, or 'smollm2'")
@@ -74,18 +76,32 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--every", type=int, default=1, help="measure every K steps")
     r.add_argument("--lr", type=float, default=1e-5)
-    r.add_argument("--groups", default="block", help="block, paper or module")
+    r.add_argument("--groups", default="block", help="block, paper, thirds (the paper's depths at any depth), module")
     r.add_argument("--direction", default="gradient", choices=("gradient", "update"))
     r.add_argument("--out", required=True, metavar="DIR")
     r.add_argument("--force", action="store_true")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     r.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing during unlearning")
-    r.add_argument("--prompt", default="llama2", help="llama2, phi or chat (the tokenizer's template)")
+    r.add_argument("--prompt", default="llama2", help="llama2, phi, phi_masked or chat (the tokenizer's template)")
     r.add_argument("--max-length", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--probe-size", type=int, default=32, help="samples of each set used as G-effect probes")
     r.add_argument("--per-instance", action="store_true")
+    r.add_argument(
+        "--smooth", action="store_true", help="also record the official smoothed G-effect <g_R, g_u> (0.6/0.4 EMA)"
+    )
+    r.add_argument(
+        "--probe-batch", type=int, default=8, help="rows of a probe set per pass (peak memory; exact either way)"
+    )
+
+    rp = sub.add_parser("reproduce", help="test the paper's five findings on a real model (SmolLM2-135M)")
+    rp.add_argument("--model", default="smollm2", choices=("smollm2", "demo"), help="smollm2 (default) or demo")
+    rp.add_argument("--out", metavar="DIR", default="geffect_reproduce", help="output folder")
+    rp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    rp.add_argument("--quick", action="store_true", help="a tiny configuration (minutes on SmolLM2)")
+    rp.add_argument("--steps", type=int, default=None, help="unlearning steps per objective")
+    rp.add_argument("--objectives", default=None, help="comma-separated subset (default: all ten)")
 
     rep = sub.add_parser("report", help="re-render a run folder's report from its geffects.jsonl")
     rep.add_argument("dir")
@@ -95,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -103,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         if args.command == "report":
             return _report(args)
     except CLIError as e:
@@ -127,7 +146,37 @@ def _demo(args) -> int:
         cfg = replace(cfg, steps=args.steps)
     if args.objectives:
         cfg = replace(cfg, objectives=tuple(_objective_names(args.objectives)))
+    if args.groups is not None:
+        cfg = replace(cfg, groups=_groups(args.groups))
     run_demo(args.out, cfg, force=args.force)
+    return 0
+
+
+def _groups(spec: str) -> str:
+    from .groups import SCHEMES
+
+    if spec not in SCHEMES:
+        raise CLIError(f"unknown groups {spec!r}; use one of {', '.join(SCHEMES)}")
+    return spec
+
+
+def _reproduce(args) -> int:
+    from dataclasses import replace
+
+    from . import reproduce
+
+    cfg = reproduce.config(args.model, quick=args.quick)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CLIError("--steps must be >= 1")
+        cfg = replace(cfg, steps=args.steps)
+    if args.objectives:
+        names = [s.strip() for s in args.objectives.split(",") if s.strip()]
+        unknown = [n for n in names if n not in reproduce.OBJECTIVES]
+        if unknown or not names:
+            raise CLIError(f"unknown objective(s) {unknown}; choose from {', '.join(reproduce.OBJECTIVES)}")
+        cfg = replace(cfg, objectives=tuple(names))
+    reproduce.run(args.out, cfg, force=args.force, command=" ".join(["geffect-fast", *args.argv]))
     return 0
 
 
@@ -195,6 +244,7 @@ def _run(args) -> int:
         ("--every", args.every),
         ("--batch-size", args.batch_size),
         ("--probe-size", args.probe_size),
+        ("--probe-batch", args.probe_batch),
     ):
         if v < 1:
             raise CLIError(f"{flag} must be >= 1")
@@ -225,10 +275,13 @@ def _run(args) -> int:
         ]
         idk = enc(idk_recs)
         probes = {"unlearn": _head(forget, args.probe_size), "retain": _head(retain, args.probe_size)}
-        ref = pipeline.frozen_copy(model)
+        # the reference is the loaded model itself, frozen; each objective unlearns a trainable copy of it (one
+        # copy of the weights fewer than keeping the loaded model beside its reference)
+        ref = pipeline.frozen_copy(model, inplace=True)
+        del model
         records = []
         for name in names:
-            m = copy.deepcopy(model)
+            m = pipeline.trainable_copy(ref)
             tr = pipeline.unlearn(
                 m,
                 objectives.get(name),
@@ -246,6 +299,8 @@ def _run(args) -> int:
                 per_instance=args.per_instance,
                 name=name.upper(),
                 mode="train" if args.grad_ckpt else "eval",
+                smooth=args.smooth,
+                probe_batch_size=args.probe_batch,
             )
             records += tr.records
             print(f"{name.upper()}: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
@@ -261,12 +316,22 @@ def _run(args) -> int:
             "lr": args.lr,
             "direction": args.direction,
             "groups": args.groups,
+            "smoothed": args.smooth,
             "wall_time_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_gb": round(peak_rss_gb(), 2),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         report.render(tmp)
     print(f"wrote {args.out}/")
     return 0
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GB (Linux/macOS getrusage)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _head(batch, n):

@@ -102,14 +102,17 @@ def unlearn(
     batch_size: int = 16,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    on_tracker: Callable[[Tracker], None] | None = None,
     **tracker_kwargs: Any,
 ) -> Tracker:
     """Unlearn ``forget`` with ``objective`` for ``steps`` AdamW steps (retain data where the objective uses
     it), tracking G-effects on ``probes`` (default: the forget and retain sets) at each step. Returns the
     tracker: its records hold per-step, per-group and cumulative G-effects and the forget/retain risk
-    before each step (``loss``) with the measured change."""
+    before each step (``loss``) with the measured change. ``on_tracker(tracker)`` is called once it exists."""
     probes = probes or {"unlearn": forget, "retain": retain}
     tracker = Tracker(model, probes, ref_model=ref_model, **tracker_kwargs)
+    if on_tracker is not None:
+        on_tracker(tracker)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     fb, rb = batches(forget, batch_size, g), batches(retain, batch_size, g)
@@ -130,12 +133,20 @@ def unlearn(
     return tracker
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode copy (the reference model of NPO/TNPO/KL)."""
-    ref = copy.deepcopy(model).eval()
+def frozen_copy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A frozen, eval-mode copy (the reference model of NPO/TNPO/KL); ``inplace`` freezes ``model`` itself."""
+    ref = (model if inplace else copy.deepcopy(model)).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy of (a frozen) ``model`` with every parameter trainable, to unlearn from."""
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
 
 
 class Timer:
