@@ -304,7 +304,7 @@ def _run(args) -> int:
             )
             records += tr.records
             print(f"{name.upper()}: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
-            del m
+            del m, tr  # the tracker holds the model: free both before the next copy
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")

@@ -57,9 +57,10 @@ def finetune(
     batch_size: int = 32,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> list[float]:
     """Plain AdamW fine-tuning on ``data`` (the TOFU "learn the facts" stage); returns the mean loss of each
-    epoch. ``progress(epoch, epochs, loss)`` is called after every epoch."""
+    epoch. ``progress(epoch, epochs, loss)`` is called after every epoch, ``on_batch(loss)`` after every batch."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -78,6 +79,8 @@ def finetune(
             opt.step()
             sched.step()
             tot += float(loss.detach())
+            if on_batch is not None:
+                on_batch(float(loss.detach()))
         losses.append(tot / len(mbs))
         if progress is not None:
             progress(ep + 1, epochs, losses[-1])
@@ -102,17 +105,14 @@ def unlearn(
     batch_size: int = 16,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-    on_tracker: Callable[[Tracker], None] | None = None,
     **tracker_kwargs: Any,
 ) -> Tracker:
     """Unlearn ``forget`` with ``objective`` for ``steps`` AdamW steps (retain data where the objective uses
     it), tracking G-effects on ``probes`` (default: the forget and retain sets) at each step. Returns the
     tracker: its records hold per-step, per-group and cumulative G-effects and the forget/retain risk
-    before each step (``loss``) with the measured change. ``on_tracker(tracker)`` is called once it exists."""
+    before each step (``loss``) with the measured change."""
     probes = probes or {"unlearn": forget, "retain": retain}
     tracker = Tracker(model, probes, ref_model=ref_model, **tracker_kwargs)
-    if on_tracker is not None:
-        on_tracker(tracker)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     fb, rb = batches(forget, batch_size, g), batches(retain, batch_size, g)

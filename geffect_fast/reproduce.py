@@ -20,6 +20,7 @@ retain set is damage to retention.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -85,11 +86,11 @@ class ReproConfig:
     qa_per_author: int = 5
     prompt: str = "llama2"
     max_length: int = 128
-    ft_epochs: int = 3
+    ft_epochs: int = 2
     ft_lr: float = 2e-4
     ft_batch: int = 16
-    steps: int = 8
-    lr: float = 5e-5
+    steps: int = 6
+    lr: float = 1e-4
     batch_size: int = 10
     retain_probe: int = 10
     probe_batch: int = 10
@@ -152,14 +153,19 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
         f"fine-tuning SmolLM2-135M on {len(splits['full'])} QA about {cfg.n_authors} fictitious authors "
         f"({cfg.ft_epochs} epochs × {n_batches} batches; answer accuracy before: tokens {before['token']:.1%})"
     )
-    bar = _bar(cfg.ft_epochs, "fine-tune (epochs)")
+    bar = _bar(cfg.ft_epochs * n_batches, "fine-tune (batches)")
 
-    def tick(ep, total, loss):
+    def tick(loss):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    pipeline.finetune(model, full, cfg.ft_epochs, cfg.ft_lr, cfg.ft_batch, cfg.seed, progress=tick)
+    pipeline.finetune(model, full, cfg.ft_epochs, cfg.ft_lr, cfg.ft_batch, cfg.seed, on_batch=tick)
     bar.close()
+    # the GGUF weights were de-quantised to float32 at load: plain weights, so the quantizer's refusal to save
+    # does not apply
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -181,33 +187,16 @@ def _load(cfg: ReproConfig, echo):
     return model, tok, splits, acc, cached
 
 
-def _final_nll(lst: Sequence[Mapping[str, Any]]) -> float:
-    last = lst[-1]
-    return float(last["loss"] + last["measured_dR"])
+@torch.no_grad()
+def _nll(model, batch) -> float:
+    from .loss import risk
 
-
-class _TrackerTimer:
-    """Times what a Tracker's begin/end cost per step (not the optimiser's own step): ``on_tracker=timer.attach``."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._t = 0.0
-
-    def attach(self, tracker) -> None:
-        begin, end = tracker.begin, tracker.end
-
-        def timed_begin(*a, **k):
-            t0 = time.perf_counter()
-            begin(*a, **k)
-            self._t = time.perf_counter() - t0
-
-        def timed_end(*a, **k):
-            t0 = time.perf_counter()
-            out = end(*a, **k)
-            self.seconds.append(self._t + time.perf_counter() - t0)
-            return out
-
-        tracker.begin, tracker.end = timed_begin, timed_end
+    was = model.training
+    model.eval()
+    try:
+        return float(risk(model, batch))
+    finally:
+        model.train(was)
 
 
 def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, command: str = "", echo=print) -> Path:
@@ -239,13 +228,13 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
         outcomes: dict[str, dict[str, Any]] = {}
         tracking_s: dict[str, list[float]] = {}
         state_bytes = 0
-        track = dict(groups="thirds", direction="gradient", probe_batch_size=cfg.probe_batch)
+        # R after each step is the next step's R before it: no separate forward for the measured change
+        track = dict(groups="thirds", direction="gradient", probe_batch_size=cfg.probe_batch, measure_change=False)
         for name in cfg.objectives:
             obj = OBJECTIVES[name](cfg)
             m = pipeline.trainable_copy(ref)
             bar = _bar(cfg.steps, f"unlearn {name}")
             t1 = time.perf_counter()
-            timer = _TrackerTimer()
             tr = pipeline.unlearn(
                 m,
                 obj,
@@ -261,22 +250,24 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
                 progress=lambda s, n, bar=bar: bar.update(1),
                 name=name,
                 smooth=True,
-                on_tracker=timer.attach,
                 **track,
             )
             bar.close()
             stages[f"unlearn {name}"] = time.perf_counter() - t1
-            tracking_s[name] = timer.seconds
+            tracking_s[name] = list(tr.step_seconds)
             state_bytes = max(state_bytes, _state_bytes(tr))
             records += tr.records
             series = {r: [x for x in tr.records if x["risk"] == r] for r in ("unlearn", "retain")}
+            final = {"unlearn": _nll(m, forget), "retain": _nll(m, probe)}
             outcomes[name] = {
                 "cumulative": {
                     **{r: sum(x["total"] for x in series[r]) for r in series},
                     **{f"smoothed_{r}": sum(x["smoothed_total"] for x in series[r]) for r in series},
                 },
                 "nll_before": {r: series[r][0]["loss"] for r in series},
-                "nll_after": {r: _final_nll(series[r]) for r in series},
+                "nll_after": final,
+                #: NLL at θ_0 … θ_steps: R before each step, then after the last
+                "nll_curve": {r: [x["loss"] for x in series[r]] + [final[r]] for r in series},
                 "acc_after": {
                     "forget": pipeline.answer_accuracy(m, forget),
                     "retain": pipeline.answer_accuracy(m, probe),
@@ -291,13 +282,13 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
                 f"({o['seconds']:.0f}s)"
             )
             del m, tr
+            gc.collect()
         # the cost of the smoothed pass: the same objective's first steps, tracked without smoothing
         cost = None
         if cfg.cost_steps > 0:
             name = cfg.objectives[0]
             m = pipeline.trainable_copy(ref)
-            timer = _TrackerTimer()
-            pipeline.unlearn(
+            tr = pipeline.unlearn(
                 m,
                 OBJECTIVES[name](cfg),
                 forget,
@@ -311,14 +302,15 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
                 seed=cfg.seed,
                 name=name,
                 smooth=False,
-                on_tracker=timer.attach,
                 **track,
             )
-            del m
+            unsmoothed_s = list(tr.step_seconds)
+            del m, tr
+            gc.collect()
             n_params = sum(p.numel() for p in ref.parameters())
             cost = {
                 "objective": name,
-                "unsmoothed_s_per_step": statistics.median(timer.seconds),
+                "unsmoothed_s_per_step": statistics.median(unsmoothed_s),
                 "smoothed_s_per_step": statistics.median(tracking_s[name][: cfg.cost_steps]),
                 "state_gb": state_bytes / 2**30,
                 "parameters": n_params,
@@ -475,7 +467,8 @@ def findings(records: Sequence[Mapping[str, Any]], outcomes: Mapping[str, Mappin
         k = max(1, len(ret) // 3)
         g_early = statistics.fmean(abs(r["total"]) for r in ret[:k])
         g_late = statistics.fmean(abs(r["total"]) for r in ret[-k:])
-        d = [r["measured_dR"] for r in ret]
+        curve = outcomes[n]["nll_curve"]["retain"]
+        d = [b - a for a, b in zip(curve, curve[1:])]  # the retain NLL's change at each step
         d_early, d_late = statistics.fmean(d[:k]), statistics.fmean(d[-k:])
         return g_late / g_early if g_early else float("nan"), (d_late / d_early if d_early > 0 else float("nan"))
 
@@ -613,10 +606,8 @@ def findings_plots(
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for ax, risk in zip(axes, ("unlearn", "retain")):
         for n in names:
-            lst = S[n][risk]
-            xs = [0] + [r["step"] for r in lst]
-            ys = [lst[0]["loss"]] + [r["loss"] + r["measured_dR"] for r in lst]
-            ax.plot(xs, ys, marker="o", ms=3, label=n, c=colors[n])
+            ys = outcomes[n]["nll_curve"][risk]
+            ax.plot(range(len(ys)), ys, marker="o", ms=3, label=n, c=colors[n])
         ax.set_title(f"{'forget' if risk == 'unlearn' else 'held-out retain'} NLL")
         ax.set_xlabel("unlearning step")
         ax.set_yscale("log")

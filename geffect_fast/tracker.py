@@ -20,14 +20,14 @@ decay, per-group learning rates all included), so −lr·e is the first-order pr
 tracker keeps one copy of the trainable parameters during the step and measures at θ_before by swapping
 storages (no second copy).
 
-Fidelity: the measured ΔR = R(θ_after) − R(θ_before) on each probe set, beside the first-order prediction
-−lr·e and, with ``curvature=True``, the second-order one −lr·e + ½·lr²·vᵀ∇²R v (one Hessian-vector
-product per probe set, by double backward). At small steps both track the measured ΔR (AdamW at lr 1e-4 on
-a tiny GPT-2: within 1%, the second order closer); at large ones neither does — one SGD step of GA at
-lr 0.2 on a tiny Llama overshoots by ~70% at first order and further at second (tests/test_tracker.py).
-``compare={"GA": objective, ...}`` also measures, at the same θ
-and in the same pass, the G-effects of other objectives' gradients on ``compare_batch`` (their ΔR is
-predicted, not measured: they were not taken).
+Fidelity: the measured ΔR = R(θ_after) − R(θ_before) on each probe set (one more forward per probe set after
+each measured step; ``measure_change=False`` skips it and leaves ``measured_dR`` None), beside the first-order
+prediction −lr·e and, with ``curvature=True``, the second-order one −lr·e + ½·lr²·vᵀ∇²R v (one Hessian-vector
+product per probe set, by double backward). At small steps both track the measured ΔR (AdamW at lr 1e-4 on a
+tiny GPT-2: within 1%, the second order closer); at large ones neither does — one SGD step of GA at lr 0.2 on
+a tiny Llama overshoots by ~70% at first order and further at second (tests/test_tracker.py). ``compare={"GA":
+objective, ...}`` also measures, at the same θ and in the same pass, the G-effects of other objectives'
+gradients on ``compare_batch`` (their ΔR is predicted, not measured: they were not taken).
 
 Smoothed G-effects (``smooth=True``): the official G-effect code (``dataloader_ge.py``, ``*_gradient_fcn`` and
 ``gradient_*_effect``) reports ⟨ḡ_R, ḡ_u⟩ per group, where both gradients are smoothed separately,
@@ -64,6 +64,7 @@ With ``every=k`` only every k-th step is measured and cumulative sums run over t
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -113,6 +114,7 @@ class Tracker:
         timeout: float = 600.0,
         smooth: bool = False,
         probe_batch_size: int | None = None,
+        measure_change: bool = True,
     ):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -155,6 +157,8 @@ class Tracker:
         self.curvature = curvature
         self.smooth = bool(smooth)
         self.probe_batch_size = probe_batch_size
+        #: whether R is measured again after each step (measured_dR, the fidelity check): one forward per probe
+        self.measure_change = bool(measure_change)
         self._chunks = {r: _row_chunks(b, probe_batch_size) for r, b in self.probes.items()}
         chunk_names = {_chunk_name(r, i) for r, cs in self._chunks.items() if len(cs) > 1 for i in range(len(cs))}
         if chunk_names & set(self.probes):
@@ -169,6 +173,8 @@ class Tracker:
         if self.name in self.compare:
             raise ValueError(f"compare names must differ from the tracked direction's name {self.name!r}")
         self.n_steps = 0
+        #: seconds the tracker itself took (begin + end) at each measured step: its cost beside training
+        self.step_seconds: list[float] = []
         self.records: list[dict[str, Any]] = []
         self.cumulative: dict[tuple[str, str], float] = {}
         self.cumulative_groups: dict[tuple[str, str], dict[str, float]] = {}
@@ -196,6 +202,7 @@ class Tracker:
         if (self.n_steps - 1) % self.every != 0:
             self._pending = None
             return
+        t0 = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
         if lr <= 0:
             raise ValueError(f"the optimiser's learning rate is {lr}; G-effect predictions need lr > 0")
@@ -215,6 +222,7 @@ class Tracker:
         else:
             pending["before"] = {n: p.detach().clone() for n, p in trainable.items()}
             pending["compare_dirs"] = compare_dirs
+        pending["seconds"] = time.perf_counter() - t0
         self._pending = pending
 
     def end(self) -> list[dict[str, Any]]:
@@ -222,6 +230,7 @@ class Tracker:
         pending, self._pending = self._pending, None
         if pending is None:
             return []
+        t0 = time.perf_counter()
         lr = pending["lr"]
         if self.direction == "update":
             try:
@@ -234,7 +243,8 @@ class Tracker:
             with self._at(pending["before"]):
                 pending["result"], pending["smoothed"] = self._measure_step(stacked)
                 pending["vhv"] = self._vhv(v) if self.curvature else None
-        after = self._risks()
+        after = self._risks() if self.measure_change else None
+        self.step_seconds.append(pending["seconds"] + time.perf_counter() - t0)
         return self._record(pending, after)
 
     def _abort(self) -> None:
@@ -508,7 +518,7 @@ class Tracker:
             out = {r: float(total[i, 0] / total[i, 1]) for i, r in enumerate(self.probes)}
         return out
 
-    def _record(self, pending: dict[str, Any], after: dict[str, float]) -> list[dict[str, Any]]:
+    def _record(self, pending: dict[str, Any], after: dict[str, float] | None) -> list[dict[str, Any]]:
         res: Result = pending["result"]
         lr = pending["lr"]
         taken = self.name
@@ -536,7 +546,7 @@ class Tracker:
                     "train_loss": pending["train_loss"],
                     "predicted_dR": -lr * total,
                     "predicted_dR_2nd": None,
-                    "measured_dR": (after[r] - res.loss[r]) if is_taken else None,
+                    "measured_dR": (after[r] - res.loss[r]) if is_taken and after is not None else None,
                 }
                 if pending.get("smoothed") is not None:
                     rec["smoothed_total"], rec["smoothed_groups"] = pending["smoothed"][name][r]

@@ -13,9 +13,10 @@ def _objective(name, e_u, e_r, d_f, d_r, depth_u=(3.0, 1.0, 0.5)):
     """Records of one objective: per-step totals e_u/e_r (unlearning/retaining), per-step NLL changes d_f/d_r, the
     unlearning G-effect split over shallow/middle/deep in proportions ``depth_u``."""
     recs, lf, lr = [], 2.0, 1.0
+    curve = {"unlearn": [lf], "retain": [lr]}
     w = [x / sum(depth_u) for x in depth_u]
     for t, (eu, er, df, dr) in enumerate(zip(e_u, e_r, d_f, d_r), 1):
-        for risk, e, loss, d in (("unlearn", eu, lf, df), ("retain", er, lr, dr)):
+        for risk, e, loss in (("unlearn", eu, lf), ("retain", er, lr)):
             split = w if risk == "unlearn" else (1 / 3, 1 / 3, 1 / 3)
             groups = {"embed": 0.0, **{g: e * s for g, s in zip(reproduce.DEPTHS, split)}}
             recs.append(
@@ -29,13 +30,16 @@ def _objective(name, e_u, e_r, d_f, d_r, depth_u=(3.0, 1.0, 0.5)):
                     "smoothed_total": e,
                     "smoothed_groups": groups,
                     "loss": loss,
-                    "measured_dR": d,
+                    "measured_dR": None,
                 }
             )
         lf, lr = lf + df, lr + dr
+        curve["unlearn"].append(lf)
+        curve["retain"].append(lr)
     outcome = {
         "nll_before": {"unlearn": 2.0, "retain": 1.0},
         "nll_after": {"unlearn": lf, "retain": lr},
+        "nll_curve": curve,
         "acc_after": {"forget": {"token": 0.1}, "retain": {"token": 0.8}},
     }
     return recs, outcome

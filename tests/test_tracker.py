@@ -233,3 +233,18 @@ def test_smoothing_and_chunks_refused_under_a_process_group(tmp_path):
         dist.destroy_process_group()
     with pytest.raises(ValueError, match="probe_batch_size"):
         gf.Tracker(make_model("llama"), {"u": make_batch(make_model("llama"))}, probe_batch_size=0)
+
+
+def test_measure_change_off_skips_only_the_after_step_risks():
+    keys = ("total", "groups", "loss", "smoothed_total")
+    on = _tracked_run("gpt2", steps=2, smooth=True)
+    off = _tracked_run("gpt2", steps=2, smooth=True, measure_change=False)
+    _assert_same_records(on, off, keys)
+    assert all(r["measured_dR"] is None for r in off) and all(
+        r["measured_dR"] is not None for r in on if r["kind"] != "compare"
+    )
+    # R after step 1 is R before step 2
+    first = {r["risk"]: r for r in on if r["step"] == 1 and r["kind"] != "compare"}
+    second = {r["risk"]: r for r in off if r["step"] == 2 and r["kind"] != "compare"}
+    for risk in first:
+        assert first[risk]["loss"] + first[risk]["measured_dR"] == pytest.approx(second[risk]["loss"], rel=1e-12)
