@@ -19,6 +19,27 @@ from .objectives import Objective
 from .tracker import Tracker
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    On CPU, a pass's activations and logits are tensors of a few MB each, below glibc's (dynamic) mmap threshold, so
+    they come from the heap; freed, they stay in the process (and fragment it), and the resident size ratchets up
+    pass after pass — a run's RSS grew by ~1.7 GB per measured step of SmolLM2 that way. Trimming between steps keeps
+    it near what is alive."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    trim(0)
+
+
 def batches(batch: Mapping[str, Tensor], size: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
     """A shuffled split of ``batch`` into mini-batches of ``size`` rows."""
     B = batch["input_ids"].shape[0]
@@ -82,6 +103,7 @@ def finetune(
             if on_batch is not None:
                 on_batch(float(loss.detach()))
         losses.append(tot / len(mbs))
+        release_memory()
         if progress is not None:
             progress(ep + 1, epochs, losses[-1])
     model.eval()
@@ -127,6 +149,8 @@ def unlearn(
         loss.backward()
         with tracker.step(opt, loss=loss):
             opt.step()
+        del loss
+        release_memory()
         if progress is not None:
             progress(step + 1, steps)
     model.eval()
