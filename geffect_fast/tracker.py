@@ -331,7 +331,8 @@ class Tracker:
         """∇R of every probe set over the direction's parameters (one ordinary backward per chunk, pooled with
         the chunks' weights D_chunk/D) and R itself. Parameters R does not depend on are left out (zero)."""
         named = dict(self.model.named_parameters())
-        keys = [n for n in named if n in set(direction.keys()) | set(direction.zero)]
+        mentioned = set(direction.keys()) | set(direction.zero)
+        keys = [n for n in named if n in mentioned]
         plist = [named[n] for n in keys]
         grads: dict[str, dict[str, Tensor]] = {}
         losses: dict[str, float] = {}
