@@ -1,11 +1,12 @@
 """``geffect-fast``: the command-line entry point (``geffect-fast COMMAND --help`` lists every option with its
 default).
 
-    geffect-fast demo [--out DIR] [--force] [--quick] [--objectives NAME,...] [--steps N]
+    geffect-fast demo [--out DIR] [--force] [--quick] [--objectives NAME,...] [--steps N] [--groups G]
     geffect-fast run --model PATH|smollm2 --forget F --retain R --objective NAME[,NAME...] --out DIR
                      [--steps N] [--every K] [--lr LR] [--groups G] [--direction gradient|update] [--device cuda]
                      [--dtype bf16] [--grad-ckpt] [--prompt P] [--max-length T] [--batch-size B]
-                     [--probe-size N] [--per-instance] [--force]
+                     [--probe-size N] [--probe-batch K] [--smooth] [--per-instance] [--force]
+    geffect-fast reproduce [--model smollm2|demo] [--out DIR] [--force] [--quick] [--steps N] [--objectives ...]
     geffect-fast report DIR
 
 Bad input gets one clear line on stderr and exit code 2; a run writes into a temporary folder that becomes
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -174,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated objectives (default: ga,npo,wga,tnpo,wtnpo,rmu,idkpo; --quick ga,npo,rmu)",
     )
+    d.add_argument(
+        "--groups",
+        default="block",
+        metavar="G",
+        help="layer groups: block, paper, thirds (the paper's shallow/middle/deep thirds at any depth) or module",
+    )
 
     r = sub.add_parser(
         "run",
@@ -201,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="G",
         help=f"layer groups: auto (paper for models with >= {AUTO_PAPER_BLOCKS} blocks, else block), block (embed, "
-        "each block, final_norm, lm_head), paper (embed/shallow 0-9/middle 10-19/deep/lm) or module",
+        "each block, final_norm, lm_head), paper (embed/shallow 0-9/middle 10-19/deep/lm), thirds (the paper's "
+        "depths at any depth) or module",
     )
     r.add_argument(
         "--direction",
@@ -214,15 +221,49 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     r.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the model's weights")
     r.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing during unlearning")
-    r.add_argument("--prompt", default="llama2", help="llama2, phi or chat (the tokenizer's template)")
+    r.add_argument("--prompt", default="llama2", help="llama2, phi, phi_masked or chat (the tokenizer's template)")
     r.add_argument(
-        "--max-length", type=int, default=256, metavar="T", help="tokens per sample (prompts truncated, never answers)"
+        "--max-length",
+        type=int,
+        default=256,
+        metavar="T",
+        help="tokens per sample (the whole text cut at T, as the official data module)",
     )
     r.add_argument("--batch-size", type=int, default=8, metavar="B", help="forget (and retain) rows per step")
     r.add_argument(
         "--probe-size", type=int, default=32, metavar="N", help="samples of each set used as G-effect probes"
     )
     r.add_argument("--per-instance", action="store_true", help="also record every probe sample's G-effects")
+    r.add_argument(
+        "--smooth",
+        action="store_true",
+        help="also record the official smoothed G-effect <g_R, g_u> per group (0.6/0.4 moving average of both "
+        "gradients; one ordinary backward per probe set and 3 copies of the parameters)",
+    )
+    r.add_argument(
+        "--probe-batch",
+        type=int,
+        default=8,
+        metavar="K",
+        help="rows of a probe set per pass (bounds peak memory; pooled exactly)",
+    )
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="test the paper's five findings on a real model (SmolLM2-135M)",
+        description="Fine-tune on synthetic fictitious authors, unlearn forget05 with the ten objectives at the "
+        "official defaults while tracking unsmoothed and smoothed G-effects per depth third, NLL and answer "
+        "accuracy, and decide each of the paper's five findings (findings.md, plots, a run folder) in DIR.",
+        formatter_class=_Help,
+    )
+    rp.add_argument("--model", default="smollm2", choices=("smollm2", "demo"), help="the model to unlearn")
+    rp.add_argument("--out", metavar="DIR", default="geffect_reproduce", help="output folder")
+    rp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    rp.add_argument("--quick", action="store_true", help="a tiny configuration (minutes on SmolLM2)")
+    rp.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="unlearning steps per objective (default: 6; --quick 3)"
+    )
+    rp.add_argument("--objectives", default=None, metavar="NAME,...", help="comma-separated subset (default: all ten)")
 
     rep = sub.add_parser(
         "report",
@@ -238,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -247,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _demo(args)
             if args.command == "run":
                 return _run(args)
+            if args.command == "reproduce":
+                return _reproduce(args)
             if args.command == "report":
                 return _report(args)
     except CLIError as e:
@@ -275,7 +319,37 @@ def _demo(args) -> int:
         cfg = replace(cfg, steps=args.steps)
     if args.objectives:
         cfg = replace(cfg, objectives=tuple(_objective_names(args.objectives)))
+    if args.groups is not None:
+        cfg = replace(cfg, groups=_groups(args.groups))
     run_demo(args.out, cfg, force=args.force)
+    return 0
+
+
+def _groups(spec: str) -> str:
+    from .groups import SCHEMES
+
+    if spec not in SCHEMES:
+        raise CLIError(f"unknown groups {spec!r}; use one of {', '.join(SCHEMES)}")
+    return spec
+
+
+def _reproduce(args) -> int:
+    from dataclasses import replace
+
+    from . import reproduce
+
+    cfg = reproduce.config(args.model, quick=args.quick)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise CLIError("--steps must be >= 1")
+        cfg = replace(cfg, steps=args.steps)
+    if args.objectives:
+        names = [s.strip() for s in args.objectives.split(",") if s.strip()]
+        unknown = [n for n in names if n not in reproduce.OBJECTIVES]
+        if unknown or not names:
+            raise CLIError(f"unknown objective(s) {unknown}; choose from {', '.join(reproduce.OBJECTIVES)}")
+        cfg = replace(cfg, objectives=tuple(names))
+    reproduce.run(args.out, cfg, force=args.force, command=" ".join(["geffect-fast", *args.argv]))
     return 0
 
 
@@ -345,6 +419,7 @@ def _run(args) -> int:
         ("--every", args.every),
         ("--batch-size", args.batch_size),
         ("--probe-size", args.probe_size),
+        ("--probe-batch", args.probe_batch),
     ):
         if v < 1:
             raise CLIError(f"{flag} must be >= 1")
@@ -380,10 +455,13 @@ def _run(args) -> int:
             f"{probes['retain']['input_ids'].shape[0]} probe samples, groups {groups_note}",
             flush=True,
         )
-        ref = pipeline.frozen_copy(model)
+        # the reference is the loaded model itself, frozen; each objective unlearns a trainable copy of it (one
+        # copy of the weights fewer than keeping the loaded model beside its reference)
+        ref = pipeline.frozen_copy(model, inplace=True)
+        del model
         records = []
         for name in names:
-            m = copy.deepcopy(model)
+            m = pipeline.trainable_copy(ref)
             tracker: dict = {}
             tr = pipeline.unlearn(
                 m,
@@ -404,13 +482,16 @@ def _run(args) -> int:
                 mode="train" if args.grad_ckpt else "eval",
                 on_tracker=lambda t, box=tracker: box.update(t=t),
                 progress=_step_progress(name.upper(), tracker, threads),
+                smooth=args.smooth,
+                probe_batch_size=args.probe_batch,
             )
             records += tr.records
             print(
                 f"{name.upper()} cumulative G-effect: "
                 + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items())
             )
-            del m
+            tracker.clear()
+            del m, tr  # the tracker holds the model: free both before the next copy
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -422,7 +503,9 @@ def _run(args) -> int:
             "lr": args.lr,
             "direction": DIRECTION_NOTE[args.direction],
             "groups": groups_note,
+            "smoothed": args.smooth,
             "wall_time_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_gb": round(peak_rss_gb(), 2),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         report.render(tmp)
@@ -487,6 +570,14 @@ def _step_progress(name: str, box: dict, threads=None):
             threads.adjust()
 
     return tick
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GB (Linux/macOS getrusage)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _head(batch, n):

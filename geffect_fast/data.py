@@ -2,15 +2,24 @@
 and a tokenizer that needs no hub.
 
 Batches follow the TOFU / HF convention: ``input_ids``, ``attention_mask``, ``labels`` with −100 on the
-prompt and on padding; the answer tokens plus exactly one EOS are labelled. Prompt and answer are tokenised
-separately and concatenated, so the label mask is exact at the boundary.
+prompt and on padding; the answer tokens plus one EOS are labelled. Prompt and answer are tokenised
+separately and concatenated, so the label mask is exact at the boundary (the official code tokenises the
+joined text and masks as many leading tokens as the prompt alone has: the same wherever no token straddles
+the boundary).
 
-Prompt formats: ``"llama2"`` (``[INST] q [/INST]a``), ``"phi"`` (``Question: q\\nAnswer: a``), ``"chat"``
-(the tokenizer's chat template, user turn plus generation prompt), or a callable ``q -> prompt``.
+Prompt formats, as the official code's ``config/model_config.yaml`` (question_start_tag + q +
+question_end_tag masked; answer_tag + a labelled): ``"llama2"`` (``[INST] q [/INST]`` | ``a``), ``"phi"``
+(``Question: q\\n`` | ``Answer: a``: "Answer: " belongs to the answer and is labelled); ``"phi_masked"`` (ours:
+``Question: q\\nAnswer: `` | ``a``, "Answer: " masked); ``"chat"`` (the tokenizer's chat template, user turn
+plus generation prompt), or a callable ``q -> prompt``.
 
-Length policy: when prompt + answer + EOS exceed ``max_length`` the *prompt* is truncated from its start
-(its end, next to the answer, is kept); an answer that does not fit on its own is an error — answers are
-never truncated. Raw text is truncated at its end.
+Length policy (``truncation``): ``"end"`` (the official code: ``tokenizer(prompt + answer, max_length,
+truncation=True)``) cuts [BOS] prompt answer at ``max_length`` tokens, answer included, and appends the
+labelled EOS only where there is room; ``"prompt"`` (ours) truncates the *prompt* from its start (its end,
+next to the answer, is kept) and never the answer — an answer that does not fit on its own is an error.
+A record left with no labelled token is an error either way. Padding (``padding``): to the longest row
+(``"longest"``) or, as the official code, to ``max_length`` (``"max_length"``; matters for the official KL
+term, which averages over every position). Raw text is truncated at its end.
 """
 
 from __future__ import annotations
@@ -25,10 +34,16 @@ from torch import Tensor
 
 from .loss import IGNORE_INDEX
 
+#: the masked part of each format: question -> prompt
 PROMPTS: dict[str, Callable[[str], str]] = {
     "llama2": lambda q: f"[INST] {q} [/INST]",
-    "phi": lambda q: f"Question: {q}\nAnswer: ",
+    "phi": lambda q: f"Question: {q}\n",
+    "phi_masked": lambda q: f"Question: {q}\nAnswer: ",
 }
+#: the labelled text put before the answer (the official ``answer_tag``)
+ANSWER_PREFIXES: dict[str, str] = {"phi": "Answer: "}
+TRUNCATIONS = ("end", "prompt")
+PADDINGS = ("longest", "max_length")
 
 REFUSALS = [
     "I don't know.",
@@ -105,11 +120,13 @@ def _prompt_fn(prompt: str | Callable[[str], str], tokenizer) -> Callable[[str],
     return PROMPTS[prompt]
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int, side: str) -> dict[str, Tensor]:
-    """rows of (ids, labels) -> a padded batch."""
+def _pad(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, side: str, length: int | None = None
+) -> dict[str, Tensor]:
+    """rows of (ids, labels) -> a batch padded to the longest row (or to ``length``)."""
     if side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
-    T = max(len(ids) for ids, _ in rows)
+    T = max(len(ids) for ids, _ in rows) if length is None else length
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -130,10 +147,20 @@ def encode_qa(
     padding_side: str = "right",
     answer_key: str = "answer",
     add_bos: bool | None = None,
+    truncation: str = "end",
+    padding: str = "longest",
 ) -> dict[str, Tensor]:
-    """TOFU-format records -> a batch: [BOS] prompt answer EOS, labels on answer + EOS only."""
+    """TOFU-format records -> a batch: [BOS] prompt answer EOS, labels on the answer (with the format's
+    answer prefix) and the EOS; ``truncation`` and ``padding`` as in the module docstring."""
     check_records(list(records), ("question", answer_key))
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be 'end' (the official code) or 'prompt', got {truncation!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be 'longest' or 'max_length' (the official code), got {padding!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
     fmt = _prompt_fn(prompt, tokenizer)
+    prefix = ANSWER_PREFIXES.get(prompt, "") if isinstance(prompt, str) else ""
     eos = _special(tokenizer, "eos_token_id")
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id")
@@ -144,22 +171,33 @@ def encode_qa(
     rows = []
     for i, r in enumerate(records):
         p = _ids(tokenizer, fmt(r["question"]))
-        a = _ids(tokenizer, r[answer_key])
+        a = _ids(tokenizer, prefix + r[answer_key])
         if not a:
             raise ValueError(f"record {i}: the answer {r[answer_key]!r} tokenises to nothing")
         head = [bos] if add_bos else []
+        if truncation == "end":
+            ids = head + p + a
+            ids = ids[:max_length] if len(ids) >= max_length else ids + [eos]  # EOS only where there is room
+            masked = min(len(head) + len(p), len(ids))
+            if masked == len(ids):
+                raise ValueError(
+                    f"record {i}: the prompt fills max_length={max_length} (truncation='end' cuts the answer away); "
+                    "raise max_length or use truncation='prompt'"
+                )
+            rows.append((ids, [IGNORE_INDEX] * masked + ids[masked:]))
+            continue
         room = max_length - len(head) - len(a) - 1
         if room < 0:
             raise ValueError(
-                f"record {i}: the answer alone ({len(a)} tokens + EOS) exceeds max_length={max_length}; answers are "
-                "never truncated"
+                f"record {i}: the answer alone ({len(a)} tokens + EOS) exceeds max_length={max_length}; "
+                "truncation='prompt' never truncates answers"
             )
         if len(p) > room:
             p = p[len(p) - room :]  # keep the end of the prompt, next to the answer
         ids = head + p + a + [eos]
         lab = [IGNORE_INDEX] * (len(head) + len(p)) + a + [eos]
         rows.append((ids, lab))
-    return _pad(rows, pad, padding_side)
+    return _pad(rows, pad, padding_side, max_length if padding == "max_length" else None)
 
 
 def encode_text(
@@ -340,7 +378,7 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024):
     if texts is None:
         data = synthetic_authors()["full"]
         texts = [f"{PROMPTS['llama2'](r['question'])}{r['answer']}" for r in data] + [r["idk"] for r in data]
-        texts += [PROMPTS["phi"]("x"), CHAT_TEMPLATE]
+        texts += [PROMPTS["phi_masked"]("x"), CHAT_TEMPLATE]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -50,6 +50,8 @@ class DemoConfig:
     unlearn_batch: int = 16
     retain_probe: int = 50
     rmu_layer: int = 2
+    #: layer groups of the report: "block" (each block), "thirds" (the paper's shallow/middle/deep), ...
+    groups: str = "block"
     extra: dict = field(default_factory=dict)
 
     def finetune_key(self) -> str:
@@ -305,6 +307,7 @@ def run_demo(
                 direction="gradient",
                 per_instance=True,
                 name=name.upper(),
+                groups=cfg.groups,
             )
             bar.close()
             records += tr.records
@@ -329,7 +332,7 @@ def run_demo(
             "steps": cfg.steps,
             "lr": cfg.unlearn_lr,
             "direction": "gradient of the objective (the paper's G-effect)",
-            "groups": "block",
+            "groups": cfg.groups,
             "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch thread"
             f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "

@@ -6,9 +6,16 @@ Schemes
     ``embed``, ``block.0`` … ``block.{L-1}``, ``final_norm``, ``lm_head``. Every parameter lands in exactly
     one group, so the groups sum to the total.
 ``"paper"``
-    The official G-effect code's five buckets: ``embed``; ``shallow`` = blocks 0–9; ``middle`` = 10–19;
-    ``deep`` = blocks ≥ 20 plus the final norm; ``lm`` = the LM head. (Unlike the official code, no DDP
-    ``module.`` prefix is needed for blocks to be found.)
+    The official G-effect code's five buckets (``dataloader_ge.py``, ``gradient_*_effect``): ``embed``;
+    ``shallow`` = blocks 0–9; ``middle`` = 10–19; ``deep`` = blocks ≥ 20; ``lm`` = the LM head; the final norm
+    goes where the official code's name loop leaves it, in the last block's bucket (``deep`` from 21 blocks
+    on, ``shallow`` for a 4-block model). Absolute indices: a model with fewer than 11 blocks has only
+    ``shallow``. (Unlike the official code, no DDP ``module.`` prefix is needed for blocks to be found.)
+``"thirds"``
+    The paper's three depths for any number of blocks L: block i goes to the third of the depth its middle
+    falls in, ``shallow``/``middle``/``deep`` by ⌊3(i + ½)/L⌋ (0–9, 10–19, 20–29 for L = 30, so it equals
+    ``paper`` there; symmetric: 7/8/7 blocks for L = 22, 1/2/1 for L = 4, shallow/deep for L = 2), the final
+    norm with the last block (``deep``), plus ``embed`` and ``lm``.
 ``"module"``
     One group per parameter-owning module (``model.layers.3.self_attn.q_proj``, …).
 a callable
@@ -33,7 +40,8 @@ from typing import Callable, Union
 from torch import nn
 
 GroupSpec = Union[str, Callable[[str], str]]
-SCHEMES = ("block", "paper", "module")
+SCHEMES = ("block", "paper", "thirds", "module")
+DEPTHS = ("shallow", "middle", "deep")
 
 _HEAD_NAMES = ("lm_head", "embed_out")
 _EMBED_HINT = re.compile(r"(emb|wte|wpe|project_in)", re.IGNORECASE)
@@ -114,15 +122,26 @@ def block_group(model: nn.Module, layout: Layout | None = None) -> Callable[[str
     return fn
 
 
-def paper_bucket(block_name: str) -> str:
-    """Map a ``block``-scheme group to the official code's bucket."""
+def paper_bucket(block_name: str, n_blocks: int) -> str:
+    """Map a ``block``-scheme group to the official code's bucket (the final norm: the last block's)."""
+    if block_name == "final_norm":
+        return paper_bucket(f"block.{n_blocks - 1}", n_blocks) if n_blocks > 0 else "deep"
     if block_name.startswith("block."):
         i = int(block_name.split(".", 1)[1])
         return "shallow" if i < 10 else "middle" if i < 20 else "deep"
-    return {"embed": "embed", "final_norm": "deep", "lm_head": "lm"}[block_name]
+    return {"embed": "embed", "lm_head": "lm"}[block_name]
 
 
-_PAPER_ORDER = ("embed", "shallow", "middle", "deep", "lm")
+def thirds_bucket(block_name: str, n_blocks: int) -> str:
+    """Map a ``block``-scheme group to its third of the depth: block i of L -> DEPTHS[⌊3(i + ½)/L⌋]."""
+    if block_name == "final_norm":
+        return thirds_bucket(f"block.{n_blocks - 1}", n_blocks) if n_blocks > 0 else "deep"
+    if block_name.startswith("block."):
+        return DEPTHS[(6 * int(block_name.split(".", 1)[1]) + 3) // (2 * n_blocks)]
+    return {"embed": "embed", "lm_head": "lm"}[block_name]
+
+
+_PAPER_ORDER = ("embed", *DEPTHS, "lm")
 
 
 def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Grouping:
@@ -131,11 +150,13 @@ def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Groupin
         fn = spec
     elif spec == "block":
         fn = block_group(model)
-    elif spec == "paper":
-        bfn = block_group(model)
+    elif spec in ("paper", "thirds"):
+        layout = find_layout(model)
+        bfn = block_group(model, layout)
+        bucket = paper_bucket if spec == "paper" else thirds_bucket
 
         def fn(n: str) -> str:
-            return paper_bucket(bfn(n))
+            return bucket(bfn(n), layout.n_blocks)
     elif spec == "module":
 
         def fn(n: str) -> str:
@@ -154,7 +175,7 @@ def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Groupin
         if g not in seen:
             seen.add(g)
             order.append(g)
-    if spec == "paper":
+    if spec in ("paper", "thirds"):
         order = [g for g in _PAPER_ORDER if g in seen]
     elif spec == "block":
         rank = {"embed": (0, 0), "final_norm": (2, 0), "lm_head": (3, 0)}

@@ -1,4 +1,5 @@
-"""Unlearning objectives L_u, exact to the official G-effect code's reductions (DESIGN.md §1).
+"""Unlearning objectives L_u, as the official G-effect code (tmlr-group/G-effect, ``dataloader.py``) computes
+them (DESIGN.md §1).
 
 Notation, per forget sample b with labelled (shifted) answer tokens t: nll_t = −log p_θ(y_t | y_<t, x),
 p_t = exp(−nll_t), S_b = Σ_{t∈b} nll_t (summed), ℓ_b = S_b / n_b (mean), N = Σ_b n_b; "ref" quantities come
@@ -12,16 +13,49 @@ from the frozen reference model; weights written w are detached (no gradient flo
 ``wga``     L = −(1/N) Σ_t w_t nll_t,  w_t = p_t^α
 ``tnpo``    L = −(1/N) Σ_t w_t nll_t,  w_t = 2 p_t^β / (p_t^β + (p_t^ref)^β + 1e-5)
 ``wtnpo``   L = −(1/N) Σ_t w_t nll_t,  w_t = 2 p_t^(β+α) / (p_t^β + (p_t^ref)^β + 1e-5)
-``rmu``     L = mean over positions t whose next label is valid of d(h_t^(layer), c·u), with u ~ U[0,1)^d
-            drawn once from ``seed`` and d the mean over the hidden dim of |·| (``distance="l1"``, as the
-            official code) or of (·)² (``"mse"``, as the WMDP paper)
+``rmu``     L = (1/N') Σ_t (1/d) ‖h_t^(layer) − c·u‖² over the N' positions t whose next label is valid, with
+            u ~ U[0,1)^d drawn once from ``seed`` (``distance="mse"``, the official code); ``distance="l1"``
+            takes (1/d) Σ |h_t − c·u| instead (ours: the official code has it only in commented-out lines)
 ``idkpo``   L = R(idk batch): NLL of refusal answers to the forget questions
 ==========  =====================================================================================
 
 Any objective also takes ``retain="gd"`` (adds λ·R(retain)) or ``retain="kl"`` (adds λ·KL(p_ref ‖ p_θ) on
-the retain tokens, mean over labelled tokens), λ = ``retain_weight``, with ``forget_weight`` scaling the
-forget term (open-unlearning's alpha and gamma); those read the open-unlearning batch convention
-``{"forget": batch, "retain": batch}``. A plain batch is the forget batch.
+the retain batch), λ = ``retain_weight``, with ``forget_weight`` scaling the forget term (open-unlearning's
+alpha and gamma); those read the open-unlearning batch convention ``{"forget": batch, "retain": batch}``. A
+plain batch is the forget batch. The KL term is, by default (``kl_positions="all"``), the official one,
+``F.kl_div(log_softmax(logits).view(-1, V), log_softmax(ref_logits).view(-1, V), "batchmean", log_target=True)``:
+the mean of KL(p_ref,t ‖ p_θ,t) over *all* B·T positions of the batch — prompt, padding and the last
+position included, unshifted (the official batches are padded to ``max_length``, so it averages over that
+padding too: :func:`geffect_fast.data.encode_qa` with ``padding="max_length"``). ``kl_positions="labelled"``
+(ours) averages over the labelled, shifted positions only. Both are computed in float32 (float64 for float64
+models).
+
+Defaults — the official training code's (``dataloader.py``, ``CustomTrainerForgetting.compute_loss``, the
+value used when ``hyper_param`` is ``None``):
+
+=============  ==========================  ==========================================================
+objective      default                     where it comes from
+=============  ==========================  ==========================================================
+``npo``        β = 0.5                     ``npo`` branch: ``else: self.beta=.5``
+``wga``        α = 5                       ``wga`` branch: ``self.beta = 5`` (the exponent, named beta there)
+``tnpo``       β = 4                       ``tnpo`` branch: ``else: self.beta=4``
+``wtnpo``      β = 4, α = 1.5              ``wtnpo_<α>`` branch: β = 4; α parsed from the name, else 1.5
+``rmu``        c = 2, ``distance="mse"``   ``rmu_<layer>`` branches: ``c=2``; ``((h[..., :-1, :] - c·u) ** 2)``
+                                           ``.mean(-1)`` averaged over positions whose next label is valid
+``rmu``        layer = −1 (the last)       ours: the official layer comes from the name, no default (its
+                                           comments name 10, 21, 32 of Llama-2-7B's 33 hidden states)
+``gd``         λ = 1                       ``gd`` branch: ``gd_coef = 1``
+retain ``kl``  λ = 1, all positions        ``KL`` and every ``*_kl`` branch: ``loss += retain_loss``
+``simnpo``     β = 4.5, δ = 0              ours: not in the official code (the paper does not study SimNPO)
+``ga``         —                           no hyper-parameter
+``idkpo``      —                           no hyper-parameter
+=============  ==========================  ==========================================================
+
+Quirks of the official code, documented rather than copied: its ``npo_kl`` branch sets β *and* the KL weight
+to ``hyper_param`` (and fails without one), so NPO+KL here is NPO (β = 0.5) plus KL at λ = 1 as in every
+other ``*_kl`` branch; the G-effect script (``dataloader_ge.py``, ``w_ins_npo``) sets WTNPO's β = α =
+``hyper_param``; its RMU u is drawn unseeded, ``torch.rand(1, 1, 4096)``, and cut to the hidden size (ours is
+seeded: the same distribution, not the same draw).
 
 NPO's gradient is weighted GA on the summed NLL: ∇L_npo = −(1/B) Σ_b w_b ∇S_b with
 w_b = 2 σ(−β (S_b − S_b^ref)) = 2 p_b^β / (p_b^β + (p_b^ref)^β); :meth:`Objective.weights` returns these
@@ -39,6 +73,8 @@ from torch import Tensor, nn
 from .loss import IGNORE_INDEX, forward_logits, risk, token_nll
 
 EPS = 1e-5  # the official code's constant in TNPO/WTNPO's denominators
+KL_POSITIONS = ("all", "labelled")
+RMU_DISTANCES = ("mse", "l1")
 
 
 def split_batch(batch: Any) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor] | None, Mapping[str, Tensor] | None]:
@@ -59,15 +95,24 @@ class Objective:
     uses_retain = False
 
     def __init__(
-        self, name: str, retain: str | None = None, retain_weight: float = 1.0, forget_weight: float = 1.0, **hp
+        self,
+        name: str,
+        retain: str | None = None,
+        retain_weight: float = 1.0,
+        forget_weight: float = 1.0,
+        kl_positions: str = "all",
+        **hp,
     ):
         unknown = set(hp) - set(self.defaults)
         if unknown:
-            allowed = sorted({*self.defaults, "retain", "retain_weight", "forget_weight"})
+            allowed = sorted({*self.defaults, "retain", "retain_weight", "forget_weight", "kl_positions"})
             raise TypeError(f"objective {name!r} has no hyperparameter(s) {sorted(unknown)}; allowed: {allowed}")
         if retain not in (None, "gd", "kl"):
             raise ValueError(f"retain must be None, 'gd' or 'kl', got {retain!r}")
+        if kl_positions not in KL_POSITIONS:
+            raise ValueError(f"kl_positions must be 'all' (the official code) or 'labelled', got {kl_positions!r}")
         self.name = name
+        self.kl_positions = kl_positions
         self.hp = {**self.defaults, **hp}
         self.retain = retain
         self.retain_weight = float(retain_weight)
@@ -88,7 +133,7 @@ class Objective:
         elif self.retain == "kl":
             if ref_model is None:
                 raise ValueError(f"objective {self.name!r} with retain='kl' needs a reference model: pass ref_model=")
-            loss = loss + self.retain_weight * kl_to_reference(model, ref_model, retain)
+            loss = loss + self.retain_weight * kl_to_reference(model, ref_model, retain, self.kl_positions)
         return loss
 
     def forget_loss(self, model, forget, ref_model, idk=None) -> Tensor:
@@ -116,6 +161,8 @@ class Objective:
 
     def __repr__(self) -> str:
         extra = f", retain={self.retain!r}, retain_weight={self.retain_weight}" if self.retain else ""
+        if self.retain == "kl" and self.kl_positions != "all":
+            extra += f", kl_positions={self.kl_positions!r}"
         return f"Objective({self.name!r}, {self.hp}{extra})"
 
 
@@ -155,7 +202,7 @@ class GD(GA):
 
 
 class NPO(Objective):
-    defaults = {"beta": 0.1}
+    defaults = {"beta": 0.5}
     needs_ref = True
 
     def _log_ratio(self, model, forget, ref_model):
@@ -217,14 +264,14 @@ class _WeightedGA(Objective):
 
 
 class WGA(_WeightedGA):
-    defaults = {"alpha": 1.0}
+    defaults = {"alpha": 5.0}
 
     def token_weights(self, nll, forget, ref_model):
         return torch.exp(-nll) ** self.hp["alpha"]
 
 
 class TNPO(_WeightedGA):
-    defaults = {"beta": 0.1}
+    defaults = {"beta": 4.0}
     needs_ref = True
 
     def token_weights(self, nll, forget, ref_model):
@@ -234,7 +281,7 @@ class TNPO(_WeightedGA):
 
 
 class WTNPO(_WeightedGA):
-    defaults = {"beta": 0.1, "alpha": 1.0}
+    defaults = {"beta": 4.0, "alpha": 1.5}
     needs_ref = True
 
     def token_weights(self, nll, forget, ref_model):
@@ -244,12 +291,14 @@ class WTNPO(_WeightedGA):
 
 
 class RMU(Objective):
-    defaults = {"layer": -1, "c": 6.5, "seed": 0, "distance": "l1"}
+    defaults = {"layer": -1, "c": 2.0, "seed": 0, "distance": "mse"}
 
     def __init__(self, name: str, **kw):
         super().__init__(name, **kw)
-        if self.hp["distance"] not in ("l1", "mse"):
-            raise ValueError(f"rmu distance must be 'l1' or 'mse', got {self.hp['distance']!r}")
+        if self.hp["distance"] not in RMU_DISTANCES:
+            raise ValueError(
+                f"rmu distance must be 'mse' (the official code) or 'l1' (ours), got {self.hp['distance']!r}"
+            )
         self._u: dict[int, Tensor] = {}
 
     def target(self, d: int, device, dtype) -> Tensor:
@@ -281,15 +330,26 @@ class IdkPO(Objective):
         return _pooled_rows(nll, mask)
 
 
-def kl_to_reference(model: nn.Module, ref_model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """KL(p_ref ‖ p_θ) summed over the vocabulary, averaged over the labelled (shifted) positions."""
-    logits = forward_logits(model, batch)[:, :-1].float()
+def kl_to_reference(
+    model: nn.Module, ref_model: nn.Module, batch: Mapping[str, Tensor], positions: str = "all"
+) -> Tensor:
+    """KL(p_ref ‖ p_θ) summed over the vocabulary and averaged over positions: ``"all"`` B·T positions of the
+    batch, unshifted (the official code's ``kl_div(..., reduction="batchmean", log_target=True)`` on the
+    flattened log-probabilities), or the ``"labelled"`` (shifted) ones. Float32, float64 for float64 logits."""
+    if positions not in KL_POSITIONS:
+        raise ValueError(f"positions must be 'all' or 'labelled', got {positions!r}")
+    logits = forward_logits(model, batch)
     with torch.no_grad():
-        ref = forward_logits(ref_model, batch)[:, :-1].float()
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    logp, logq = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
-    return _pooled(kl, mask)
+        ref = forward_logits(ref_model, batch)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if positions == "labelled":
+        logits, ref = logits[:, :-1], ref[:, :-1]
+    logq = F.log_softmax(logits.to(acc), -1)
+    logp = F.log_softmax(ref.to(acc), -1)
+    kl = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)  # [B, T]: Σ_v p_ref (log p_ref − log p_θ)
+    if positions == "all":
+        return kl.mean()
+    return _pooled(kl, batch["labels"][:, 1:] != IGNORE_INDEX)
 
 
 REGISTRY: dict[str, type[Objective]] = {
@@ -311,7 +371,7 @@ def names() -> list[str]:
 
 
 def get(name: str, **hparams: Any) -> Objective:
-    """An objective by name (see the module docstring), e.g. ``get("npo", beta=0.1, retain="kl")``."""
+    """An objective by name (see the module docstring), e.g. ``get("npo", beta=0.5, retain="kl")``."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in REGISTRY:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(REGISTRY)}")

@@ -19,6 +19,27 @@ from .objectives import Objective
 from .tracker import Tracker
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    On CPU, a pass's activations and logits are tensors of a few MB each, below glibc's (dynamic) mmap threshold, so
+    they come from the heap; freed, they stay in the process (and fragment it), and the resident size ratchets up
+    pass after pass — a run's RSS grew by ~1.7 GB per measured step of SmolLM2 that way. Trimming between steps keeps
+    it near what is alive."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    trim(0)
+
+
 def batches(batch: Mapping[str, Tensor], size: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
     """A shuffled split of ``batch`` into mini-batches of ``size`` rows."""
     B = batch["input_ids"].shape[0]
@@ -57,9 +78,10 @@ def finetune(
     batch_size: int = 32,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> list[float]:
     """Plain AdamW fine-tuning on ``data`` (the TOFU "learn the facts" stage); returns the mean loss of each
-    epoch. ``progress(epoch, epochs, loss)`` is called after every epoch."""
+    epoch. ``progress(epoch, epochs, loss)`` is called after every epoch, ``on_batch(loss)`` after every batch."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -78,7 +100,10 @@ def finetune(
             opt.step()
             sched.step()
             tot += float(loss.detach())
+            if on_batch is not None:
+                on_batch(float(loss.detach()))
         losses.append(tot / len(mbs))
+        release_memory()
         if progress is not None:
             progress(ep + 1, epochs, losses[-1])
     model.eval()
@@ -127,18 +152,28 @@ def unlearn(
         loss.backward()
         with tracker.step(opt, loss=loss):
             opt.step()
+        del loss
+        release_memory()
         if progress is not None:
             progress(step + 1, steps)
     model.eval()
     return tracker
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode copy (the reference model of NPO/TNPO/KL)."""
-    ref = copy.deepcopy(model).eval()
+def frozen_copy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A frozen, eval-mode copy (the reference model of NPO/TNPO/KL); ``inplace`` freezes ``model`` itself."""
+    ref = (model if inplace else copy.deepcopy(model)).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A copy of (a frozen) ``model`` with every parameter trainable, to unlearn from."""
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
 
 
 class Timer:

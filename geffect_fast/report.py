@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -664,7 +665,8 @@ def _is_number(text: str) -> bool:
 
 def tick_label_problems(fig) -> list[str]:
     """What a reader could not read off ``fig`` (drawn): every value axis that shows tick labels has at least
-    two in view (a categorical one at least one), and a step axis (labelled "… step …") shows whole numbers only."""
+    two in view (a categorical one at least one), and a step axis (labelled "unlearning step …", see
+    :func:`is_step_label`) shows whole numbers only."""
     out = []
     for n, ax in enumerate(fig.axes):
         axes_to_check = ("x", "y")
@@ -680,12 +682,18 @@ def tick_label_problems(fig) -> list[str]:
                 out.append(f"axes {n} {axis}: tick labels {texts}")
             label = (ax.get_xlabel() if axis == "x" else ax.get_ylabel()).lower()
             if (
-                "step" in label
+                is_step_label(label)
                 and ax.get_label() != "<colorbar>"
                 and not all(t.replace("−", "-").lstrip("-").isdigit() for t in texts)
             ):
                 out.append(f"axes {n} {axis}: non-integer steps {texts}")
     return out
+
+
+def is_step_label(label: str) -> bool:
+    """Whether an axis label names a step axis ("unlearning step", "step (0: before)"), not a quantity measured
+    at a step ("per-instance G-effect at step 12")."""
+    return re.match(r"(unlearning )?steps?\b", label.strip().lower()) is not None
 
 
 def meta_plots(meta: dict[str, Any], out: Path) -> list[tuple[str, str]]:

@@ -68,7 +68,7 @@ def _options(sub):
     return [a for a in _subparser(sub)._actions if a.option_strings and a.dest != "help"]
 
 
-@pytest.mark.parametrize("sub", ["run", "demo", "report"])
+@pytest.mark.parametrize("sub", ["run", "demo", "reproduce", "report"])
 def test_help_explains_every_option_with_its_default(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "--help"])
@@ -94,7 +94,7 @@ def test_demo_help_states_the_configs_real_defaults(capsys):
     assert f"(default: {','.join(DemoConfig().objectives)}; --quick {','.join(QUICK.objectives)})" in text
 
 
-@pytest.mark.parametrize("sub", ["run", "demo"])
+@pytest.mark.parametrize("sub", ["run", "demo", "reproduce"])
 def test_readme_synopsis_marks_optional_flags(sub):
     """Every option is in the README's command-line synopsis, in [brackets] exactly when it is optional."""
     import re
@@ -260,7 +260,7 @@ def test_auto_groups_are_the_papers_depth_groups_for_deep_models():
         (lambda a, d: a.__setitem__(a.index("--model") + 1, str(d)), "is not a Hugging Face model folder"),
         (lambda a, d: a.extend(["--groups", "layers"]), "unknown groups 'layers'"),
         (lambda a, d: a.extend(["--device", "cuda"]), "no CUDA device"),
-        (lambda a, d: a.extend(["--max-length", "4"]), "answers are never truncated"),
+        (lambda a, d: a.extend(["--max-length", "4"]), "the prompt fills max_length=4"),
         (lambda a, d: a.__setitem__(a.index("--retain") + 1, str(d / "bad_keys.json")), "has no ['answer']"),
         (lambda a, d: a.__setitem__(a.index("--steps") + 1, "0"), "--steps must be >= 1"),
         # issue 13: each of these was a traceback with exit code 1, or a late or misleading error

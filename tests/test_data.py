@@ -24,10 +24,15 @@ def _ids(tok, text):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("prompt", ["llama2", "phi", "chat"])
+@pytest.mark.parametrize("prompt", ["llama2", "phi", "phi_masked", "chat"])
 def test_masks_exact(tok, side, prompt):
     b = data.encode_qa(RECS, tok, prompt=prompt, padding_side=side)
-    fmt = {"llama2": lambda q: f"[INST] {q} [/INST]", "phi": lambda q: f"Question: {q}\nAnswer: "}.get(prompt)
+    fmt = {
+        "llama2": lambda q: f"[INST] {q} [/INST]",
+        "phi": lambda q: f"Question: {q}\n",
+        "phi_masked": lambda q: f"Question: {q}\nAnswer: ",
+    }.get(prompt)
+    prefix = "Answer: " if prompt == "phi" else ""  # the official phi format labels "Answer: " with the answer
     for i, r in enumerate(RECS):
         ids, lab, m = b["input_ids"][i], b["labels"][i], b["attention_mask"][i]
         real = ids[m == 1].tolist()
@@ -41,7 +46,7 @@ def test_masks_exact(tok, side, prompt):
                 ),
             )
         )
-        a = _ids(tok, r["answer"])
+        a = _ids(tok, prefix + r["answer"])
         assert real == [tok.bos_token_id] + p + a + [tok.eos_token_id]
         labelled = lab[lab != -100].tolist()
         assert labelled == a + [tok.eos_token_id]  # the answer and exactly one EOS
@@ -52,15 +57,31 @@ def test_masks_exact(tok, side, prompt):
 
 
 def test_prompt_truncated_never_the_answer(tok):
+    """truncation='prompt' (ours): the prompt is cut from its start, never the answer."""
     long_q = {"question": "Tell me " + "very " * 80 + "much about Aria Vell?", "answer": "Aria Vell was born in Tarsk."}
-    b = data.encode_qa([long_q], tok, max_length=24)
+    b = data.encode_qa([long_q], tok, max_length=24, truncation="prompt")
     a = _ids(tok, long_q["answer"])
     assert b["input_ids"].shape[1] == 24
     assert b["labels"][0][b["labels"][0] != -100].tolist() == a + [tok.eos_token_id]
     end_of_prompt = _ids(tok, f"[INST] {long_q['question']} [/INST]")[-3:]
     assert b["input_ids"][0, 24 - len(a) - 1 - 3 : 24 - len(a) - 1].tolist() == end_of_prompt
-    with pytest.raises(ValueError, match="answers are never truncated"):
-        data.encode_qa([long_q], tok, max_length=5)
+    with pytest.raises(ValueError, match="never truncates answers"):
+        data.encode_qa([long_q], tok, max_length=5, truncation="prompt")
+
+
+def test_end_truncation_cuts_the_answer_and_drops_the_eos(tok):
+    """truncation='end' (the official code, the default): [BOS] prompt answer cut at max_length, no EOS."""
+    r = {"question": "Where was Aria Vell born?", "answer": "Aria Vell was born in the town of Tarsk, by the sea."}
+    p, a = _ids(tok, f"[INST] {r['question']} [/INST]"), _ids(tok, r["answer"])
+    b = data.encode_qa([r], tok, max_length=len(p) + 5)
+    assert b["input_ids"][0].tolist() == [tok.bos_token_id] + p + a[:4]
+    assert b["labels"][0].tolist() == [-100] * (1 + len(p)) + a[:4]
+    full = data.encode_qa([r], tok, max_length=len(p) + len(a) + 2, padding="max_length")
+    assert full["labels"][0, 1 + len(p) :].tolist() == a + [tok.eos_token_id]  # room for the EOS: labelled
+    with pytest.raises(ValueError, match="truncation must be"):
+        data.encode_qa([r], tok, truncation="start")
+    with pytest.raises(ValueError, match="padding must be"):
+        data.encode_qa([r], tok, padding="max")
 
 
 def test_bad_records(tok, tmp_path):

@@ -75,6 +75,35 @@ def test_paper_buckets_on_a_deep_model():
     assert by["model.embed_tokens.weight"] == "embed"
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 7, 22, 30])
+def test_thirds_split_any_depth(layers):
+    model = make_model(
+        "llama",
+        num_hidden_layers=layers,
+        hidden_size=8,
+        intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    names = [n for n, _ in model.named_parameters()]
+    g = assign(model, "thirds", names)
+    by = {n: g.names[i] for n, i in g.of.items()}
+    depth = [by[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(layers)]
+    for i, d in enumerate(depth):  # block i in the third its middle falls in
+        third = int(3 * (i + 0.5) / layers)
+        assert d == ("shallow", "middle", "deep")[third]
+    sizes = [depth.count(d) for d in ("shallow", "middle", "deep") if d in depth]
+    assert max(sizes) - min(sizes) <= 1
+    assert depth.count("shallow") == depth.count("deep")  # symmetric
+    assert by["model.norm.weight"] == depth[-1] and by["model.embed_tokens.weight"] == "embed"
+    assert by["lm_head.weight"] == "lm"
+    assert g.names == ("embed", *dict.fromkeys(depth), "lm")
+    if layers == 30:  # the paper's own buckets where the paper's depth is
+        assert g.of == assign(model, "paper", names).of
+    if layers >= 2:
+        assert depth[0] == "shallow" and depth[-1] == "deep"
+
+
 def test_module_and_callable_schemes():
     model = make_model("gpt2")
     names = [n for n, _ in model.named_parameters()]
@@ -102,7 +131,7 @@ def test_ddp_wrapped_model_and_prefixed_direction(tmp_path):
         assert torch.equal(res.per_instance["r"], plain.per_instance["r"])
         # grouping a wrapper's own names still finds the blocks
         g = assign(ddp, "paper", [n for n, _ in ddp.named_parameters()])
-        assert g.names == ("embed", "shallow", "deep")
+        assert g.names == ("embed", "shallow")  # 2 blocks: the final norm follows the last block, into shallow
     finally:
         dist.destroy_process_group()
 

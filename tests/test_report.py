@@ -105,7 +105,7 @@ def _check_readable(fig, name):
                 continue
             numeric = [t for t in texts if _number(t)]
             assert len(numeric) >= 2 or (texts and not numeric), f"{name}: axes {n} {axis} shows tick labels {texts}"
-            if not colorbar and "step" in (ax.get_xlabel() if axis == "x" else ax.get_ylabel()):
+            if not colorbar and report.is_step_label(ax.get_xlabel() if axis == "x" else ax.get_ylabel()):
                 assert all(t.lstrip("−-").isdigit() for t in texts), f"{name}: fractional steps {texts}"
 
 
@@ -128,6 +128,25 @@ def test_every_plot_has_readable_ticks_and_whole_steps(tmp_path, figures, case):
     for name, fig in figures.items():
         _check_readable(fig, name)
         assert (tmp_path / name).is_file()
+
+
+def test_step_axes_are_told_from_values_at_a_step():
+    assert report.is_step_label("unlearning step") and report.is_step_label("unlearning step (0: before unlearning)")
+    assert report.is_step_label("Steps") and not report.is_step_label("per-instance unlearning G-effect at step 12")
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-3, 1e4])
+def test_npo_weight_plot_has_readable_ticks(tmp_path, spread):
+    """The demo's NPO scatter: per-instance G-effects from −1 to +0.01 (times ``spread``) on a symmetric-log axis
+    labelled "… at step 12" — not a step axis (a full demo run once failed here on its −0.1, 0.01 ticks)."""
+    import matplotlib.pyplot as plt
+
+    rng = random.Random(0)
+    g = [-(10.0 ** rng.uniform(-4, 0)) * spread for _ in range(40)] + [0.01 * spread, 0.002 * spread]
+    meta = {"npo_scatter": {"geffect": g, "weights": [rng.uniform(0.2, 1.0) for _ in g], "step": 12}}
+    made = report.meta_plots(meta, tmp_path)
+    assert [n for n, _ in made] == ["npo_weights.png"] and (tmp_path / "npo_weights.png").is_file()
+    plt.close("all")
 
 
 def test_nll_is_aligned_with_the_geffect_steps(tmp_path, figures):

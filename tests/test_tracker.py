@@ -128,3 +128,123 @@ def test_bad_tracker_input():
         gf.Tracker(model, {"u": make_batch(model)}, every=0)
     with pytest.raises(ValueError, match="probes"):
         gf.Tracker(model, {})
+
+
+def _tracked_run(family, steps=3, direction="gradient", empty=False, **kw):
+    """Records of an NPO run with a GA compare direction (same seeds, so runs differ only by ``kw``); with
+    ``empty`` the last forget sample has no labelled token."""
+    model = make_model(family)
+    forget, retain = make_batch(model, B=5, seed=1, empty_sample=empty), make_batch(model, B=6, seed=2, side="left")
+    ref = copy.deepcopy(model)
+    tr = gf.Tracker(
+        model,
+        {"unlearn": forget, "retain": retain},
+        direction=direction,
+        compare={"GA": O.get("ga")},
+        ref_model=ref,
+        **kw,
+    )
+    _train(model, steps, 1e-3, tr, objective=O.get("npo"), batch=forget, ref=ref)
+    return tr.records
+
+
+def _assert_same_records(a, b, keys, rel=1e-10):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x["step"], x["objective"], x["risk"]) == (y["step"], y["objective"], y["risk"])
+        for k in keys:
+            if x[k] is None:
+                assert y[k] is None, k
+            elif isinstance(x[k], dict):
+                assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-14), k
+            elif isinstance(x[k], list):
+                assert torch.allclose(torch.tensor(y[k]), torch.tensor(x[k]), rtol=rel, atol=1e-14), k
+            else:
+                assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-14), k
+
+
+@pytest.mark.parametrize("direction", ["gradient", "update"])
+def test_smoothing_leaves_the_unsmoothed_records_as_they_are(direction):
+    """smooth=True takes the unsmoothed values from ∇R itself (no tap pass without per_instance): the same numbers
+    as the default tap pass; and the first step's smoothed value is the unsmoothed one (ḡ = g at the first call)."""
+    keys = ("total", "groups", "cumulative", "loss", "measured_dR", "predicted_dR")
+    # GPT-2: float64 throughout (HF's Llama/Qwen RMSNorm rounds through float32, which autograd's ∇R and the tap
+    # pass round differently, at ~1e-8)
+    plain = _tracked_run("gpt2", direction=direction)
+    smooth = _tracked_run("gpt2", direction=direction, smooth=True)
+    _assert_same_records(plain, smooth, keys)
+    inst = _tracked_run("gpt2", direction=direction, smooth=True, per_instance=True)
+    _assert_same_records(smooth, inst, (*keys, "smoothed_total", "smoothed_groups"))
+    for r in smooth:
+        assert r["smoothed_groups"].keys() == r["groups"].keys()
+        assert r["smoothed_total"] == pytest.approx(sum(r["smoothed_groups"].values()), rel=1e-12)
+        if r["step"] == 1:
+            assert r["smoothed_total"] == pytest.approx(r["total"], rel=1e-12)
+    assert any(r["smoothed_total"] != pytest.approx(r["total"], rel=1e-6) for r in smooth if r["step"] > 1)
+    assert "smoothed_total" not in plain[0]
+
+
+def test_smoothed_value_follows_the_recursion_of_both_gradients():
+    """⟨ḡ_R, ḡ_u⟩ is bilinear: with the recursion ḡ_t = 0.6 ḡ_{t−1} + 0.4 g_t on both sides it expands into the
+    step-pair dot products ⟨g_R,i, g_u,j⟩, which the tracker measures anyway for i = j only — so check it against
+    explicitly stored gradients on a tiny GPT-2 (tied head: the embedding's two uses add)."""
+    model = make_model("gpt2")
+    forget = make_batch(model, seed=3)
+    tr = gf.Tracker(model, {"unlearn": forget}, smooth=True, groups="thirds")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gR, gu = [], []
+    for _ in range(3):
+        loss = O.get("ga")(model, forget)
+        opt.zero_grad()
+        loss.backward()
+        gu.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        gR.append(dict(zip(gu[-1], torch.autograd.grad(gf.risk(model, forget), list(model.parameters())))))
+        with tr.step(opt):
+            opt.step()
+    w = [0.6**2, 0.6 * 0.4, 0.4]  # ḡ_3 = 0.36 g_1 + 0.24 g_2 + 0.4 g_3
+    want = sum(w[i] * w[j] * sum(float((gR[i][n] * gu[j][n]).sum()) for n in gu[0]) for i in range(3) for j in range(3))
+    assert tr.records[-1]["smoothed_total"] == pytest.approx(want, rel=1e-10)
+    assert set(tr.records[-1]["smoothed_groups"]) == {"embed", "shallow", "deep"}  # 2 blocks: no middle third
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sample_mean"])
+def test_probe_chunks_pool_exactly(reduction):
+    """probe_batch_size=2 measures 5- and 6-row probes in chunks (one of them with no labelled token) and pools
+    them: the same totals, groups, losses, per-instance rows, ΔR and curvature as one pass, and smoothed too."""
+    keys = ("total", "groups", "loss", "measured_dR", "predicted_dR_2nd", "per_instance", "smoothed_total")
+    kw = dict(per_instance=True, curvature=True, smooth=True, reduction=reduction)
+    whole = _tracked_run("gpt2", steps=2, empty=True, **kw)
+    chunked = _tracked_run("gpt2", steps=2, empty=True, probe_batch_size=2, **kw)
+    _assert_same_records(whole, chunked, keys, rel=1e-9)
+    lean = _tracked_run("gpt2", steps=2, empty=True, probe_batch_size=2, smooth=True, reduction=reduction)
+    _assert_same_records(whole, lean, ("total", "groups", "loss", "measured_dR", "smoothed_groups"), rel=1e-9)
+
+
+def test_smoothing_and_chunks_refused_under_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(make_model("llama"))
+        for kw in ({"smooth": True}, {"probe_batch_size": 2}):
+            with pytest.raises(NotImplementedError, match="single-process"):
+                gf.Tracker(model, {"u": make_batch(model.module)}, **kw)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="probe_batch_size"):
+        gf.Tracker(make_model("llama"), {"u": make_batch(make_model("llama"))}, probe_batch_size=0)
+
+
+def test_measure_change_off_skips_only_the_after_step_risks():
+    keys = ("total", "groups", "loss", "smoothed_total")
+    on = _tracked_run("gpt2", steps=2, smooth=True)
+    off = _tracked_run("gpt2", steps=2, smooth=True, measure_change=False)
+    _assert_same_records(on, off, keys)
+    assert all(r["measured_dR"] is None for r in off) and all(
+        r["measured_dR"] is not None for r in on if r["kind"] != "compare"
+    )
+    # R after step 1 is R before step 2
+    first = {r["risk"]: r for r in on if r["step"] == 1 and r["kind"] != "compare"}
+    second = {r["risk"]: r for r in off if r["step"] == 2 and r["kind"] != "compare"}
+    for risk in first:
+        assert first[risk]["loss"] + first[risk]["measured_dR"] == pytest.approx(second[risk]["loss"], rel=1e-12)
