@@ -28,9 +28,9 @@ tiny GPT-2: within 1%, the second order closer); at large ones neither does — 
 a tiny Llama overshoots by ~70% at first order and further at second (tests/test_tracker.py). ``compare={"GA":
 objective, ...}`` also measures, at the same θ and in the same pass, the G-effects of other objectives'
 gradients on ``compare_batch`` (their ΔR is predicted, not measured: they were not taken). In one process
-they are factored directions (``Direction.from_objective(..., factored=True)``): per layer, ``measure()``
-contracts their factors or forms their V, whichever its cost model predicts is faster; the taken direction
-stays dense.
+and without ``smooth`` they are factored directions (``Direction.from_objective(..., factored=True)``): per
+layer, ``measure()`` contracts their factors or forms their V, whichever its cost model predicts is faster;
+the taken direction stays dense.
 
 Smoothed G-effects (``smooth=True``): the official G-effect code (``dataloader_ge.py``, ``*_gradient_fcn`` and
 ``gradient_*_effect``) reports ⟨ḡ_R, ḡ_u⟩ per group, where both gradients are smoothed separately,
@@ -219,8 +219,9 @@ class Tracker:
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         pending: dict[str, Any] = {"lr": lr, "train_loss": _scalar(loss), "step": self.n_steps}
         # one process: compare directions stay factored, and measure() forms a layer's V only where that is
-        # cheaper (geffect_fast.factored); under DDP they are averaged over the ranks, so formed
-        factored = self._comm is None
+        # cheaper (geffect_fast.factored); under DDP they are averaged over the ranks, so formed; with smooth
+        # they are formed too: ḡ_u and the dots with ∇R need every direction's V per parameter
+        factored = self._comm is None and not self.smooth
         compare_dirs = {
             name: self._averaged(
                 Direction.from_objective(
