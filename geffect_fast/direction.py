@@ -17,7 +17,7 @@ rather than stored, and cost nothing to measure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Container, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -288,14 +288,20 @@ class Direction:
                 self._checked[key] = (*stamp, nz)
             if nz:
                 out[c] = t
-        missing = [n for n in trainable if n not in mentioned]
-        if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise KeyError(
-                f"direction has no entry for trainable parameter(s) {missing[:5]}{more}; give them an entry, list them "
-                "in Direction(..., zero=[...]), or set requires_grad=False on parameters outside the direction"
-            )
+        remedy = "give them an entry, list them in Direction(..., zero=[...]), or set requires_grad=False"
+        check_complete(trainable, mentioned, remedy)
         return out
+
+
+def check_complete(trainable: Iterable[str], mentioned: Container[str], remedy: str) -> None:
+    """A KeyError naming the trainable parameters a direction has no entry for (the first five), with ``remedy``."""
+    missing = [n for n in trainable if n not in mentioned]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise KeyError(
+            f"direction has no entry for trainable parameter(s) {missing[:5]}{more}; {remedy} on parameters "
+            "outside the direction"
+        )
 
 
 def objective_name(objective: Objective, name: str | None = None) -> str:

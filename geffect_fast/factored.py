@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from . import groups as groups_mod
 from .capture import CaptureSession, NotPerSampleError, Slot
 from .capture.embedding import EmbeddingAdapter
-from .direction import Direction, canonical_key, objective_loss, objective_name
+from .direction import Direction, canonical_key, check_complete, objective_loss, objective_name
 from .ops import pairwise as pw
 from .ops import resolve
 from .ops.contract import Seg, acc_dtype, seg_tensor, segment_sum
@@ -421,13 +421,7 @@ class FactoredDirection:
                 raise ValueError(f"direction has NaN or inf in {key!r}")
             if not e.is_zero():
                 out[c] = e
-        missing = [n for n in trainable if n not in mentioned]
-        if missing:
-            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise KeyError(
-                f"direction has no entry for trainable parameter(s) {missing[:5]}{more}; set requires_grad=False on "
-                "parameters outside the direction"
-            )
+        check_complete(trainable, mentioned, "set requires_grad=False")
         return out
 
 

@@ -96,3 +96,17 @@ def test_objective_must_return_a_finite_scalar():
         gf.Direction.from_objective(model, lambda m, b, r: gf.risk(m, b) * float("nan"), batch)
     with pytest.raises(ValueError, match="does not depend"):
         gf.Direction.from_objective(model, lambda m, b, r: torch.tensor(1.0), batch)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_trainable_parameter_without_an_entry_is_named(factored):
+    """A direction (dense or factored) that misses a trainable parameter is a KeyError naming it and the remedy,
+    never a silent zero for it."""
+    model = make_model("llama")
+    batch = make_batch(model)
+    model.lm_head.weight.requires_grad_(False)
+    v = gf.Direction.from_objective(model, gf.objectives.get("ga"), batch, factored=factored)
+    model.lm_head.weight.requires_grad_(True)
+    remedy = "set requires_grad=False on parameters outside the direction"
+    with pytest.raises(KeyError, match=r"no entry for trainable parameter\(s\) \['lm_head.weight'\].*" + remedy):
+        gf.measure(model, v, {"u": batch})
