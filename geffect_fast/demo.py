@@ -166,6 +166,17 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def save_cached(model, tok, path: Path) -> None:
+    """Save a fine-tuned model and its tokenizer into the cache folder ``path``, whole or not at all (written
+    beside it, then renamed over it), so an interrupted run never leaves a half-saved model to load."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -226,12 +237,7 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print, threads: Thr
 
         pipeline.finetune(model, full, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, progress=tick)
         bar.close()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        save_cached(model, tok, path)
         cached = False
     if full is None:
         full = data.encode_qa(splits["full"], tok)

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -136,7 +135,7 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .cli import _load_model
-    from .demo import cache_dir
+    from .demo import cache_dir, save_cached
 
     path = cache_dir() / f"reproduce-smollm2-{cfg.finetune_key()}"
     if (path / "config.json").is_file():
@@ -166,12 +165,7 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    save_cached(model, tok, path)
     return model, tok, pipeline.answer_accuracy(model, full), False
 
 
