@@ -236,6 +236,28 @@ def test_run_gradient_direction_labels_the_prediction_plain_sgd(hf_model_dir, tm
     assert len(ga) == 2 and "G-effect" in ga[0] and "G-effect" not in ga[1]  # step 2 is not measured
 
 
+def test_run_smooth_and_probe_batch(hf_model_dir, tmp_path):
+    """--smooth adds the official smoothed G-effects to every record, --probe-batch measures the probes in
+    chunks, pooled exactly: the unsmoothed records equal a whole-probe run's, and --groups thirds names the
+    paper's depths."""
+    whole, lean = tmp_path / "whole", tmp_path / "lean"
+    assert main(_run_args(hf_model_dir, whole, "--groups", "thirds", "--probe-batch", "64")) == 0
+    assert main(_run_args(hf_model_dir, lean, "--groups", "thirds", "--smooth", "--probe-batch", "1")) == 0
+    a = [json.loads(x) for x in (whole / "geffects.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (lean / "geffects.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) > 0
+    assert json.loads((lean / "meta.json").read_text())["smoothed"] is True
+    assert json.loads((whole / "meta.json").read_text())["smoothed"] is False
+    for r, s in zip(a, b):
+        assert (r["objective"], r["risk"], r["step"]) == (s["objective"], s["risk"], s["step"])
+        assert s["total"] == pytest.approx(r["total"], rel=1e-5, abs=1e-9)
+        assert "smoothed_total" not in r and set(s["smoothed_groups"]) == set(s["groups"])
+        assert s["smoothed_total"] == pytest.approx(sum(s["smoothed_groups"].values()), rel=1e-9, abs=1e-12)
+    assert set(b[0]["groups"]) <= {"embed", "shallow", "middle", "deep", "lm"}
+    firsts = [s for s in b if s["step"] == 1]  # at the first step ḡ = g: smoothed = unsmoothed
+    assert all(s["smoothed_total"] == pytest.approx(s["total"], rel=1e-5, abs=1e-9) for s in firsts)
+
+
 def test_auto_groups_are_the_papers_depth_groups_for_deep_models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
