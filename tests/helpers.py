@@ -334,3 +334,15 @@ def assert_close_per_group(ours: Tensor, ref: Tensor, rtol: float, what: str = "
     err = ((ours - ref).abs() / scale).max().item()
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
     return err
+
+
+def narrow_llama(layers: int):
+    """A Llama of ``layers`` blocks, each as narrow as a block gets (hidden 8): for tests of depth groupings."""
+    return make_model(
+        "llama",
+        num_hidden_layers=layers,
+        hidden_size=8,
+        intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )

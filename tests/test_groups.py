@@ -3,7 +3,7 @@ names (DDP ``module.``, PEFT ``base_model.model.``)."""
 
 import pytest
 import torch
-from helpers import ALL_FAMILIES, assert_close_per_group, make_batch, make_model, oracle, random_direction
+from helpers import ALL_FAMILIES, assert_close_per_group, make_batch, make_model, narrow_llama, oracle, random_direction
 
 import geffect_fast as gf
 from geffect_fast.groups import assign, find_layout
@@ -77,14 +77,7 @@ def test_paper_buckets_on_a_deep_model():
 
 @pytest.mark.parametrize("layers", [1, 2, 3, 4, 7, 22, 30])
 def test_thirds_split_any_depth(layers):
-    model = make_model(
-        "llama",
-        num_hidden_layers=layers,
-        hidden_size=8,
-        intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    model = narrow_llama(layers)
     names = [n for n, _ in model.named_parameters()]
     g = assign(model, "thirds", names)
     by = {n: g.names[i] for n, i in g.of.items()}

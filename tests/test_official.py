@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_batch, make_model
+from helpers import make_batch, make_model, narrow_llama
 from torch import nn
 from torch.nn import CrossEntropyLoss
 
@@ -321,14 +321,7 @@ def official_keys(named_parameter_names):
 
 @pytest.mark.parametrize("layers", [4, 12, 22, 30])
 def test_paper_groups_are_the_official_buckets(layers):
-    model = make_model(
-        "llama",
-        num_hidden_layers=layers,
-        hidden_size=8,
-        intermediate_size=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    model = narrow_llama(layers)
     names = [n for n, _ in model.named_parameters()]
     g = assign(model, "paper", names)
     rename = {"module1": "shallow", "module2": "middle", "module3": "deep", "embed": "embed", "lm": "lm"}
