@@ -224,28 +224,33 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
         state_bytes = 0
         # R after each step is the next step's R before it: no separate forward for the measured change
         track = dict(groups="thirds", direction="gradient", probe_batch_size=cfg.probe_batch, measure_change=False)
-        for name in cfg.objectives:
-            obj = OBJECTIVES[name](cfg)
+
+        def unlearned(name: str, steps: int, smooth: bool, progress=None):
+            """A trainable copy of the reference unlearned by ``name`` for ``steps`` steps, and its tracker."""
             m = pipeline.trainable_copy(ref)
-            bar = _bar(cfg.steps, f"unlearn {name}")
-            t1 = time.perf_counter()
             tr = pipeline.unlearn(
                 m,
-                obj,
+                OBJECTIVES[name](cfg),
                 forget,
                 retain,
-                cfg.steps,
+                steps,
                 cfg.lr,
                 ref_model=ref,
                 idk=idk,
                 probes=probes,
                 batch_size=cfg.batch_size,
                 seed=cfg.seed,
-                progress=lambda s, n, bar=bar: bar.update(1),
+                progress=progress,
                 name=name,
-                smooth=True,
+                smooth=smooth,
                 **track,
             )
+            return m, tr
+
+        for name in cfg.objectives:
+            bar = _bar(cfg.steps, f"unlearn {name}")
+            t1 = time.perf_counter()
+            m, tr = unlearned(name, cfg.steps, True, progress=lambda s, n, bar=bar: bar.update(1))
             bar.close()
             stages[f"unlearn {name}"] = time.perf_counter() - t1
             tracking_s[name] = list(tr.step_seconds)
@@ -281,23 +286,7 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
         cost = None
         if cfg.cost_steps > 0:
             name = cfg.objectives[0]
-            m = pipeline.trainable_copy(ref)
-            tr = pipeline.unlearn(
-                m,
-                OBJECTIVES[name](cfg),
-                forget,
-                retain,
-                cfg.cost_steps,
-                cfg.lr,
-                ref_model=ref,
-                idk=idk,
-                probes=probes,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                name=name,
-                smooth=False,
-                **track,
-            )
+            m, tr = unlearned(name, cfg.cost_steps, False)
             unsmoothed_s = list(tr.step_seconds)
             del m, tr
             gc.collect()
