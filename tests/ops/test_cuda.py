@@ -5,6 +5,7 @@ vector path and the argument checks run here; the kernels need a GPU (benchmarks
 import pytest
 import torch
 from conftest import assert_matches
+from cuda_cases import DTYPES, LAYOUTS, acc, nan, view, width
 
 from geffect_fast.ops import cuda, dispatch, gemm
 from geffect_fast.ops import reference as ref
@@ -73,50 +74,15 @@ def test_arguments_are_checked_before_any_launch():
 
 # --- on a GPU -------------------------------------------------------------------------------------------
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# (layout, whether the vector path runs): contiguous rows; rows padded to 256 elements with a width that
-# leaves a tail after the vector steps; a view one element into a wider tensor and an odd width (both force
-# the scalar path); and contiguous rows with the scalar path forced
-LAYOUTS = [
-    ("aligned", True),
-    ("padded-tail", True),
-    ("offset-view", False),
-    ("odd-width", False),
-    ("forced-scalar", False),
-]
-
-
-def _view(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator, dev) -> torch.Tensor:
-    """A tensor of ``shape`` (the last dim the feature width C, 192 or 203) on ``dev``, laid out per ``layout``."""
-    *lead, C = shape
-    if layout == "padded-tail":
-        return torch.randn(*lead, 256, generator=gen).to(dtype).to(dev)[..., :C]
-    if layout == "offset-view":
-        return torch.randn(*lead, C + 1, generator=gen).to(dtype).to(dev)[..., 1:]
-    return torch.randn(*lead, C, generator=gen).to(dtype).to(dev)
-
-
-def _width(layout: str) -> int:
-    """192: whole vector steps at every E (2, 4, 8); 203: a tail at every E."""
-    return 203 if layout in ("padded-tail", "odd-width") else 192
-
-
-def _nan(shape, dtype, dev):
-    return torch.full(shape, float("nan"), dtype=dtype, device=dev)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout,vector", LAYOUTS)
 def test_row_dot_vector_and_scalar_paths(dev, dtype, layout, vector):
     gen = torch.Generator().manual_seed(1)
-    n, K, C = 70, 3, _width(layout)
-    x = _view((n, C), dtype, layout, gen, dev)
-    p = _view((K, n, C), _acc(dtype), layout, gen, dev)
-    out = _nan((K, n), _acc(dtype), dev)
+    n, K, C = 70, 3, width(layout)
+    x = view((n, C), dtype, layout, gen, dev)
+    p = view((K, n, C), acc(dtype), layout, gen, dev)
+    out = nan((K, n), acc(dtype), dev)
     assert cuda.row_dot_tokens(p, x, out, vectorize=layout != "forced-scalar") == vector, layout
     assert_matches(out, (p.double() * x.double()).sum(-1), dtype, f"row_dot {layout}")
 
@@ -125,12 +91,12 @@ def test_row_dot_vector_and_scalar_paths(dev, dtype, layout, vector):
 @pytest.mark.parametrize("layout,vector", LAYOUTS)
 def test_embedding_dot_vector_and_scalar_paths(dev, dtype, layout, vector):
     gen = torch.Generator().manual_seed(2)
-    n, K, vocab, pad, d = 50, 2, 37, 5, _width(layout)
-    g = _view((n, d), dtype, layout, gen, dev)
-    v = _view((K, vocab, d), dtype, layout, gen, dev)
+    n, K, vocab, pad, d = 50, 2, 37, 5, width(layout)
+    g = view((n, d), dtype, layout, gen, dev)
+    v = view((K, vocab, d), dtype, layout, gen, dev)
     ids = torch.randint(0, vocab, (n,), generator=gen)
     ids[::3] = pad
-    out = _nan((K, n), _acc(dtype), dev)
+    out = nan((K, n), acc(dtype), dev)
     assert cuda._embedding_tokens(ids.to(dev), g, v, out, pad, vectorize=layout != "forced-scalar") == vector
     want = ref.embedding_dot(ids, g.cpu(), v.cpu(), 1, n, pad)  # per position: seg = 1, B = n
     assert_matches(out, want, dtype, f"embedding_dot {layout}")
@@ -140,10 +106,10 @@ def test_embedding_dot_vector_and_scalar_paths(dev, dtype, layout, vector):
 @pytest.mark.parametrize("layout,vector", LAYOUTS)
 def test_norm_dot_vector_and_scalar_paths(dev, dtype, layout, vector):
     gen = torch.Generator().manual_seed(3)
-    n, K, d = 45, 2, _width(layout)
-    xh, g = _view((n, d), dtype, layout, gen, dev), _view((n, d), dtype, layout, gen, dev)
-    vw, vb = _view((K, d), dtype, layout, gen, dev), _view((K, d), dtype, layout, gen, dev)
-    ow, ob = _nan((K, n), _acc(dtype), dev), _nan((K, n), _acc(dtype), dev)
+    n, K, d = 45, 2, width(layout)
+    xh, g = view((n, d), dtype, layout, gen, dev), view((n, d), dtype, layout, gen, dev)
+    vw, vb = view((K, d), dtype, layout, gen, dev), view((K, d), dtype, layout, gen, dev)
+    ow, ob = nan((K, n), acc(dtype), dev), nan((K, n), acc(dtype), dev)
     assert cuda._norm_tokens(xh, g, vw, vb, ow, ob, vectorize=layout != "forced-scalar") == vector, layout
     want_w, want_b = ref.norm_dot(xh.cpu(), g.cpu(), vw.cpu(), vb.cpu(), 1, n)
     assert_matches(ow, want_w, dtype, f"norm_dot weight {layout}")
@@ -200,10 +166,10 @@ def test_offsets_past_2_pow_31(dev):
     x = torch.empty((n - 1) * stride + C, dtype=torch.bfloat16, device=dev).as_strided((n, C), (stride, 1))
     x.copy_(src.to(dev))
     p = torch.randn(2, n, C, generator=gen)
-    out = _nan((2, n), torch.float32, dev)
+    out = nan((2, n), torch.float32, dev)
     assert cuda.row_dot_tokens(p.to(dev), x, out)
     assert_matches(out, (p.double() * src.double()).sum(-1), torch.bfloat16, "row_dot")
-    ow = _nan((2, n), torch.float32, dev)
+    ow = nan((2, n), torch.float32, dev)
     vw = torch.randn(2, C, generator=gen)
     assert cuda._norm_tokens(x, x, vw.to(dev), None, ow, None)
     assert_matches(ow, ref.norm_dot(src, src, vw, None, 1, n)[0], torch.bfloat16, "norm_dot")
@@ -213,7 +179,7 @@ def test_offsets_past_2_pow_31(dev):
     ids = torch.tensor([vocab - 1, 0, vocab - 2])
     rows = torch.randn(1, n, C, generator=gen).to(torch.bfloat16)
     V[:, ids.to(dev)] = rows.to(dev)
-    out = _nan((1, n), torch.float32, dev)
+    out = nan((1, n), torch.float32, dev)
     assert cuda._embedding_tokens(ids.to(dev), src.to(dev), V, out)
     assert_matches(out, (rows[0].double() * src.double()).sum(-1)[None], torch.bfloat16, "embedding_dot")
     del V

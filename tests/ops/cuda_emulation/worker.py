@@ -10,22 +10,18 @@ import importlib.util
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ops: the shared layout cases
+from cuda_cases import DTYPES, LAYOUTS, acc, nan, view, width  # noqa: E402
 
 from geffect_fast.ops import cuda, gemm
 from geffect_fast.ops import pairwise as pw
 from geffect_fast.ops import reference as ref
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-LAYOUTS = [
-    ("aligned", True),
-    ("padded-tail", True),
-    ("offset-view", False),
-    ("odd-width", False),
-    ("forced-scalar", False),
-]
 results: dict[str, object] = {}
 
 
@@ -63,27 +59,6 @@ def run(name: str, fn) -> None:
         fn(name)
     except Exception:
         results[name] = traceback.format_exc(limit=3)
-
-
-def nan(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
-
-
-def acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def view(shape, dtype, layout, gen):
-    *lead, C = shape
-    if layout == "padded-tail":
-        return torch.randn(*lead, 256, generator=gen).to(dtype)[..., :C]
-    if layout == "offset-view":
-        return torch.randn(*lead, C + 1, generator=gen).to(dtype)[..., 1:]
-    return torch.randn(*lead, C, generator=gen).to(dtype)
-
-
-def width(layout):
-    return 203 if layout in ("padded-tail", "odd-width") else 192
 
 
 def expect_path(name, ran, vector):
