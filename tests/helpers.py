@@ -346,3 +346,20 @@ def narrow_llama(layers: int):
         num_attention_heads=2,
         num_key_value_heads=1,
     )
+
+
+class FixedLogits(nn.Module):
+    """A 'model' whose logits are a parameter: an objective's formula can be checked by hand (or against the
+    official code's) on the logits directly."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = self.logits
+        return out

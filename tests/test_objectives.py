@@ -5,27 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_batch, make_model
-from torch import nn
+from helpers import FixedLogits, make_batch, make_model
 
 import geffect_fast as gf
 from geffect_fast import objectives as O
-
-
-class FixedLogits(nn.Module):
-    """A 'model' whose logits are a parameter: every objective's formula can be checked by hand."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = nn.Parameter(logits.clone())
-
-    def forward(self, input_ids, attention_mask=None, **kw):
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = self.logits
-        return out
 
 
 def _setup(seed=0, B=3, T=6, V=7):

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_batch, make_model, narrow_llama
+from helpers import FixedLogits, make_batch, make_model, narrow_llama
 from torch import nn
 from torch.nn import CrossEntropyLoss
 
@@ -21,22 +21,6 @@ import geffect_fast as gf
 from geffect_fast import data
 from geffect_fast import objectives as O
 from geffect_fast.groups import assign
-
-
-class FixedLogits(nn.Module):
-    """A 'model' whose logits are a parameter, so the official formulas can be applied to them directly."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = nn.Parameter(logits.clone())
-
-    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
-        class Out:
-            pass
-
-        out = Out()
-        out.logits = self.logits
-        return out
 
 
 def _setup(seed=0, B=3, T=7, V=11):
