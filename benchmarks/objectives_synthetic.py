@@ -20,7 +20,8 @@ import torch
 
 import geffect_fast as gf
 from benchmarks._common import cpu_name
-from geffect_fast import data, objectives, pipeline
+from geffect_fast import data, objectives
+from geffect_fast.app import pipeline
 
 STEPS = 8
 LR = 3e-4

@@ -11,7 +11,7 @@ import torch
 
 import geffect_fast as gf
 from geffect_fast import data
-from geffect_fast.cli import main
+from geffect_fast.app.cli import main
 
 PNGS = {"geffects_cumulative.png", "geffects_per_step.png", "nll.png", "per_instance.png"}
 RECORD_KEYS = {"objective", "step", "risk", "total", "groups", "cumulative", "loss", "measured_dR", "kind"}
@@ -58,7 +58,7 @@ def test_version_and_help(capsys):
 
 
 def _subparser(sub):
-    from geffect_fast.cli import _parser
+    from geffect_fast.app.cli import _parser
 
     return next(a for a in _parser()._actions if a.dest == "command").choices[sub]
 
@@ -85,7 +85,7 @@ def test_help_explains_every_option_with_its_default(sub, capsys):
 
 
 def test_demo_help_states_the_configs_real_defaults(capsys):
-    from geffect_fast.demo import QUICK, DemoConfig
+    from geffect_fast.app.demo import QUICK, DemoConfig
 
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
@@ -145,7 +145,7 @@ def test_demo_end_to_end_then_cached_and_report(tmp_path, monkeypatch, capsys):
 def test_console_script_demo_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GEFFECT_FAST_CACHE": str(tmp_path / "c")}
     proc = subprocess.run(
-        [sys.executable, "-m", "geffect_fast.cli", "demo", "--quick", "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "geffect_fast.app.cli", "demo", "--quick", "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -261,7 +261,7 @@ def test_run_smooth_and_probe_batch(hf_model_dir, tmp_path):
 def test_auto_groups_are_the_papers_depth_groups_for_deep_models():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from geffect_fast.cli import AUTO_PAPER_BLOCKS, _resolve_groups
+    from geffect_fast.app.cli import AUTO_PAPER_BLOCKS, _resolve_groups
 
     def model(layers):
         cfg = LlamaConfig(
@@ -325,12 +325,12 @@ def test_report_bad_input(tmp_path, capsys):
 
 
 def test_run_checks_the_prompt_before_loading_the_model(hf_model_dir, tmp_path, capsys, monkeypatch):
-    from geffect_fast import cli
+    from geffect_fast.app import cli
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load_model", no_load)
+    monkeypatch.setattr(cli, "load_model", no_load)
     assert main(_run_args(hf_model_dir, tmp_path / "out", "--prompt", "vicuna")) == 2
     assert "unknown --prompt" in capsys.readouterr().err
 
@@ -371,7 +371,7 @@ def test_sigterm_leaves_no_partial_output(hf_model_dir, tmp_path):
     args = _run_args(hf_model_dir, out)
     args[args.index("--steps") + 1] = "100000"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "geffect_fast.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-m", "geffect_fast.app.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     try:
         deadline = time.time() + 120
@@ -424,7 +424,7 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     """A busy machine gets fewer torch threads (oversubscribed OpenMP barriers made the fine-tune 12x slower),
     re-sized as other jobs come and go (our own threads taken out of the load average), restored afterwards,
     also on error; GEFFECT_FAST_THREADS fixes the count."""
-    from geffect_fast import demo
+    from geffect_fast.app import common as demo
 
     assert demo.free_cores(2, 0.0) == 2 and demo.free_cores(2, 0.4) == 2
     assert demo.free_cores(2, 0.6) == 1 and demo.free_cores(2, 4.0) == 1 and demo.free_cores(16, 5.2) == 11

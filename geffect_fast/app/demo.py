@@ -12,21 +12,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from . import data, objectives, pipeline, report
+from .. import data, objectives
+from . import pipeline, report
+from .common import ThreadBudget, atomic_output, cache_dir, save_cached, threads_for_load
 
 
 @dataclass
@@ -87,94 +87,6 @@ QUICK = DemoConfig(
     retain_probe=10,
     rmu_layer=1,
 )
-
-
-def free_cores(cores: int | None = None, load: float | None = None) -> int:
-    """CPU threads worth using now: the cores this process may run on less ``load`` (the other jobs' runnable
-    threads; default: the 1-minute load average), rounded, at least 1. On a shared machine more torch threads
-    than free cores make every parallel op wait at OpenMP's barriers for threads that are not running: the
-    demo's fine-tune took 129 s for an epoch with 2 threads on 2 cores at load 4, 10.5 s with 1 thread."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if load is None:
-        load = _load()
-        if load is None:  # pragma: no cover - no load average (Windows)
-            return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
-
-
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # pragma: no cover - Windows
-        return None
-
-
-class ThreadBudget:
-    """torch's thread count sized to the free cores, and re-sized by :meth:`adjust` (the demo calls it after
-    every fine-tuning epoch and before every objective) as other jobs come and go; the count torch had is put
-    back by :meth:`restore`. Our own threads are in the load average once they have run, so they are taken
-    out of it: others = load − our threads. ``GEFFECT_FAST_THREADS`` or ``OMP_NUM_THREADS`` fixes the count."""
-
-    def __init__(self, echo: Callable[[str], None] = print):
-        self.echo = echo
-        self.before = torch.get_num_threads()
-        fixed = os.environ.get("GEFFECT_FAST_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        self.fixed = None if not fixed else max(1, int(fixed))
-        self.n = self.before
-        self._ran = False  #: whether our threads have run (and so sit in the load average)
-
-    def adjust(self) -> int:
-        """Set and return the thread count for the next stretch of work."""
-        if self.fixed is not None:
-            n = self.fixed
-        else:
-            load = _load()
-            if load is None:  # pragma: no cover - Windows
-                return self.n
-            others = max(0.0, load - (self.n if self._ran else 0))
-            n = min(self.before, free_cores(load=others))
-            if n != self.n:
-                self.echo(
-                    f"using {n} of {self.before} CPU threads (1-minute load average {load:.1f}: "
-                    f"{'other jobs hold the other cores' if n < self.before else 'the cores are free again'}; "
-                    "GEFFECT_FAST_THREADS fixes the count)"
-                )
-        torch.set_num_threads(n)
-        self.n, self._ran = n, True
-        return n
-
-    def restore(self) -> None:
-        torch.set_num_threads(self.before)
-
-
-@contextlib.contextmanager
-def threads_for_load(echo: Callable[[str], None] = print) -> Iterator[ThreadBudget]:
-    """A :class:`ThreadBudget`, adjusted once on entry and restored on exit (also on error)."""
-    budget = ThreadBudget(echo)
-    try:
-        budget.adjust()
-        yield budget
-    finally:
-        budget.restore()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GEFFECT_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "geffect_fast"
-    )
-    return Path(root)
-
-
-def save_cached(model, tok, path: Path) -> None:
-    """Save a fine-tuned model and its tokenizer into the cache folder ``path``, whole or not at all (written
-    beside it, then renamed over it), so an interrupted run never leaves a half-saved model to load."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def _progress(total: int, desc: str):
@@ -249,7 +161,7 @@ def finetuned(cfg: DemoConfig, echo: Callable[[str], None] = print, threads: Thr
 def most_harmful(model, forget, retain, forget_recs, n: int = 5) -> list[dict]:
     """Up to ``n`` forget samples whose gradient-ascent step raises the retain NLL: negative column sums of the
     pairwise G-effect matrix E[i, j] = ⟨∇ℓ_i(retain), ∇ℓ^GA_j(forget)⟩, most negative first."""
-    from .pairwise import measure_pairwise
+    from ..pairwise import measure_pairwise
 
     res = measure_pairwise(model, objectives.get("ga"), forget, {"retain": retain})
     return [
@@ -271,8 +183,6 @@ def run_demo(
     out: str | Path, cfg: DemoConfig | None = None, force: bool = False, echo: Callable[[str], None] = print
 ) -> Path:
     """Run the demo into ``out`` (refused if it exists, unless ``force``); returns the folder."""
-    from .cli import atomic_output
-
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .loss import IGNORE_INDEX, forward_logits, risk
-from .objectives import Objective
-from .tracker import Tracker
+from ..loss import IGNORE_INDEX, forward_logits, risk
+from ..objectives import Objective
+from ..tracker import Tracker
 
 
 def release_memory() -> None:

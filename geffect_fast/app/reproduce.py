@@ -33,7 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import data, objectives, pipeline, report
+from .. import data, objectives
+from . import pipeline, report
+from .common import atomic_output, cache_dir, load_model, peak_rss_gb, save_cached
 
 #: the ten objectives of the paper's protocol, as named in the records
 OBJECTIVES: dict[str, Callable[[Any], objectives.Objective]] = {
@@ -134,9 +136,6 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     """SmolLM2 fine-tuned on the synthetic authors (cached); (model, tokenizer, accuracy on the full set, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .cli import _load_model
-    from .demo import cache_dir, save_cached
-
     path = cache_dir() / f"reproduce-smollm2-{cfg.finetune_key()}"
     if (path / "config.json").is_file():
         tok = AutoTokenizer.from_pretrained(path)
@@ -144,7 +143,7 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
         full = data.encode_qa(splits["full"], tok, prompt=cfg.prompt, max_length=cfg.max_length)
         echo(f"loaded the fine-tuned SmolLM2 from the cache ({path})")
         return model, tok, pipeline.answer_accuracy(model, full), True
-    model, tok = _load_model("smollm2", torch.float32, "cpu")
+    model, tok = load_model("smollm2", torch.float32, "cpu")
     full = data.encode_qa(splits["full"], tok, prompt=cfg.prompt, max_length=cfg.max_length)
     before = pipeline.answer_accuracy(model, full)
     n_batches = -(-full["input_ids"].shape[0] // cfg.ft_batch)
@@ -183,7 +182,7 @@ def _load(cfg: ReproConfig, echo):
 
 @torch.no_grad()
 def _nll(model, batch) -> float:
-    from .loss import risk
+    from ..loss import risk
 
     was = model.training
     model.eval()
@@ -195,7 +194,6 @@ def _nll(model, batch) -> float:
 
 def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, command: str = "", echo=print) -> Path:
     """Run the protocol into ``out`` (refused if it exists, unless ``force``); returns the folder."""
-    from .cli import atomic_output, peak_rss_gb
 
     cfg = cfg or config()
     t0 = time.perf_counter()
@@ -347,7 +345,7 @@ def _state_bytes(tracker) -> int:
 
 
 def _n_blocks(model) -> int:
-    from .groups import find_layout
+    from ..groups import find_layout
 
     return find_layout(model).n_blocks
 
