@@ -582,6 +582,12 @@ class Tracker:
         return new
 
     # -- reading -----------------------------------------------------------------------------------------
+    @property
+    def smoothed_state_bytes(self) -> int:
+        """Bytes held by the smoothed state (ḡ_R per probe set and ḡ_u per direction; 0 without ``smooth``)."""
+        stores = (*self._gbar_R.values(), *self._gbar_u.values())
+        return sum(t.numel() * t.element_size() for store in stores for t in store.values())
+
     def fidelity(self) -> list[dict[str, Any]]:
         """Per measured step and probe: measured ΔR beside the first- (and second-) order predictions."""
         return [

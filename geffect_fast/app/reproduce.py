@@ -252,7 +252,7 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
             bar.close()
             stages[f"unlearn {name}"] = time.perf_counter() - t1
             tracking_s[name] = list(tr.step_seconds)
-            state_bytes = max(state_bytes, _state_bytes(tr))
+            state_bytes = max(state_bytes, tr.smoothed_state_bytes)
             records += tr.records
             series = {r: [x for x in tr.records if x["risk"] == r] for r in ("unlearn", "retain")}
             final = {"unlearn": _nll(m, forget), "retain": _nll(m, probe)}
@@ -335,13 +335,6 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
     for v in verdicts:
         echo(f"  ({v['id']}) {v['claim']}: {v['verdict']} — {v['numbers']}")
     return Path(out)
-
-
-def _state_bytes(tracker) -> int:
-    n = 0
-    for store in (*tracker._gbar_R.values(), *tracker._gbar_u.values()):
-        n += sum(t.numel() * t.element_size() for t in store.values())
-    return n
 
 
 def _n_blocks(model) -> int:
