@@ -134,3 +134,31 @@ def test_tiles_bound_transient_memory(monkeypatch):
     monkeypatch.setattr(ref, "TILE_BYTES", 256)
     small, _ = ref.linear_dot(a, g, V, seg, 3)
     assert (big - small).abs().max() <= 1e-5 * big.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,i,o,K", [(3, 7, 33, 5, 1), (2, 11, 5, 19, 3), (1, 13, 9, 9, 2)])
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_kernels_with_uniform_segments_equal_the_checked_ops_with_ids(tile, dtype, B, T, i, o, K, backend):
+    """The engine calls each op's unchecked kernel with uniform segments (an int T): the one-tile fast path and
+    the tiled one (tile512B) give what the checked op gives with the equivalent ids."""
+    from geffect_fast.ops import resolve
+
+    ops = resolve(backend, torch.device("cpu"), dtype, dtype)
+    kern = ops.unchecked
+    assert kern is not ops and kern.linear_dot is not ops.linear_dot
+    gen = torch.Generator().manual_seed(B * T + i)
+    N = B * T
+    a, g = torch.randn(N, i, generator=gen).to(dtype), torch.randn(N, o, generator=gen).to(dtype)
+    V, vb = torch.randn(K, o, i, generator=gen).to(dtype), torch.randn(K, o, generator=gen).to(dtype)
+    ids_seg = torch.arange(B).repeat_interleave(T)
+    for got, want in zip(kern.linear_dot(a, g, V, T, B, vb), ops.linear_dot(a, g, V, ids_seg, B, vb)):
+        _check(got, want.double(), dtype)
+    got = kern.linear_dot(None, g, None, T, B, vb)[1]
+    _check(got, ops.linear_dot(None, g, None, ids_seg, B, vb)[1].double(), dtype)
+    ids = torch.randint(0, 17, (N,), generator=gen)
+    E = torch.randn(K, 17, o, generator=gen).to(dtype)
+    _check(kern.embedding_dot(ids, g, E, T, B, 3), ops.embedding_dot(ids, g, E, ids_seg, B, 3).double(), dtype)
+    x = torch.randn(N, o, generator=gen).to(dtype)
+    for got, want in zip(kern.norm_dot(x, g, vb, vb, T, B), ops.norm_dot(x, g, vb, vb, ids_seg, B)):
+        _check(got, want.double(), dtype)

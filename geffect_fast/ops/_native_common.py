@@ -50,9 +50,27 @@ def index(t: Tensor) -> tuple:
 def seg_ids(seg, n: int, B: int, device: torch.device) -> Tensor:
     """``seg`` (an int T or ids) as ids, their values checked: the kernels index outputs with them. (Keep the
     result alive until the kernel has run: the descriptor holds only its pointer.)"""
-    seg = seg_tensor(seg, n, B, device)
+    if isinstance(seg, int):
+        return uniform_ids(B, seg, device)
     check_seg_values(seg, B)
     return seg
+
+
+_UNIFORM: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def uniform_ids(B: int, T: int, device: torch.device) -> Tensor:
+    """The ids [0]*T + [1]*T + … + [B-1]*T of uniform segments (valid by construction), kept per shape and device
+    (the last few): a pass asks for the same ones at every tapped layer."""
+    key = (B, T, device)
+    try:
+        return _UNIFORM[key]
+    except KeyError:
+        pass
+    if len(_UNIFORM) >= 8:
+        _UNIFORM.clear()
+    ids = _UNIFORM[key] = seg_tensor(T, B * T, B, device)
+    return ids
 
 
 def ptr(t: Tensor | None) -> int:
@@ -83,7 +101,14 @@ class KernelOps:
         return self._ext
 
     def linear_dot(self, a, g, v, seg, B, vb=None):
-        N, i, o, K = check_linear(a, g, v, seg, B, vb)
+        check_linear(a, g, v, seg, B, vb)
+        return self.linear_dot_kernel(a, g, v, seg, B, vb)
+
+    def linear_dot_kernel(self, a, g, v, seg, B, vb=None):
+        """:meth:`linear_dot` without the argument checks."""
+        N, o = g.shape
+        i = 0 if v is None else a.shape[1]
+        K = (v if v is not None else vb).shape[0]
         seg = seg_ids(seg, N, B, g.device)
         if a is not None and a.dtype != g.dtype:
             a = a.to(g.dtype)
@@ -113,7 +138,13 @@ class KernelOps:
         return out_w, out_b
 
     def embedding_dot(self, ids, g, v, seg, B, padding_idx=None):
-        N, d, K, vocab = check_embedding(ids, g, v, seg, B)
+        check_embedding(ids, g, v, seg, B)
+        return self.embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
+
+    def embedding_dot_kernel(self, ids, g, v, seg, B, padding_idx=None):
+        """:meth:`embedding_dot` without the argument checks."""
+        N, d = g.shape
+        K, vocab = v.shape[0], v.shape[1]
         seg = seg_ids(seg, N, B, g.device)
         acc = acc_dtype(g, v)
         out = empty((K, B), acc, g.device)
@@ -137,7 +168,13 @@ class KernelOps:
         return out
 
     def norm_dot(self, xhat, g, vw, vb, seg, B):
-        N, d, K = check_norm(xhat, g, vw, vb, seg, B)
+        check_norm(xhat, g, vw, vb, seg, B)
+        return self.norm_dot_kernel(xhat, g, vw, vb, seg, B)
+
+    def norm_dot_kernel(self, xhat, g, vw, vb, seg, B):
+        """:meth:`norm_dot` without the argument checks."""
+        N, d = g.shape
+        K = (vw if vw is not None else vb).shape[0]
         seg = seg_ids(seg, N, B, g.device)
         if xhat.dtype != g.dtype:  # e.g. HF RMSNorm's float32 x̂ beside a bf16 g: widen g, never round x̂
             wide = torch.promote_types(xhat.dtype, g.dtype)

@@ -56,15 +56,27 @@ AUTO: dict[str, dict[str, tuple[str, ...]]] = {
 _DEFAULT_AUTO = {op: ("reference",) for op in OPS}
 
 
+#: ops a backend may also give without their argument checks, as ``<op>_kernel`` (same arguments and results)
+KERNEL_OPS = ("linear_dot", "embedding_dot", "norm_dot")
+
+
 @dataclass(frozen=True)
 class Backend:
-    """The three ops to use; ``name`` says which implementation serves each."""
+    """The ops to use; ``name`` says which implementation serves each. ``kernels`` holds the same ops without
+    their argument checks (``<op>_kernel`` where the backend has one, else the checked op): what the engine calls
+    at every tap, once its plan has established what the checks would."""
 
     name: str
     linear_dot: Callable
     embedding_dot: Callable
     norm_dot: Callable
     segment_outer: Callable
+    kernels: Backend | None = None
+
+    @property
+    def unchecked(self) -> Backend:
+        """The ops without argument checks (this backend itself when it has none)."""
+        return self.kernels if self.kernels is not None else self
 
 
 def _module(name: str) -> ModuleType:
@@ -74,6 +86,23 @@ def _module(name: str) -> ModuleType:
 def _op(name: str, op: str) -> Callable:
     mod = _module(name)
     return mod.get_op(op) if hasattr(mod, "get_op") else getattr(mod, op)
+
+
+def _kernel(name: str, op: str) -> Callable:
+    """Backend ``name``'s ``<op>_kernel`` (no argument checks), or its checked op where it has none."""
+    if op in KERNEL_OPS:
+        mod = _module(name)
+        try:
+            return mod.get_op(f"{op}_kernel") if hasattr(mod, "get_op") else getattr(mod, f"{op}_kernel")
+        except AttributeError:
+            pass
+    return _op(name, op)
+
+
+def _backend(label: str, chosen: dict[str, str]) -> Backend:
+    """The Backend serving each op from the backend ``chosen[op]``, with its unchecked kernels."""
+    kernels = Backend(label, *(_kernel(chosen[op], op) for op in OPS))
+    return Backend(label, *(_op(chosen[op], op) for op in OPS), kernels=kernels)
 
 
 @functools.cache
@@ -128,10 +157,10 @@ def resolve(
     if name == "auto":
         chosen = _auto_picks(device, dtype, dir_dtype)
         label = "auto(" + ", ".join(f"{op}={b}" for op, b in chosen.items()) + ")"
-        return Backend(label, *(_op(chosen[op], op) for op in OPS))
+        return _backend(label, chosen)
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(['auto', *_MODULES])}")
     why = _reason(name, device, dtype, dir_dtype)
     if why is not None:
         raise RuntimeError(f"backend {name!r} cannot run here: {why}")
-    return Backend(name, *(_op(name, op) for op in OPS))
+    return _backend(name, dict.fromkeys(OPS, name))

@@ -47,3 +47,7 @@ linear_dot = _ops.linear_dot
 embedding_dot = _ops.embedding_dot
 norm_dot = _ops.norm_dot
 segment_outer = _ops.segment_outer
+#: the ops without their argument checks (the engine calls these once its plan has checked the shapes)
+linear_dot_kernel = _ops.linear_dot_kernel
+embedding_dot_kernel = _ops.embedding_dot_kernel
+norm_dot_kernel = _ops.norm_dot_kernel

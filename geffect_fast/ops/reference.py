@@ -68,18 +68,34 @@ def linear_dot(
     Cost: 2·N·i·o·K FLOPs, the same as the weight-gradient GEMM; the contraction runs over whichever of
     i and o is larger so the tile intermediate is [K, n, min(i, o)].
     """
-    N, i, o, K = check_linear(a, g, v, seg, B, vb)
-    acc = acc_dtype(a, g, v, vb)
+    check_linear(a, g, v, seg, B, vb)
+    return linear_dot_kernel(a, g, v, seg, B, vb)
+
+
+def linear_dot_kernel(
+    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`linear_dot` without the argument checks (``contract.check_linear`` holds for the arguments)."""
+    N, o = g.shape
+    i = 0 if v is None else a.shape[1]
+    K = (v if v is not None else vb).shape[0]
+    f64 = torch.float64
+    acc = (
+        f64
+        if g.dtype is f64
+        or (v is not None and (v.dtype is f64 or a.dtype is f64))
+        or (vb is not None and vb.dtype is f64)
+        else torch.float32
+    )
     # per-token values [K, N], summed per sample at the end (a reshape-sum for uniform segments)
-    tok_w = None if v is None else torch.empty(K, N, dtype=acc, device=g.device)
-    tok_b = None if vb is None else torch.empty(K, N, dtype=acc, device=g.device)
     vbc = None if vb is None else vb.to(acc)
     if v is None:
-        n = _rows_per_tile(o + K, torch.finfo(acc).bits // 8)
+        tok_b = torch.empty(K, N, dtype=acc, device=g.device)
+        n = _rows_per_tile(o + K, 8 if acc is f64 else 4)
         for n0 in range(0, N, n):
             tok_b[:, n0 : n0 + n] = (g[n0 : n0 + n].to(acc) @ vbc.T).T
         return None, segment_sum(tok_b, seg, B)
-    itemsize = torch.finfo(acc).bits // 8
+    itemsize = 8 if acc is f64 else 4
     g_side = i <= o  # contract g with V over o (result [K, n, i]); else a with Vᵀ over i
     inner, outer = (o, i) if g_side else (i, o)
     # V is converted to the accumulation dtype in chunks of the contracted dim, so that the converted
@@ -91,6 +107,15 @@ def linear_dot(
     # per-row transients: the product p [K, n, outer], plus the upcast copies of a and g when they need one
     row = K * outer + (0 if a.dtype == acc else i) + (0 if g.dtype == acc else o)
     n = _rows_per_tile(row, itemsize)
+    if N <= n and vchunk == inner and seg.__class__ is int:  # one tile (a small batch): the fewest ops
+        gt = g if g.dtype is acc else g.to(acc)
+        at = a if a.dtype is acc else a.to(acc)
+        vv = v if v.dtype is acc else v.to(acc)
+        p = torch.matmul(gt, vv) if g_side else torch.matmul(at, vv.transpose(1, 2))
+        out_w = p.mul_(at if g_side else gt).sum(-1).view(K, B, seg).sum(-1)
+        return out_w, None if vbc is None else (gt @ vbc.T).T.reshape(K, B, seg).sum(-1)
+    tok_w = torch.empty(K, N, dtype=acc, device=g.device)
+    tok_b = None if vb is None else torch.empty(K, N, dtype=acc, device=g.device)
     for n0 in range(0, N, n):
         n1 = min(N, n0 + n)
         gt = g[n0:n1].to(acc)
@@ -119,7 +144,14 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_i
     (torch gives the ``padding_idx`` row no gradient). A gather-dot: V[ids] is gathered one tile at a time,
     never for all N tokens.
     """
-    N, d, K, _ = check_embedding(ids, g, v, seg, B)
+    check_embedding(ids, g, v, seg, B)
+    return embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
+
+
+def embedding_dot_kernel(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
+    """:func:`embedding_dot` without the argument checks (``contract.check_embedding`` holds for them)."""
+    N, d = g.shape
+    K = v.shape[0]
     acc = acc_dtype(g, v)
     tok = torch.empty(K, N, dtype=acc, device=g.device)
     n = _rows_per_tile(K * d + d, torch.finfo(acc).bits // 8)
@@ -143,7 +175,16 @@ def norm_dot(
         out_w[k, b] = Σ_{t: seg_t = b} (g_t ⊙ x̂_t) · vw_k         vw [K, d]
         out_b[k, b] = Σ_{t: seg_t = b} g_t · vb_k                  vb [K, d]
     """
-    N, d, K = check_norm(xhat, g, vw, vb, seg, B)
+    check_norm(xhat, g, vw, vb, seg, B)
+    return norm_dot_kernel(xhat, g, vw, vb, seg, B)
+
+
+def norm_dot_kernel(
+    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`norm_dot` without the argument checks (``contract.check_norm`` holds for them)."""
+    N, d = g.shape
+    K = (vw if vw is not None else vb).shape[0]
     acc = acc_dtype(xhat, g, vw, vb)
     tok_w = None if vw is None else torch.empty(K, N, dtype=acc, device=g.device)
     tok_b = None if vb is None else torch.empty(K, N, dtype=acc, device=g.device)
