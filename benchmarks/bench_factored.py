@@ -137,8 +137,10 @@ def calibrate(dev: torch.device, dtype: torch.dtype, clock: _Clock) -> dict[str,
 def bench_layers(
     dev: torch.device, shapes: list, repeats: int, clock: _Clock, dtype: torch.dtype, deadline: float
 ) -> list[dict]:
-    from geffect_fast import factored as fm
+    from geffect_fast.engine import FactoredEntry, FactorUse
+    from geffect_fast.engine import routes as fm
     from geffect_fast.ops import resolve
+    from geffect_fast.ops.factored import nonzero_rows, pair_use
 
     ops = resolve("auto", dev, dtype, torch.float32)
     machine = fm.machine_for(dev, dtype)
@@ -154,8 +156,8 @@ def bench_layers(
             return torch.randn(*shape, device=dev, generator=g).to(dtype)
 
         a, gr = rnd(N, i_w), rnd(N, o_w)
-        uses = [fm.FactorUse(k, rnd(n2, o_w), rnd(n2, i_w)) for k in range(K)]
-        entry = fm.FactoredEntry((o_w, i_w), dtype, dev, K, uses)
+        uses = [FactorUse(k, rnd(n2, o_w), rnd(n2, i_w)) for k in range(K)]
+        entry = FactoredEntry((o_w, i_w), dtype, dev, K, uses)
         B = max(1, N // T)
         seg = N // B
 
@@ -164,8 +166,8 @@ def bench_layers(
             return ops.linear_dot(a, gr, V, seg, B)[0]
 
         def factored(entry=entry, a=a, gr=gr, B=B, seg=seg):
-            L, R, s = fm._nonzero_rows(gr, a, seg, B, None)
-            return torch.stack([fm.pair_use(L, R, s, B, u, ops, torch.float32) for u in entry.uses])
+            L, R, s = nonzero_rows(gr, a, seg, B, None)
+            return torch.stack([pair_use(L, R, s, B, u.L, u.R, None, ops, torch.float32) for u in entry.uses])
 
         t, _, outs = _round_robin(clock, {"dense": dense, "factored": factored}, repeats)
         pred = fm.route_costs(
@@ -209,7 +211,7 @@ def bench_models(
 ) -> list[dict]:
     repeats_small = repeats if repeats_small is None else repeats_small
     import geffect_fast as gf
-    from geffect_fast import factored as fm
+    from geffect_fast.engine import routes as fm
 
     rows = []
     obj = gf.objectives.get("ga")
@@ -340,7 +342,7 @@ def plot(layer_rows: list[dict], model_rows: list[dict], path: Path) -> None:
 
 
 def report(dev, machine_txt, calib, layer_rows, model_rows, cmd, out: Path, tag: str) -> str:
-    from geffect_fast import factored as fm
+    from geffect_fast.engine import routes as fm
 
     lines = [f"# Factored directions: dense vs factored ({machine_txt})", "", f"Command: `{cmd}`.", ""]
     mach = fm.machine_for(dev, torch.float32)

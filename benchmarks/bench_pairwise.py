@@ -56,7 +56,7 @@ def _pair_run(case: str, method: str):
     obj = gf.objectives.get("ga")
     if method.startswith("pairwise["):
         route = method[len("pairwise[") : -1]
-        return lambda: measure_pairwise(model, obj, forget, {"r": retain}, route=route).matrix["r"]
+        return lambda: measure_pairwise(model, obj, forget, {"r": retain}, method=route).matrix["r"]
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     grouping = assign(model, "block", names)

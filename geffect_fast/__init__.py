@@ -9,7 +9,7 @@ print(res)
 from . import capture, data, groups, objectives, ops
 from ._version import __version__
 from .api import measure
-from .direction import Direction
+from .directions import Direction, FactoredDirection
 from .loss import risk
 from .ops import backends
 from .pairwise import PairwiseResult, measure_pairwise
@@ -19,6 +19,7 @@ from .tracker import Tracker
 
 __all__ = [
     "Direction",
+    "FactoredDirection",
     "PairwiseResult",
     "Result",
     "Sketch",

@@ -113,14 +113,19 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
         )
 
 
-def resolve_group(model: nn.Module, process_group: Any):
+_UNKNOWN = object()
+
+
+def resolve_group(model: nn.Module, process_group: Any, mesh: Any = _UNKNOWN):
     """The process group a measurement spans.
 
     ``"auto"``: a DDP wrapper's group, or a 1-D FSDP2 mesh's group; None when the model is neither (or
     torch.distributed is not initialised). A ProcessGroup: that group. None: measure locally (refused for a
-    sharded model, which cannot be measured by one rank alone).
+    sharded model, which cannot be measured by one rank alone). ``mesh``: the model's :func:`sharded_mesh` where
+    the caller knows it already.
     """
-    mesh = sharded_mesh(model)
+    if mesh is _UNKNOWN:
+        mesh = sharded_mesh(model)
     if process_group is None:
         if mesh is not None:
             raise ValueError(

@@ -64,7 +64,7 @@ weights (per token for WGA/TNPO/WTNPO, per sequence for NPO and SimNPO) for anal
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -376,3 +376,47 @@ def get(name: str, **hparams: Any) -> Objective:
     if key not in REGISTRY:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(REGISTRY)}")
     return REGISTRY[key](key, **hparams)
+
+
+#: what the library takes as an objective: an :class:`Objective`, or any ``fn(model, batch, ref_model) -> loss``
+ObjectiveFn = Callable[[nn.Module, Any, "nn.Module | None"], Tensor]
+
+
+def objective_name(objective: ObjectiveFn, name: str | None = None) -> str:
+    """``name``, or the objective's own ``name``/``__name__`` ("objective" for a lambda)."""
+    if name is None:
+        name = getattr(objective, "name", None) or getattr(objective, "__name__", None) or "objective"
+        if name == "<lambda>":
+            name = "objective"
+    return name
+
+
+def objective_loss(
+    model: nn.Module, objective: ObjectiveFn, batch: Any, ref_model: nn.Module | None, name: str
+) -> Tensor:
+    """L_u = ``objective(model, batch, ref_model)``, checked: a finite scalar that requires grad (clear errors for
+    a batch without the keys the objective looks up)."""
+    try:
+        loss = objective(model, batch, ref_model)
+    except KeyError as e:  # a bare KeyError('labels') from deep inside an objective says too little
+        key = e.args[0] if e.args else None
+        raise KeyError(
+            f"objective {name!r} looked up {key!r}, which its batch does not have ({_describe(batch)}); "
+            "a batch needs input_ids and labels (−100 = ignored), and objectives with a retain term take "
+            "{'forget': batch, 'retain': batch}"
+        ) from e
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"objective {name!r} must return a scalar tensor, got {type(loss).__name__}")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"objective {name!r} is not finite ({loss.item()})")
+    if not loss.requires_grad:
+        raise ValueError(f"objective {name!r} does not depend on the model's trainable parameters")
+    return loss
+
+
+def _describe(batch: Any) -> str:
+    """The keys of a batch, or of each part of an open-unlearning {'forget': ..., 'retain': ...} dict."""
+    if not isinstance(batch, Mapping):
+        return f"a {type(batch).__name__}"
+    parts = [f"{k}: keys {', '.join(map(str, v))}" for k, v in batch.items() if isinstance(v, Mapping)]
+    return "; ".join(parts) if parts else f"keys {', '.join(map(str, batch))}"

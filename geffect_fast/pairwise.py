@@ -4,14 +4,16 @@
 L_u = Σ_j ℓ^obj_j (:meth:`geffect_fast.objectives.Objective.per_sample`), so each row sums to that sample's
 per-instance G-effect: Σ_j E[i, j] = ⟨∇ℓ_i, ∇L_u⟩. "Which forget sample harms which retain sample."
 
-Two backward passes, no per-sample gradient stored whole:
+Two passes of the engine, no per-sample gradient stored whole:
 
 1. the objective batch: every covered layer hands over the factors of its per-sample gradient
-   G'_j = Σ_{s∈j} L'_s R'_sᵀ (a layer's input and output gradient; ids for embeddings), which are kept;
-2. each risk batch: in every layer's backward hook the risk factors meet the kept objective factors of the
-   same parameter (every pair of uses, so tied weights are exact) and ⟨G_i, G'_j⟩ is formed by the ghost
-   route Σ_{t,s}(L_t·L'_s)(R_t·R'_s) or by materialising G per sample, whichever the cost model of
-   :func:`geffect_fast.ops.pairwise.costs` says is cheaper — in tiles, never a whole Gram matrix.
+   G'_j = Σ_{s∈j} L'_s R'_sᵀ (a layer's input and output gradient; ids for embeddings), which are kept
+   (:class:`~geffect_fast.engine.consumers.Keep`);
+2. each risk batch: in every layer's backward the risk factors meet the kept objective factors of the same
+   parameter (every pair of uses, so tied weights are exact; :class:`~geffect_fast.engine.consumers.PairMeet`)
+   and ⟨G_i, G'_j⟩ is formed by the ghost method Σ_{t,s}(L_t·L'_s)(R_t·R'_s) or by materialising G per sample,
+   whichever the cost model of :func:`geffect_fast.ops.pairwise.costs` says is cheaper — in tiles, never a
+   whole Gram matrix.
 
 Memory: the objective batch's layer inputs and output gradients (about what one ordinary backward of that
 batch keeps), plus one tile.
@@ -19,7 +21,6 @@ batch keeps), plus one tile.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,14 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from . import groups as groups_mod
-from .api import _layout, _Plan, input_device, unwrap
-from .capture import CaptureSession, UnsupportedModuleError
+from .capture import UnsupportedModuleError
 from .distributed import refuse_sharded
+from .engine import Keep, ModuleMap, PairMeet, backward, module_map, opened, plan_taps, unwrap
 from .loss import check_batch, forward_logits, sample_nll
 from .objectives import Objective, split_batch
-from .ops import pairwise as pw
-from .ops import resolve
-from .state import preserved
+
+#: how a pair of uses is contracted: "auto" (the cheaper by the cost model), "ghost" or "materialise"
+METHODS = ("auto", "ghost", "materialise")
 
 
 @dataclass
@@ -43,8 +44,8 @@ class PairwiseResult:
 
     groups: tuple[str, ...]
     matrix: dict[str, Tensor]
-    #: (parameter, risk use, objective use) -> route taken ("ghost" or "materialise")
-    routes: dict[str, str] = field(default_factory=dict)
+    #: "parameter[k]" (its k-th objective use) -> the method the pair took ("ghost" or "materialise")
+    methods: dict[str, str] = field(default_factory=dict)
 
     def total(self, risk: str) -> Tensor:
         return self.matrix[risk].sum(0)
@@ -63,17 +64,12 @@ class PairwiseResult:
         return [(int(j), float(col[j])) for j in order[:n] if col[j] < 0]
 
 
-def _trainable_plan(model: nn.Module, grouping: groups_mod.Grouping) -> _Plan:
-    """A capture plan over every trainable parameter (the direction's values are not used)."""
-    everything = dict(model.named_parameters())
-    named = {n: p for n, p in everything.items() if p.requires_grad}
-    if not named:
-        raise ValueError("no parameter of the model requires grad: nothing to pair")
-    return _Plan(_layout(model, everything), {n: p.detach()[None] for n, p in named.items()}, grouping)
-
-
-def _session(model, plan, device) -> CaptureSession:
-    return CaptureSession(plan.plans, plan.roots, resolve("reference", device), 1, 1, torch.float64)
+def trainable_or_raise(mm: ModuleMap, what: str) -> list[str]:
+    """The model's trainable parameters (a clear error where there is none: nothing to ``what``)."""
+    trainable = list(mm.trainable())
+    if not trainable:
+        raise ValueError(f"no parameter of the model requires grad: nothing to {what}")
+    return trainable
 
 
 def measure_pairwise(
@@ -83,82 +79,58 @@ def measure_pairwise(
     risks: Mapping[str, Mapping[str, Tensor]],
     groups: groups_mod.GroupSpec = "block",
     ref_model: nn.Module | None = None,
-    route: str = "auto",
+    method: str = "auto",
     mode: str = "eval",
 ) -> PairwiseResult:
     """E[i, j] = ⟨∇ℓ_i, ∇ℓ^obj_j⟩ per group, for every risk set (see the module docstring).
 
-    ``route``: "auto" (per parameter use pair, by the cost model), "ghost" or "materialise" (for dense
-    factors; one-hot embedding factors always go by the ghost route).
+    ``method``: "auto" (per pair of parameter uses, by the cost model), "ghost" or "materialise" (for dense
+    factors; one-hot embedding factors always go by the ghost method).
     """
-    if route not in ("auto", "ghost", "materialise"):
-        raise ValueError(f"unknown route {route!r}; use auto, ghost or materialise")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use auto, ghost or materialise")
     model = unwrap(model)
     refuse_sharded(model, "measure_pairwise")
-    device = input_device(model)
+    mm = module_map(model)
     forget, _, idk = split_batch(objective_batch)
     obj_rows = idk if idk is not None else forget
-    check_batch(obj_rows, "objective batch", device)
+    check_batch(obj_rows, "objective batch", mm.device)
     if isinstance(risks, Mapping) and "input_ids" in risks:
         risks = {"risk": risks}
     for name, b in risks.items():
-        check_batch(b, name, device)
-    named = dict(model.named_parameters())
-    grouping = groups_mod.assign(model, groups, list(named))
-    plan = _trainable_plan(model, grouping)
+        check_batch(b, name, mm.device)
+    grouping = mm.grouping(groups)
+    trainable = trainable_or_raise(mm, "pair")
+    keep = Keep()
+    plan = plan_taps(mm, dict.fromkeys(trainable, keep), grouping)
     if plan.uncovered:
         n, why = next(iter(plan.uncovered.items()))
         raise UnsupportedModuleError(f"pairwise G-effects need every trainable parameter covered: {n}: {why}")
-    B_obj = obj_rows["input_ids"].shape[0]
-    kept: dict[str, list[tuple[Tensor, Tensor, Tensor, int | None]]] = defaultdict(list)
-    routes: dict[str, str] = {}
+    B_obj, T_obj = obj_rows["input_ids"].shape
+    dev = mm.device.type
+    with opened(mm, plan, mode, ref_model=ref_model) as session:  # 1. the objective's factors
+        session.start(B_obj, T_obj)
+        per = objective.per_sample(model, objective_batch, ref_model)
+        if per.shape != (B_obj,):
+            raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B_obj}]")
+        if not bool(torch.isfinite(per.detach()).all()):
+            raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
+        backward(per.sum(), dev)
+        session.check_outside_uses()
+    vocab = {n: mm.named[n].shape[0] for n in trainable}
+    meet = PairMeet(keep.kept, B_obj, vocab, method)
+    plan = plan_taps(mm, dict.fromkeys(trainable, meet), grouping)
     matrices: dict[str, Tensor] = {}
-    with preserved(model, ref_model, mode=mode):
-        for p in named.values():
-            p.requires_grad_(False)
-        with _session(model, plan, device) as session:
-            # 1. the objective's factors
-            session.factor_sink = lambda slot, L, R, seg, pad: kept[slot.name].append(
-                (L.detach(), R.detach(), seg, pad)
-            )
-            session.start(B_obj, device, obj_rows["input_ids"].shape[1])
-            per = objective.per_sample(model, objective_batch, ref_model)
-            if per.shape != (B_obj,):
-                raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B_obj}]")
-            if not bool(torch.isfinite(per.detach()).all()):
-                raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
-            per.sum().backward()
+    with opened(mm, plan, mode) as session:  # 2. each risk batch against them
+        for rname, batch in risks.items():
+            B, T = batch["input_ids"].shape
+            meet.E = torch.zeros(len(grouping), B, B_obj, dtype=torch.float64, device=mm.device)
+            session.start(B, T)
+            ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
+            loss = (ell * (n > 0)).sum()
+            backward(loss, dev)
+            if not bool(torch.isfinite(loss.detach())):
+                raise ValueError(f"risk set {rname!r}: the risk is not finite")
             session.check_outside_uses()
-            # 2. each risk batch against them
-            for rname, batch in risks.items():
-                B = batch["input_ids"].shape[0]
-                E = torch.zeros(len(grouping), B, B_obj, dtype=torch.float64, device=device)
-
-                def pair(slot, L, R, seg, pad, E=E, B=B):
-                    for k, (L2, R2, seg2, pad2) in enumerate(kept.get(slot.name, [])):
-                        vocab = named[slot.name].shape[0]
-                        e, how = pw.pairwise(
-                            L,
-                            R,
-                            seg,
-                            B,
-                            L2,
-                            R2,
-                            seg2,
-                            B_obj,
-                            route=route,
-                            vocab=vocab,
-                            pad=pad if pad is not None else pad2,
-                        )
-                        E[slot.group] += e.double()
-                        routes[f"{slot.name}[{k}]"] = how
-
-                session.factor_sink = pair
-                session.start(B, device, batch["input_ids"].shape[1])
-                ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
-                if not bool(torch.isfinite(ell.detach()).all()):
-                    raise ValueError(f"risk set {rname!r}: the risk is not finite")
-                (ell * (n > 0)).sum().backward()
-                session.check_outside_uses()
-                matrices[rname] = E.cpu()
-    return PairwiseResult(groups=tuple(grouping.names), matrix=matrices, routes=routes)
+            matrices[rname] = meet.E.cpu()
+    return PairwiseResult(groups=tuple(grouping.names), matrix=matrices, methods=meet.methods)

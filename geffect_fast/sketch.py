@@ -26,15 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from . import groups as groups_mod
-from .api import input_device, unwrap
 from .capture import UnsupportedModuleError
-from .direction import Direction
+from .directions import Direction
 from .distributed import refuse_sharded
+from .engine import Projector, backward, module_map, opened, plan_taps, uncovered_reasons, unwrap
 from .loss import check_batch, forward_logits, sample_nll
-from .ops import pairwise as pw
 from .ops import resolve
-from .pairwise import _session, _trainable_plan
-from .state import preserved
+from .pairwise import trainable_or_raise
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -123,14 +121,16 @@ class Sketcher:
         self.k = int(k)
         self.seed = int(seed)
         self.fingerprint = fingerprint(self.model)
-        named = dict(self.model.named_parameters())
-        # (d_L, d_R) per parameter, once: the sketch hook asks for them for every layer of every batch
-        self._shapes = {n: (p.shape[0], 1) if p.dim() == 1 else (p.shape[0], p[0].numel()) for n, p in named.items()}
-        grouping = groups_mod.assign(self.model, groups, list(named))
-        self.group_of = {n: grouping.names[grouping.of[n]] for n in named}
-        self._plan = _trainable_plan(self.model, grouping)
-        if self._plan.uncovered:
-            n, why = next(iter(self._plan.uncovered.items()))
+        mm = module_map(self.model)
+        # (d_L, d_R) per parameter, once: the sketch asks for them for every layer of every batch
+        self._shapes = {n: (p.shape[0], 1) if p.dim() == 1 else (p.shape[0], p[0].numel()) for n, p in mm.named.items()}
+        grouping = mm.grouping(groups)
+        self.group_of = {n: grouping.names[grouping.of[n]] for n in mm.names}
+        self._grouping = grouping
+        self._names = trainable_or_raise(mm, "sketch")
+        uncovered = uncovered_reasons(mm, self._names)
+        if uncovered:
+            n, why = next(iter(uncovered.items()))
             raise UnsupportedModuleError(f"sketching needs every trainable parameter covered: {n}: {why}")
         self._proj: dict[tuple[str, str], Tensor] = {}
         self.backend = backend
@@ -155,35 +155,23 @@ class Sketcher:
     def sketch(self, batch: Mapping[str, Tensor], mode: str = "eval") -> Sketch:
         """Sketches of each sample's gradient of its mean token NLL ℓ_b."""
         model = self.model
-        device = input_device(model)
-        check_batch(batch, "sketch batch", device)
-        B = batch["input_ids"].shape[0]
-        out: dict[str, Tensor] = {}
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        seg_outer = resolve(self.backend, device, dtype).segment_outer
-
-        def sink(slot, L, R, seg, pad):
-            dL, dR = self._shape(slot.name)
-            dt = torch.float64 if R.dtype == torch.float64 else torch.float32
-            p_l = self.projection(slot.name, "L", dL, R.device).to(dt)
-            p_r = self.projection(slot.name, "R", dR, R.device).to(dt)
-            s = pw.project(L, R, seg, B, p_l, p_r, pad, segment_outer_op=seg_outer)
-            out[slot.name] = out[slot.name] + s if slot.name in out else s
-
-        with preserved(model, mode=mode):
-            for p in model.parameters():
-                p.requires_grad_(False)
-            with _session(model, self._plan, device) as session:
-                session.factor_sink = sink
-                session.start(B, device, batch["input_ids"].shape[1])
-                ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
-                (ell * (n > 0)).sum().backward()
-                session.check_outside_uses()
+        mm = module_map(model)
+        check_batch(batch, "sketch batch", mm.device)
+        B, T = batch["input_ids"].shape
+        seg_outer = resolve(self.backend, mm.device, mm.act_dtype).segment_outer
+        proj = Projector(self._shape, self.projection, seg_outer)
+        plan = plan_taps(mm, dict.fromkeys(self._names, proj), self._grouping)
+        with opened(mm, plan, mode) as session:
+            session.start(B, T)
+            ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
+            backward((ell * (n > 0)).sum(), mm.device.type)
+            session.check_outside_uses()
+        out = proj.out
         tensors = {n: (out[n] if n in out else self._zero(n, B)).float().cpu() for n in sorted(self._trainable())}
         return Sketch(tensors, self.seed, self.k, self.fingerprint, {n: self.group_of[n] for n in tensors})
 
     def _trainable(self) -> set[str]:
-        return {s.name for plan in self._plan.plans for s in plan.slots.values()}
+        return set(self._names)
 
     def _zero(self, name: str, B: int) -> Tensor:
         dL, dR = self._shape(name)

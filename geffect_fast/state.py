@@ -13,7 +13,9 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from itertools import repeat
+from operator import attrgetter, ne
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +57,7 @@ def _unique_params(models: tuple[nn.Module | None, ...]) -> list[nn.Parameter]:
     return out
 
 
-def _is_inference(t: torch.Tensor) -> bool:
+def is_inference(t: torch.Tensor) -> bool:
     """An inference tensor, or one that lost its version counter to one (``p.data = ...`` keeps it off)."""
     if t.is_inference():
         return True
@@ -74,7 +76,7 @@ def check_not_inference(*models: nn.Module | None, trainable_only: bool = False)
         if m is None:
             continue
         for n, p in m.named_parameters():
-            if (p.requires_grad or not trainable_only) and _is_inference(p):
+            if (p.requires_grad or not trainable_only) and is_inference(p):
                 raise RuntimeError(
                     f"the model's parameters are inference tensors (e.g. {n!r}): it was created or loaded under "
                     "torch.inference_mode(), and autograd cannot differentiate through such tensors. Create or "
@@ -83,55 +85,74 @@ def check_not_inference(*models: nn.Module | None, trainable_only: bool = False)
                 )
 
 
+_GRAD = attrgetter("grad")
+_REQUIRES_GRAD = attrgetter("requires_grad")
+_TRAINING = attrgetter("training")
+
+
 @contextmanager
-def preserved(*models: nn.Module | None, mode: str = "keep") -> Iterator[None]:
+def preserved(
+    *models: nn.Module | None,
+    mode: str = "keep",
+    params: Sequence[nn.Parameter] | None = None,
+    modules: Sequence[nn.Module] | None = None,
+) -> Iterator[None]:
     """Take the models' locks, snapshot, yield, restore.
 
     Inside the block every parameter's ``.grad`` is None (the originals are put back afterwards, untouched),
     so any gradient accumulated inside lands in fresh tensors. ``mode`` "eval" or "train" switches the
     models for the duration; "keep" leaves them as they are. Trainable parameters created under inference mode
     are refused before anything is touched (their flag could not be set back).
+
+    ``params`` and ``modules``: the models' unique parameters and all their modules, where the caller keeps them
+    already (the engine does, per model, checked unchanged): the trees are then not walked again, and the
+    inference-mode check is the caller's.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    check_not_inference(*models, trainable_only=True)
+    if params is None:
+        check_not_inference(*models, trainable_only=True)
     present = {id(_innermost(m)): m for m in models if m is not None}
     with ExitStack() as locks:
         for key in sorted(present):  # one order for every thread: no deadlock between two-model blocks
             locks.enter_context(model_lock(present[key]))
-        params = _unique_params(models)
-        grads = [p.grad for p in params]
-        flags = [p.requires_grad for p in params]
-        training = [(m, m.training) for model in models if model is not None for m in model.modules()]
+        if params is None:
+            params = _unique_params(models)
+        if modules is None:
+            modules = [m for model in models if model is not None for m in model.modules()]
+        grads = list(map(_GRAD, params))
+        flags = list(map(_REQUIRES_GRAD, params))
+        training = list(map(_TRAINING, modules))
         cpu_rng = torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         try:
             for p in params:
                 p.grad = None
-            if mode != "keep" and any(m.training != (mode == "train") for m, _ in training):
+            want = mode == "train"
+            if mode != "keep" and any(map(ne, training, repeat(want))):
                 for model in models:
                     if model is not None:
-                        model.train(mode == "train")
+                        model.train(want)
             yield
         except BaseException:
-            _restore(params, grads, flags, training, cpu_rng, cuda_rng)  # its own errors never hide this one
+            _restore(params, grads, flags, modules, training, cpu_rng, cuda_rng)  # its errors never hide this one
             raise
-        failed = _restore(params, grads, flags, training, cpu_rng, cuda_rng)
+        failed = _restore(params, grads, flags, modules, training, cpu_rng, cuda_rng)
         if failed:
             raise RuntimeError(f"could not restore the model's state: {failed[0]}") from failed[0]
 
 
-def _restore(params, grads, flags, training, cpu_rng, cuda_rng) -> list[BaseException]:
+def _restore(params, grads, flags, modules, training, cpu_rng, cuda_rng) -> list[BaseException]:
     """Put everything back, each item on its own (one failure does not stop the rest); return the failures."""
     failed: list[BaseException] = []
     for p, g, f in zip(params, grads, flags):
         try:
             p.grad = g
             if p.requires_grad != f:
-                p.requires_grad_(f)
+                p.requires_grad = f
         except Exception as e:  # noqa: PERF203 - each parameter on its own
             failed.append(e)
-    for m, t in training:
+    for m, t in zip(modules, training):
         if m.training != t:
             m.training = t
     try:

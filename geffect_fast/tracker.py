@@ -79,8 +79,9 @@ from torch import Tensor, nn
 
 from . import distributed as dist_mod
 from . import groups as groups_mod
-from .api import measure, unwrap
-from .direction import Direction
+from .api import measure
+from .directions import Direction
+from .engine import unwrap
 from .loss import IGNORE_INDEX, label_counts, pool_size, reduction_weights, risk, risk_parts
 from .objectives import Objective
 from .result import Result

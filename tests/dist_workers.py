@@ -111,7 +111,7 @@ def ddp_measure(rank: int, tmp: str, family: str) -> None:
     mine = {"forget": _local(forget, rank), "retain": _local(retain, rank)}
     for reduction in ("token_mean", "sample_mean"):
         res = gf.measure(ddp, V, mine, per_instance=True, reduction=reduction)
-        assert res.meta["world_size"] == WORLD and res.meta["route"] == "taps"
+        assert res.meta["world_size"] == WORLD and res.meta["strategy"] == "taps"
         ref = gf.measure(
             model, V, {"forget": forget, "retain": retain}, per_instance=True, reduction=reduction, process_group=None
         )
@@ -225,9 +225,9 @@ def fsdp_measure(rank: int, tmp: str, family: str) -> None:
     ref = gf.measure(plain, gf.Direction(whole, names=["grad"]), union, per_instance=True, process_group=None)
 
     agg = gf.measure(model, v, mine)
-    assert agg.meta["route"] == "sharded" and agg.instances is None
+    assert agg.meta["strategy"] == "sharded" and agg.instances is None
     assert_same(agg, ref, agg_tol, per_instance=False)
-    import geffect_fast.capture.session as session_mod
+    import geffect_fast.engine.consumers as session_mod
 
     gathers, real = [], session_mod.gather_async
     session_mod.gather_async = lambda t: gathers.append(t) or real(t)
@@ -235,7 +235,7 @@ def fsdp_measure(rank: int, tmp: str, family: str) -> None:
         inst = gf.measure(model, v, mine, per_instance=True)
     finally:
         session_mod.gather_async = real
-    assert inst.meta["route"] == "taps"
+    assert inst.meta["strategy"] == "taps"
     # each module's direction gathered exactly once per risk set (gathered ahead, never twice)
     uses = sum(1 for m in model.modules() for _ in m.parameters(recurse=False))
     assert len(gathers) == 2 * uses, (len(gathers), uses)
@@ -350,7 +350,7 @@ def fails_on_rank_1(rank: int, tmp: str) -> None:
 
 def fsdp_failure(rank: int, tmp: str) -> None:
     """Under FSDP2, a rank whose risk is not finite stops both ranks before FSDP's backward collectives."""
-    import geffect_fast.api as api
+    import geffect_fast.engine.run as api  # the pass's per-token NLL
 
     model = _sharded("llama")
     batch = _local(make_batch(model, B=5, seed=3), rank)
@@ -380,4 +380,4 @@ def fsdp_failure(rank: int, tmp: str) -> None:
             raise AssertionError("rank 0 should have raised")
     # and the group is usable afterwards
     res = gf.measure(model, V, {"f": batch})
-    assert res.meta["route"] == "sharded"
+    assert res.meta["strategy"] == "sharded"

@@ -1,4 +1,4 @@
-"""Factored directions (geffect_fast.factored): an objective's gradient kept as its factors and measured by them
+"""Factored directions (geffect_fast.directions.factored): an objective's gradient kept as its factors and measured by them
 equals the same gradient formed and measured dense — per instance and per group, in float64, on the oracle
 families (tied heads, learned positions, padding_idx), for K > 1 stacks mixing dense and factored directions,
 LoRA, padding on either side, objectives that run the model twice, gradient checkpointing and parameters used
@@ -19,10 +19,13 @@ from torch.utils._pytree import tree_flatten
 
 import geffect_fast as gf
 from geffect_fast import api
-from geffect_fast import factored as fm
 from geffect_fast import objectives as O
-from geffect_fast.factored import FactoredDirection, FactoredEntry, Machine, UseShape, route_costs
+from geffect_fast.directions import FactoredDirection
+from geffect_fast.engine import FactoredEntry, module_map
+from geffect_fast.engine import routes as fm
+from geffect_fast.engine.routes import Machine, UseShape, route_costs
 from geffect_fast.groups import assign
+from geffect_fast.ops import factored as fops
 from geffect_fast.ops import pairwise as pw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +259,7 @@ def test_tiles_bound_the_memory(monkeypatch):
         big = gf.measure(model, fd, {"r": retain}, per_instance=True, route="factored")
     assert whole.most >= N * N2 // 2 > plain.most  # one tile held a whole product
     monkeypatch.setattr(pw, "TILE_BYTES", 8 * 48 * 48 * 3)
-    monkeypatch.setattr(fm, "TILE_BYTES", 8 * 48 * 61)
+    monkeypatch.setattr(fops, "TILE_BYTES", 8 * 48 * 61)
     with tiled:
         small = gf.measure(model, fd, {"r": retain}, per_instance=True, route="factored")
     assert tiled.most <= plain.most, (tiled.most, plain.most, N, N2)
@@ -320,7 +323,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="route='factored' needs a factored direction"):
         gf.measure(model, d, batch, route="factored")
     with pytest.raises(NotImplementedError, match="one process"):
-        api._check_inputs(model, object(), fd, batch, "block", False, "token_mean", "eval")
+        api._check_inputs(module_map(model), object(), fd, batch, "block", False, "token_mean", "eval")
     with pytest.raises(TypeError, match="must return a scalar"):
         gf.Direction.from_objective(model, lambda m, b, r: torch.ones(2, requires_grad=True), batch, factored=True)
     with pytest.raises(KeyError, match="direction 'b' has no entry for"):
@@ -370,8 +373,8 @@ def test_auto_routes_by_size():
     (norms) dense; a large objective batch on the same small model: everything dense."""
     model = make_model("llama", dtype=torch.float32, hidden_size=256, intermediate_size=512, layers=1)
     retain = make_batch(model, B=16, T=48, seed=2)
-    named = dict(model.named_parameters())
-    layout = api._layout(model, named)
+    layout = module_map(model)
+    named = layout.named
 
     def routes(obj_batch):
         fd = gf.Direction.from_objective(model, O.get("ga"), obj_batch, factored=True)

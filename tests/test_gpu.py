@@ -140,7 +140,7 @@ def test_nccl_group_on_one_gpu(tmp_path):
         fully_shard(sharded, mesh=mesh)
         for route, pi in (("sharded", False), ("taps", True)):
             res = gf.measure(sharded, V, {"r": batch}, per_instance=pi)
-            assert res.meta["route"] == route
+            assert res.meta["strategy"] == route
             assert torch.allclose(res.group_totals["r"], want.group_totals["r"], rtol=1e-4, atol=1e-7)
     finally:
         dist.destroy_process_group()

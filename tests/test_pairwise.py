@@ -61,23 +61,23 @@ def test_pairwise_against_oracle(family):
     assert torch.all(res.matrix["retain"][:, -1] == 0)  # the sample with no labels
 
 
-def test_routes_agree_and_switch_by_cost():
+def test_methods_agree_and_switch_by_cost():
     model = make_model("gpt2")
     forget, retain = make_batch(model, B=3, seed=1), make_batch(model, B=3, seed=2)
     obj = O.get("ga")
-    ghost = measure_pairwise(model, obj, forget, {"r": retain}, route="ghost")
-    mat = measure_pairwise(model, obj, forget, {"r": retain}, route="materialise")
+    ghost = measure_pairwise(model, obj, forget, {"r": retain}, method="ghost")
+    mat = measure_pairwise(model, obj, forget, {"r": retain}, method="materialise")
     auto = measure_pairwise(model, obj, forget, {"r": retain})
     _close(mat.matrix["r"], ghost.matrix["r"], 1e-10, "materialise vs ghost")
     _close(auto.matrix["r"], ghost.matrix["r"], 1e-10, "auto vs ghost")
-    assert set(ghost.routes.values()) == {"ghost"}
-    assert mat.routes["transformer.wte.weight[0]"] == "ghost"  # one-hot factors: never materialised
-    assert mat.routes["transformer.h.0.mlp.c_fc.weight[0]"] == "materialise"
+    assert set(ghost.methods.values()) == {"ghost"}
+    assert mat.methods["transformer.wte.weight[0]"] == "ghost"  # one-hot factors: never materialised
+    assert mat.methods["transformer.h.0.mlp.c_fc.weight[0]"] == "materialise"
     # embeddings (one-hot factors) always go by the ghost route; biases and norms (d_R = 1) are materialised
-    assert auto.routes["transformer.wte.weight[0]"] == "ghost"
-    assert auto.routes["transformer.ln_f.weight[0]"] == "materialise"
-    assert auto.routes["transformer.h.0.attn.c_attn.bias[0]"] == "materialise"
-    assert "transformer.wte.weight[1]" in auto.routes  # tied: the lm_head use pairs too
+    assert auto.methods["transformer.wte.weight[0]"] == "ghost"
+    assert auto.methods["transformer.ln_f.weight[0]"] == "materialise"
+    assert auto.methods["transformer.h.0.attn.c_attn.bias[0]"] == "materialise"
+    assert "transformer.wte.weight[1]" in auto.methods  # tied: the lm_head use pairs too
 
 
 def test_cost_model():
@@ -123,7 +123,7 @@ def test_pairwise_bad_input():
     b = make_batch(model)
     with pytest.raises(ValueError, match="retain term"):
         measure_pairwise(model, O.get("gd"), {"forget": b, "retain": b}, {"r": b})
-    with pytest.raises(ValueError, match="unknown route"):
-        measure_pairwise(model, O.get("ga"), b, {"r": b}, route="fast")
+    with pytest.raises(ValueError, match="unknown method"):
+        measure_pairwise(model, O.get("ga"), b, {"r": b}, method="fast")
     with pytest.raises(ValueError, match="reference model"):
         measure_pairwise(model, O.get("npo"), b, {"r": b})

@@ -10,18 +10,31 @@ Tied parameters (lm_head = embedding) are tapped at each use; the contributions 
 """
 
 from . import embedding, linear, moe, norm  # noqa: F401  (registration side effects)
-from .base import Adapter, NotPerSampleError, Slot, UnsupportedModuleError, tap
+from .base import (
+    Adapter,
+    Consumer,
+    NotPerSampleError,
+    PassState,
+    Slot,
+    Tap,
+    UnsupportedModuleError,
+    first_input,
+    tap,
+)
 from .registry import find_adapter, register, register_recogniser
-from .session import CaptureSession, ModulePlan
+from .session import CaptureSession
 
 __all__ = [
     "Adapter",
     "CaptureSession",
-    "ModulePlan",
+    "Consumer",
     "NotPerSampleError",
+    "PassState",
     "Slot",
+    "Tap",
     "UnsupportedModuleError",
     "find_adapter",
+    "first_input",
     "register",
     "register_recogniser",
     "tap",

@@ -1,27 +1,32 @@
-"""What every layer adapter shares: the tap that hands a layer's output gradient to its adapter.
+"""What every layer adapter shares: the tap, the slots it fills, and what it hands a layer's gradient to.
 
-The tap is an identity autograd function placed on a layer's own output — inside the module's call,
-before any forward hook a user registered sees it (``CaptureSession.wrap``). Its forward saves what the
-adapter needs later (the layer input, or the token ids) with ``ctx.save_for_backward``; its backward
-receives the output gradient g, lets the adapter contract it with the direction (the ops of
-:mod:`geffect_fast.ops`, with autocast off, so a pass under ``torch.autocast`` accumulates in the
-session's dtype), and passes g on unchanged. Saving through autograd's own mechanism is what makes the
-pass correct under gradient checkpointing of both kinds: the non-reentrant kind drops and recomputes saved
-tensors (ours included) and the reentrant kind re-runs the forward, wrappers and all, with grad enabled.
-Nothing is kept from a forward that ran without grad.
+* :class:`Adapter` — the rule for one layer kind (one file per kind in this package): which parameters it
+  covers and how a module's per-sample gradient factors are reached from its forward and backward.
+* :class:`Tap` — one module tapped in one plan: its slots (the parameters with a nonzero direction, each with
+  its group column) split into *parts*, each part the slots one :class:`Consumer` takes.
+* :class:`Consumer` — what the factors feed, chosen per parameter when the plan is made
+  (:mod:`geffect_fast.engine.consumers`: the dense dot with V, the factored pairing, the pairwise and factor
+  collectors, the sketcher). An adapter hands over what its layer kind has — a linear map its input a and
+  output gradient g, an embedding its ids and g, a norm x̂ and g — and knows nothing of which consumer runs.
+  Every form reduces to factors of the per-sample gradient, G_b = Σ_{t∈b} L_t R_tᵀ
+  (:meth:`Consumer.factors`), which is all a consumer must implement; the dense dot takes the layer forms
+  as they are, so that its fused ops read each tensor once.
+* :class:`TapFn` — the identity autograd function placed on a layer's own output. Its forward saves what the
+  adapter needs with ``ctx.save_for_backward`` (correct under gradient checkpointing of both kinds: the
+  non-reentrant kind drops and recomputes saved tensors, the reentrant kind re-runs the forward); its backward
+  hands the output gradient g to the adapter and passes g on unchanged.
+* :class:`PassState` — what an adapter may ask of the pass at forward time (the session implements it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .session import CaptureSession
+from ..ops.contract import Seg
 
 
 class UnsupportedModuleError(ValueError):
@@ -39,46 +44,107 @@ class NotPerSampleError(UnsupportedModuleError):
         self.params = params
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
-    """One parameter of a module whose direction is nonzero: its direction and its group column."""
+    """One parameter use of a tapped module: the parameter's canonical name, its name in the module, its group
+    column, and the position of its direction in the pass's list (``PassState.V``)."""
 
-    name: str  #: canonical parameter name
-    v: Tensor  #: [K, *param.shape]; a sharded DTensor under FSDP2 (see CaptureSession.direction)
+    name: str
+    local: str
     group: int
+    index: int = -1
 
 
-class _TapFn(torch.autograd.Function):
-    """Identity on ``y``; on the way back calls ``fn(g, saved)`` and returns g unchanged."""
+class Consumer:
+    """What a tapped module's per-sample gradient feeds. Subclasses implement :meth:`factors`; the layer forms
+    default to it. ``seg`` is the row -> sample map of the ops (an int T: sample b owns rows [b·T, (b+1)·T)).
+    Where a slot is None its parameter is not this consumer's."""
 
-    @staticmethod
-    def forward(ctx, y: Tensor, fn: Callable[[Tensor, Sequence[Tensor]], None], *saved: Tensor) -> Tensor:
-        ctx.fn = fn
-        ctx.save_for_backward(*saved)
-        # an alias, not a view: the model may modify a layer's output in place (Falcon's `mlp_output +=
-        # attention_output`), which autograd forbids on a custom Function's view outputs. The alias shares y's
-        # version counter, so an in-place change that plain autograd would refuse is refused here too.
-        return y.detach()
+    def factors(self, slot: Slot, L: Tensor, R: Tensor, seg: Seg, pad: int | None) -> None:
+        """G_b = Σ_{t∈b} L_t R_tᵀ for the slot's parameter (L [N, d_L], or ids [N] standing for one-hot rows of
+        the table, with rows at ``pad`` giving nothing; R [N, d_R]; d_L·d_R the parameter's size)."""
+        raise NotImplementedError
 
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        saved = ctx.saved_tensors  # unpack once: non-reentrant checkpointing allows a single unpack
-        # the contraction is ours, not the model's: under a user's autocast it must not drop to half precision
-        with torch.autocast(g.device.type, enabled=False):
-            ctx.fn(g, saved)
-        return (g, None) + (None,) * len(saved)
+    def linear(self, w: Slot | None, b: Slot | None, a: Tensor, g: Tensor, seg: Seg, transposed: bool) -> None:
+        """A linear map y = a Wᵀ + b (W [o, i]; ``transposed``: stored [i, o], y = a W + b): G_W = Σ g aᵀ (Σ a gᵀ
+        transposed), G_b = Σ g."""
+        if w is not None:
+            self.factors(w, *((a, g) if transposed else (g, a)), seg, None)
+        if b is not None:
+            self.factors(b, g, g.new_ones(g.shape[0], 1), seg, None)
+
+    def embedding(self, w: Slot, ids: Tensor, g: Tensor, seg: Seg, pad: int | None) -> None:
+        """A table lookup y_t = E[x_t]: G_E = Σ e_{x_t} g_tᵀ (rows at ``pad`` get no gradient)."""
+        self.factors(w, ids, g, seg, pad)
+
+    def norm(self, w: Slot | None, b: Slot | None, xhat: Tensor, g: Tensor, seg: Seg) -> None:
+        """An affine normalisation y = γ ⊙ x̂ (+ β): G_γ = Σ g ⊙ x̂, G_β = Σ g (vectors: R = 1)."""
+        ones = g.new_ones(g.shape[0], 1)
+        if w is not None:
+            self.factors(w, g.to(xhat.dtype) * xhat, ones, seg, None)
+        if b is not None:
+            self.factors(b, g, ones, seg, None)
 
 
-def tap(y: Tensor, fn: Callable[[Tensor, Sequence[Tensor]], None], *saved: Tensor) -> Tensor:
-    """Return ``y`` with ``fn(g, saved)`` called on its gradient g during backward.
+@dataclass(eq=False)
+class Tap:
+    """One module tapped by one plan. ``slots``: local parameter name -> :class:`Slot`; ``parts``: the consumers
+    and the slots each takes (most taps have one part)."""
 
-    With every parameter frozen, a layer whose input carries no gradient would have an output that carries
-    none either; such an output becomes a fresh leaf that requires grad (a *root* of the pass), so its
-    gradient is still computed.
+    name: str
+    module: nn.Module
+    adapter: Adapter
+    slots: dict[str, Slot] = field(default_factory=dict)
+    parts: list[tuple[Consumer, dict[str, Slot]]] = field(default_factory=list)
+
+
+class PassState(Protocol):
+    """What adapters ask of the pass (implemented by :class:`geffect_fast.capture.session.CaptureSession`)."""
+
+    B: int  #: samples of the batch being measured
+    pooled: bool  #: whether every row counts as one sample (an objective's gradient, not per-sample values)
+    apply: Callable[..., Tensor]  #: ``TapFn``'s apply for this pass (:func:`tap_apply`)
+
+    def rows(self, y: Tensor, features: int, module: nn.Module) -> Seg:
+        """Which sample each row of ``y`` (viewed as [rows, features]) belongs to; an error naming ``module``
+        where its layout cannot be attributed to samples."""
+
+    def check_rows(self, a: Tensor, module: nn.Module) -> None:
+        """Refuse an input whose rows were gathered by index (routed tokens)."""
+
+    def module_name(self, module: nn.Module) -> str: ...
+
+
+#: ``on_output(args, kwargs, out)`` -> the output to return (the tapped one); ``around(inner, args, kwargs)``
+OnOutput = Callable[[tuple, dict, Any], Any]
+Around = Callable[[Callable, tuple, dict], Any]
+
+
+class Adapter:
+    """The rule for one layer kind: which parameters it covers and how their factors are reached.
+
+    Subclasses register themselves with :func:`geffect_fast.capture.register` and implement :meth:`bind`,
+    which returns the function the session runs on the module's own output inside its forward, once per call
+    while a pass is armed — ``on_output(args, kwargs, out)``, returning the output with a tap on it (see
+    :func:`tap`) — or, with ``around = True``, ``around(forward, args, kwargs)`` in place of the forward. The
+    tap's backward hands the layer's factors to ``part[0]`` for every ``part in tap.parts``. Bound once per
+    plan; the session installs and removes it for every pass, also on error.
     """
-    if not y.requires_grad:
-        y = y.detach().requires_grad_(True)
-    return _TapFn.apply(y, fn, *saved)
+
+    #: local parameter names this adapter covers (e.g. ``("weight", "bias")``)
+    param_names: tuple[str, ...] = ("weight", "bias")
+    #: whether a subclass that overrides ``forward`` is still covered (true only for adapters that
+    #: intercept the functional call inside the forward, as the embedding adapter does)
+    covers_subclass_forward: bool = False
+    #: whether :meth:`bind` returns ``around(forward, args, kwargs)`` rather than ``on_output(args, kwargs, out)``
+    around: bool = False
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why this adapter cannot handle ``module`` (None if it can)."""
+        return None
+
+    def bind(self, tap: Tap, state: PassState) -> OnOutput | Around:
+        raise NotImplementedError
 
 
 def first_input(args: tuple, kwargs: dict, name: str) -> Tensor:
@@ -92,32 +158,51 @@ def first_input(args: tuple, kwargs: dict, name: str) -> Tensor:
     raise UnsupportedModuleError("module was called without an input tensor")
 
 
-OutputFn = Callable[[nn.Module, tuple, dict, Any], Any]
+#: ``(None,) * n`` for the saved tensors' gradients (TapFn.backward returns one None per saved tensor)
+_NONES = tuple((None,) * n for n in range(8))
 
 
-class Adapter:
-    """The rule for one layer kind: which parameters it covers and how their per-sample dot is computed.
+class TapFn(torch.autograd.Function):
+    """Identity on ``y``; on the way back calls ``fn(g, seg, saved)`` and returns g unchanged."""
 
-    Subclasses register themselves with :func:`geffect_fast.capture.register` and implement
-    :meth:`attach`, which installs the hooks on one module and returns their handles. The session owns the
-    handles and removes them when the pass ends, also on error. Tap through ``session.on_output(module, fn)``
-    (or ``session.wrap``) rather than ``register_forward_hook``: the session runs ``fn`` on the module's own
-    output inside its call, whatever forward hooks users add, and it watches the covered parameters for uses
-    outside the module's forward.
+    @staticmethod
+    def forward(ctx, y: Tensor, fn: Callable[[Tensor, Seg, Sequence[Tensor]], None], seg: Seg, *saved: Tensor):
+        ctx.fn = fn
+        ctx.seg = seg
+        ctx.n = len(saved)
+        ctx.save_for_backward(*saved)
+        # an alias, not a view: the model may modify a layer's output in place (Falcon's `mlp_output +=
+        # attention_output`), which autograd forbids on a custom Function's view outputs. The alias shares y's
+        # version counter, so an in-place change that plain autograd would refuse is refused here too.
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        ctx.fn(g, ctx.seg, ctx.saved_tensors)  # unpacked once: non-reentrant checkpointing allows a single unpack
+        return (g, None, None) + _NONES[ctx.n]
+
+
+#: TapFn's C-level apply, without ``Function.apply``'s Python wrapper (which handles functorch transforms and
+#: ``setup_context``, neither of which a tap uses): 5 interpreter calls per tap instead of 20. A pass uses it
+#: unless functorch transforms are active (:func:`tap_apply`).
+try:
+    _FAST_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, TapFn)
+except (AttributeError, KeyError, TypeError):  # pragma: no cover - a torch without the C base class
+    _FAST_APPLY = TapFn.apply
+
+
+def tap_apply() -> Callable[..., Tensor]:
+    """``TapFn``'s apply for a pass starting now: the C one, or ``TapFn.apply`` under functorch transforms."""
+    return TapFn.apply if torch._C._are_functorch_transforms_active() else _FAST_APPLY
+
+
+def tap(y: Tensor, fn: Callable[[Tensor, Seg, Sequence[Tensor]], None], seg: Seg, *saved: Tensor) -> Tensor:
+    """Return ``y`` with ``fn(g, seg, saved)`` called on its gradient g during backward.
+
+    With every parameter frozen, a layer whose input carries no gradient would have an output that carries
+    none either; such an output becomes a fresh leaf that requires grad (a *root* of the pass), so its
+    gradient is still computed. (The built-in adapters inline this with the pass's ``apply``.)
     """
-
-    #: local parameter names this adapter covers (e.g. ``("weight", "bias")``)
-    param_names: tuple[str, ...] = ("weight", "bias")
-    #: whether a subclass that overrides ``forward`` is still covered (true only for adapters that
-    #: intercept the functional call inside the forward, as the embedding adapter does)
-    covers_subclass_forward: bool = False
-    #: whether the adapter hands a slot's per-sample gradient factors to ``session.factor_sink`` when
-    #: ``session.wants_factors(slot)`` (factored directions need it; the built-in adapters do)
-    gives_factors: bool = False
-
-    def unsupported_reason(self, module: nn.Module) -> str | None:
-        """Why this adapter cannot handle ``module`` (None if it can)."""
-        return None
-
-    def attach(self, module: nn.Module, slots: dict[str, Slot], session: CaptureSession) -> list[RemovableHandle]:
-        raise NotImplementedError
+    if not y.requires_grad:
+        y = y.detach().requires_grad_(True)
+    return tap_apply()(y, fn, seg, *saved)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Adapter, NotPerSampleError, Slot, tap
+from .base import Adapter, NotPerSampleError, PassState, Tap
 from .registry import register
 
 
@@ -47,7 +47,7 @@ class _EmbeddingCall(TorchFunctionMode):
 class EmbeddingAdapter(Adapter):
     param_names = ("weight",)
     covers_subclass_forward = True
-    gives_factors = True
+    around = True
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         if getattr(module, "max_norm", None) is not None:
@@ -56,39 +56,39 @@ class EmbeddingAdapter(Adapter):
             return "scale_grad_by_freq scales gradients by batch-wide token counts, so no per-sample gradient exists"
         return None
 
-    def attach(self, module, slots: dict[str, Slot], session):
-        slot = slots["weight"]
+    def bind(self, tap: Tap, state: PassState):
+        module = tap.module
+        slot = tap.slots["weight"]
+        parts = [(c, sl["weight"]) for c, sl in tap.parts]
         padding_idx = module.padding_idx
 
-        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
+        def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
             (ids,) = saved
             d = g.shape[-1]
-            seg = session.rows(g, d, module)
-            if session.wants_factors(slot):  # G_b = Σ e_{x_t} g_tᵀ, the one-hot factor given by its ids
-                session.factor_sink(slot, ids.reshape(-1), g.reshape(-1, d), seg, padding_idx)
-                return
-            v = session.direction(slot)
-            out = session.ops.embedding_dot(ids.reshape(-1), g.reshape(-1, d), v, seg, session.B, padding_idx)
-            session.add(slot, out)
+            ids1, g2 = ids.reshape(-1), g.reshape(-1, d)
+            for c, w in parts:
+                c.embedding(w, ids1, g2, seg, padding_idx)
 
         def on_call(ids: Tensor, y: Tensor) -> Tensor:
-            B = session.B
-            if session.pooled:  # one pooled batch: the rows need not be split into samples
-                return tap(y, backward, ids)
-            if ids.dim() >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
-                ids = ids.expand(B, *ids.shape[1:])
-                y = y.expand(B, *y.shape[1:])
-            elif ids.dim() < 2 or ids.shape[0] != B:
-                why = (
-                    f"embedding {session.module_name(module)!r} was called with ids of shape {tuple(ids.shape)}, "
-                    f"which cannot be split into the batch's {B} samples"
-                )
-                raise NotPerSampleError(why + " (pass [B, T] or [1, T] ids)", {slot.name: why})
-            return tap(y, backward, ids)
+            B = state.B
+            if not state.pooled:
+                if ids.ndim >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
+                    ids = ids.expand(B, *ids.shape[1:])
+                    y = y.expand(B, *y.shape[1:])
+                elif ids.ndim < 2 or ids.shape[0] != B:
+                    why = (
+                        f"embedding {state.module_name(module)!r} was called with ids of shape {tuple(ids.shape)}, "
+                        f"which cannot be split into the batch's {B} samples"
+                    )
+                    raise NotPerSampleError(why + " (pass [B, T] or [1, T] ids)", {slot.name: why})
+            seg = state.rows(y, y.shape[-1], module)
+            if not y.requires_grad:
+                y = y.detach().requires_grad_(True)
+            return state.apply(y, backward, seg, ids)
 
         def around(inner, args, kwargs):
             # the mode is live only inside the module's own forward, and always left (KeyboardInterrupt too)
             with _EmbeddingCall(module.weight, on_call):  # read now: FSDP2 swaps in the unsharded table
                 return inner(*args, **kwargs)
 
-        return [session.wrap(module, around)]
+        return around

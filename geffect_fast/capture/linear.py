@@ -13,53 +13,44 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Slot, first_input, tap
+from .base import Adapter, PassState, Tap, first_input
 from .registry import register, register_recogniser
 
 
 class _LinearLike(Adapter):
     param_names = ("weight", "bias")
-    gives_factors = True
     #: whether the weight is stored transposed ([i, o], as Conv1D does)
     transposed = False
 
-    def attach(self, module, slots: dict[str, Slot], session):
-        sw, sb = slots.get("weight"), slots.get("bias")
+    def bind(self, tap: Tap, state: PassState):
+        module = tap.module
+        parts = [(c, sl.get("weight"), sl.get("bias")) for c, sl in tap.parts]
+        has_w = "weight" in tap.slots
+        o = module.weight.shape[1 if self.transposed else 0]  # output features
+        transposed = self.transposed
 
-        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
-            o = g.shape[-1]
-            seg = session.rows(g, o, module)
-            a = saved[0] if saved else None
-            a2 = None if a is None else a.reshape(-1, a.shape[-1])
+        def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
             g2 = g.reshape(-1, o)
-            if a2 is not None and a2.dtype != g2.dtype:  # autocast: the layer ran in half, its input is wider
-                dt = torch.promote_types(a2.dtype, g2.dtype)
-                a2, g2 = a2.to(dt), g2.to(dt)
-            # slots whose factors are wanted: G_b = Σ g aᵀ (Linear) or Σ a gᵀ (Conv1D); bias: Σ g
-            fw = sw is not None and session.wants_factors(sw)
-            fb = sb is not None and session.wants_factors(sb)
-            if fw:
-                session.factor_sink(sw, *((a2, g2) if self.transposed else (g2, a2)), seg, None)
-            if fb:
-                session.factor_sink(sb, g2, g2.new_ones(g2.shape[0], 1), seg, None)
-            cw, cb = (None if fw else sw), (None if fb else sb)  # contracted here
-            if cw is None and cb is None:
-                return
-            vw = None
-            if cw is not None:
-                vw = session.direction(cw)
-                vw = vw.transpose(1, 2) if self.transposed else vw  # [K, o, i]
-            vb = None if cb is None else session.direction(cb)
-            out_w, out_b = session.ops.linear_dot(a2 if vw is not None else None, g2, vw, seg, session.B, vb)
-            session.add(cw, out_w)
-            session.add(cb, out_b)
+            a2 = None
+            if saved:
+                a = saved[0]
+                a2 = a.reshape(-1, a.shape[-1])
+                if a2.dtype != g2.dtype:  # autocast: the layer ran in half, its input is wider
+                    dt = torch.promote_types(a2.dtype, g2.dtype)
+                    a2, g2 = a2.to(dt), g2.to(dt)
+            for c, w, b in parts:
+                c.linear(w, b, a2, g2, seg, transposed)
 
-        def on_output(mod, args, kwargs, out):
-            a = first_input(args, kwargs, "input")
-            session.check_rows(a, mod)
-            return tap(out, backward, *((a,) if sw is not None else ()))
+        def on_output(args, kwargs, out):
+            a = args[0] if args else first_input(args, kwargs, "input")
+            if a.ndim == 2:
+                state.check_rows(a, module)
+            seg = state.rows(out, o, module)
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            return state.apply(out, backward, seg, a) if has_w else state.apply(out, backward, seg)
 
-        return [session.on_output(module, on_output)]
+        return on_output
 
 
 @register(nn.Linear)

@@ -21,13 +21,13 @@ statistics over the last dim) is recognised and checked the same way.
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, Slot, UnsupportedModuleError, first_input, tap
+from .base import Adapter, PassState, Tap, UnsupportedModuleError, first_input
 from .registry import register, register_recogniser
 
 #: relative tolerance of the structural check, by the coarser of the output dtype and the precision of x̂
@@ -49,7 +49,7 @@ def _acc(x: Tensor) -> torch.dtype:
 
 class _NormAdapter(Adapter):
     param_names = ("weight", "bias")
-    gives_factors = True
+    around = True
     #: check the module's output against γ ⊙ x̂ on its first call in a pass
     verify = False
 
@@ -64,58 +64,60 @@ class _NormAdapter(Adapter):
         """x̂ of input ``a``, computed in ``prec``, returned in the accumulation dtype of ``a``."""
         raise NotImplementedError
 
-    def attach(self, module, slots: dict[str, Slot], session):
-        sw, sb = slots.get("weight"), slots.get("bias")
+    def bind(self, tap: Tap, state: PassState):
+        module = tap.module
+        has_w = "weight" in tap.slots
+        parts = [(c, sl.get("weight"), sl.get("bias")) for c, sl in tap.parts]
         nd = self.normalized_dims(module)
         d = 1
         for s in module.weight.shape if module.weight is not None else module.bias.shape:
             d *= s
-        prec: dict[str, torch.dtype] = {}  # set by the first call's check (structural classes only)
-        # the check's verdict is kept per module, forward and dtypes across passes: it holds while the code does
+        # the structural check's verdict (the precision of x̂) is kept per module, forward and dtypes across passes:
+        # it holds while the code does
         verified = _VERIFIED.setdefault(module, {}) if self.verify else {}
-        own_forward = module.__dict__.get("forward") or type(module).forward
+        wdtype = module.weight.dtype if module.weight is not None else None
+        backwards: dict[torch.dtype | None, Callable] = {}
 
-        def backward(g: Tensor, saved: Sequence[Tensor]) -> None:
-            seg = session.rows(g.flatten(-nd) if nd > 1 else g, d, module)
-            g2 = g.reshape(-1, d)
-            if sw is not None:
-                a = saved[0]
-                xh = self.xhat(module, a, prec.get("x", self.precisions(a)[0])).reshape(-1, d)
-                g2 = g2 if g2.dtype == xh.dtype else g2.to(torch.promote_types(g2.dtype, xh.dtype))
-            else:
-                xh = g2  # norm_dot ignores x̂ when there is no weight direction
-            # slots whose factors are wanted (per-sample gradients are vectors: Σ g ⊙ x̂ and Σ g); the rest here
-            fw = sw is not None and session.wants_factors(sw)
-            fb = sb is not None and session.wants_factors(sb)
-            if fw or fb:
-                ones = g2.new_ones(g2.shape[0], 1)
-                if fw:
-                    session.factor_sink(sw, g2.to(xh.dtype) * xh, ones, seg, None)
-                if fb:
-                    session.factor_sink(sb, g2, ones, seg, None)
-            cw, cb = (None if fw else sw), (None if fb else sb)
-            if cw is None and cb is None:
-                return
-            vw = None if cw is None else session.direction(cw).reshape(cw.v.shape[0], d)
-            vb = None if cb is None else session.direction(cb).reshape(cb.v.shape[0], d)
-            out_w, out_b = session.ops.norm_dot(xh, g2, vw, vb, seg, session.B)
-            session.add(cw, out_w)
-            session.add(cb, out_b)
+        def backward_in(prec: torch.dtype | None) -> Callable:
+            """The tap's backward with x̂ computed in ``prec`` (None: the layer's default for its input)."""
 
-        def on_output(mod, args, kwargs, out):
+            def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
+                g2 = g.reshape(-1, d)
+                if has_w:
+                    a = saved[0]
+                    xh = self.xhat(module, a, prec or self.precisions(a)[0]).reshape(-1, d)
+                    if g2.dtype != xh.dtype:
+                        g2 = g2.to(torch.promote_types(g2.dtype, xh.dtype))
+                else:
+                    xh = g2  # no weight direction: x̂ is not read
+                for c, w, b in parts:
+                    c.norm(w, b, xh, g2, seg)
+
+            return backwards.setdefault(prec, backward)
+
+        plain = backward_in(None)
+
+        def around(inner, args, kwargs):
+            out = inner(*args, **kwargs)
             if not isinstance(out, Tensor):
                 raise UnsupportedModuleError(
-                    f"norm {session.module_name(mod)!r} returned {type(out).__name__}, not a tensor"
+                    f"norm {state.module_name(module)!r} returned {type(out).__name__}, not a tensor"
                 )
-            a = first_input(args, kwargs, "hidden_states")
-            if self.verify and "x" not in prec:
-                key = (own_forward, a.dtype, out.dtype, mod.weight.dtype)
-                if key not in verified:
-                    verified[key] = self._verify(mod, a, out, session.module_name(mod))
-                prec["x"] = verified[key]
-            return tap(out, backward, *((a,) if sw is not None else ()))
+            a = args[0] if args else first_input(args, kwargs, "hidden_states")
+            fn = plain
+            if self.verify:
+                key = (getattr(inner, "__func__", inner), a.dtype, out.dtype, wdtype)
+                try:
+                    prec = verified[key]
+                except KeyError:
+                    prec = verified[key] = self._verify(module, a, out, state.module_name(module))
+                fn = backwards.get(prec) or backward_in(prec)
+            seg = state.rows(out.flatten(-nd) if nd > 1 else out, d, module)
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            return state.apply(out, fn, seg, a) if has_w else state.apply(out, fn, seg)
 
-        return [session.on_output(module, on_output)]
+        return around
 
     #: what a structurally recognised class is taken for, in the check's error message
     kind = "a normalisation layer"

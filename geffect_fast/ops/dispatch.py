@@ -153,7 +153,16 @@ def resolve(
     name: str, device: torch.device, dtype: torch.dtype | None = None, dir_dtype: torch.dtype | None = None
 ) -> Backend:
     """The ops to use for backend ``name`` ("auto" or a name from :func:`available`) on ``device`` with
-    activations of ``dtype`` and directions of ``dir_dtype``."""
+    activations of ``dtype`` and directions of ``dir_dtype``. Kept per arguments and :data:`AUTO`'s entries for
+    the device: what is built and which devices exist do not change while the process runs."""
+    table = tuple(AUTO.get(device.type, _DEFAULT_AUTO).items()) if name == "auto" else None
+    return _resolve(name, device, dtype, dir_dtype, table)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(
+    name: str, device: torch.device, dtype: torch.dtype | None, dir_dtype: torch.dtype | None, table: tuple | None
+) -> Backend:
     if name == "auto":
         chosen = _auto_picks(device, dtype, dir_dtype)
         label = "auto(" + ", ".join(f"{op}={b}" for op, b in chosen.items()) + ")"

@@ -5,11 +5,11 @@ side of the weight: ``nn.Linear`` (W [o, i]): L = g, R = a; HF ``Conv1D`` (W [i,
 ``nn.Embedding`` (E [vocab, d]): L = e_{x_t} (one-hot, given as the ids), R = g. A factor is either a dense
 [N, d] tensor or an id vector [N] standing for its one-hot rows.
 
-* ``factor_pairwise`` — the ghost route: ⟨G_i, G'_j⟩ = Σ_{t∈i, s∈j} (L_t·L'_s)(R_t·R'_s), in tiles of
+* ``factor_pairwise`` — the ghost method: ⟨G_i, G'_j⟩ = Σ_{t∈i, s∈j} (L_t·L'_s)(R_t·R'_s), in tiles of
   tokens (never the whole N × N' Gram matrix), segment-summed per sample pair. Cost N·N'·(dL + dR).
-* ``materialise_pairwise`` — the materialised route for dense factors: G_b formed per sample, in tiles of L's
+* ``materialise_pairwise`` — the materialised method for dense factors: G_b formed per sample, in tiles of L's
   rows, then ⟨G_i, G'_j⟩ by a Gram product. Cost (N + N')·dL·dR + B·B'·dL·dR.
-* ``pairwise`` — picks the cheaper route per call by those two costs (``route="auto"``).
+* ``pairwise`` — picks the cheaper method per call by those two costs (``method="auto"``).
 * ``segment_outer`` — the sketch op: out[b] = Σ_{t∈b} u_t w_tᵀ, [B, k_u, k_w], without forming [N, k_u, k_w].
 * ``project`` — the Kronecker sketch of a use: P_L G_b P_Rᵀ = Σ_t (P_L L_t)(P_R R_t)ᵀ, [B, k_L, k_R].
 
@@ -27,12 +27,13 @@ from .contract import Seg, acc_dtype, check_seg, check_segment_outer, seg_tensor
 TILE_BYTES = 8 << 20
 
 
-def _is_ids(x: Tensor) -> bool:
+def is_ids(x: Tensor) -> bool:
+    """Whether a factor is given by ids (its one-hot rows) rather than dense rows."""
     return x.dtype in (torch.int32, torch.int64)
 
 
 def _width(x: Tensor, vocab: int | None) -> int:
-    if _is_ids(x):
+    if is_ids(x):
         if vocab is None:
             raise ValueError("a one-hot (ids) factor needs its width (vocab)")
         return vocab
@@ -46,7 +47,7 @@ def _onehot_seg(seg: Tensor, B: int, dtype: torch.dtype) -> Tensor:
 
 def _kernel(x: Tensor, y: Tensor, acc: torch.dtype, pad: int | None) -> Tensor:
     """[n, m] of row-wise inner products x_t · y_s, for dense or one-hot (ids) factors."""
-    xi, yi = _is_ids(x), _is_ids(y)
+    xi, yi = is_ids(x), is_ids(y)
     if xi and yi:
         k = (x.long()[:, None] == y.long()[None, :]).to(acc)
         if pad is not None:
@@ -66,7 +67,7 @@ def factor_pairwise(
     l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
     pad: int | None = None,
 ) -> Tensor:  # fmt: skip
-    """Ghost route: E[i, j] = Σ_{t∈i, s∈j} (L_t·L'_s)(R_t·R'_s), [B1, B2]. ``pad`` is an embedding's
+    """Ghost method: E[i, j] = Σ_{t∈i, s∈j} (L_t·L'_s)(R_t·R'_s), [B1, B2]. ``pad`` is an embedding's
     ``padding_idx``: one-hot rows with that id carry no gradient."""
     n1, n2 = r1.shape[0], r2.shape[0]
     for L, seg, B, n in ((l1, seg1, B1, n1), (l2, seg2, B2, n2)):
@@ -74,9 +75,9 @@ def factor_pairwise(
             raise ValueError(f"factors disagree on the number of rows: {L.shape[0]} vs {n}")
         check_seg(seg, n, B)
     seg1, seg2 = seg_tensor(seg1, n1, B1, r1.device), seg_tensor(seg2, n2, B2, r2.device)
-    if _is_ids(l1) != _is_ids(l2) and not (l1.dim() in (1, 2) and l2.dim() in (1, 2)):
+    if is_ids(l1) != is_ids(l2) and not (l1.dim() in (1, 2) and l2.dim() in (1, 2)):
         raise ValueError("bad factor shapes")
-    acc = acc_dtype(*(t for t in (l1, r1, l2, r2) if not _is_ids(t)))
+    acc = acc_dtype(*(t for t in (l1, r1, l2, r2) if not is_ids(t)))
     out = torch.zeros(B1, B2, dtype=acc, device=r1.device)
     # tile so that the two [t1, t2] kernels fit the budget
     side = max(16, int((TILE_BYTES / (3 * torch.finfo(acc).bits // 8)) ** 0.5))
@@ -111,9 +112,9 @@ def materialise_pairwise(
     l1: Tensor, r1: Tensor, seg1: Seg, B1: int,
     l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
 ) -> Tensor:  # fmt: skip
-    """Materialised route (dense factors): G_b per sample in tiles of L's rows, then a Gram product."""
-    if _is_ids(l1) or _is_ids(l2):
-        raise ValueError("materialise_pairwise takes dense factors; one-hot ones go by the ghost route")
+    """Materialised method (dense factors): G_b per sample in tiles of L's rows, then a Gram product."""
+    if is_ids(l1) or is_ids(l2):
+        raise ValueError("materialise_pairwise takes dense factors; one-hot ones go by the ghost method")
     check_seg(seg1, r1.shape[0], B1)
     check_seg(seg2, r2.shape[0], B2)
     seg1, seg2 = seg_tensor(seg1, r1.shape[0], B1, r1.device), seg_tensor(seg2, r2.shape[0], B2, r2.device)
@@ -132,7 +133,7 @@ def materialise_pairwise(
 
 
 def costs(n1: int, n2: int, B1: int, B2: int, dL: int, dR: int, onehot: bool) -> dict[str, float]:
-    """FLOP estimates of the two routes (the materialised one is unavailable with a one-hot factor)."""
+    """FLOP estimates of the two methods (the materialised one is unavailable with a one-hot factor)."""
     ghost = float(n1) * n2 * (1 if onehot else dL) + float(n1) * n2 * dR
     mat = float("inf") if onehot else (float(n1) + n2) * dL * dR + float(B1) * B2 * dL * dR
     return {"ghost": ghost, "materialise": mat}
@@ -141,22 +142,22 @@ def costs(n1: int, n2: int, B1: int, B2: int, dL: int, dR: int, onehot: bool) ->
 def pairwise(
     l1: Tensor, r1: Tensor, seg1: Seg, B1: int,
     l2: Tensor, r2: Tensor, seg2: Seg, B2: int,
-    route: str = "auto", vocab: int | None = None, pad: int | None = None,
+    method: str = "auto", vocab: int | None = None, pad: int | None = None,
 ) -> tuple[Tensor, str]:  # fmt: skip
-    """⟨G_i, G'_j⟩ by the route ``route`` ("ghost", "materialise" or "auto": the cheaper by :func:`costs`;
-    one-hot factors always go by the ghost route); returns (E [B1, B2], the route taken)."""
-    onehot = _is_ids(l1) or _is_ids(l2)
-    if route == "materialise" and onehot:
-        route = "ghost"  # a one-hot factor's per-sample gradient is never formed (vocab × d per sample)
-    if route == "auto":
+    """⟨G_i, G'_j⟩ by ``method`` ("ghost", "materialise" or "auto": the cheaper by :func:`costs`; one-hot
+    factors always go by the ghost method); returns (E [B1, B2], the method taken)."""
+    onehot = is_ids(l1) or is_ids(l2)
+    if method == "materialise" and onehot:
+        method = "ghost"  # a one-hot factor's per-sample gradient is never formed (vocab × d per sample)
+    if method == "auto":
         dL = _width(l1, vocab)
         c = costs(r1.shape[0], r2.shape[0], B1, B2, dL, r1.shape[1], onehot)
-        route = "ghost" if c["ghost"] <= c["materialise"] else "materialise"
-    if route == "ghost":
+        method = "ghost" if c["ghost"] <= c["materialise"] else "materialise"
+    if method == "ghost":
         return factor_pairwise(l1, r1, seg1, B1, l2, r2, seg2, B2, pad), "ghost"
-    if route == "materialise":
+    if method == "materialise":
         return materialise_pairwise(l1, r1, seg1, B1, l2, r2, seg2, B2), "materialise"
-    raise ValueError(f"unknown route {route!r}; use auto, ghost or materialise")
+    raise ValueError(f"unknown method {method!r}; use auto, ghost or materialise")
 
 
 def segment_outer(u: Tensor, w: Tensor, seg: Seg, B: int) -> Tensor:
@@ -174,7 +175,7 @@ def segment_outer(u: Tensor, w: Tensor, seg: Seg, B: int) -> Tensor:
 
 def project_factor(x: Tensor, p: Tensor, pad: int | None = None) -> Tensor:
     """P x_t for every row: dense x [N, d] -> x Pᵀ [N, k]; ids [N] -> P[:, ids]ᵀ (zero rows at ``pad``)."""
-    if _is_ids(x):
+    if is_ids(x):
         out = p.T[x.long()]
         return out if pad is None else out * (x.long() != pad).to(out.dtype)[:, None]
     return x.to(p.dtype) @ p.T

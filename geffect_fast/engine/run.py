@@ -1,0 +1,107 @@
+"""The pass: every entry point (``measure``, ``measure_pairwise``, ``Sketcher``, factored directions, the
+``Tracker`` through ``measure``) runs its backward passes inside :func:`opened`.
+
+:func:`opened` borrows the model: its state is preserved (``.grad``, ``requires_grad``, train/eval mode, RNG —
+restored also on error, and never hiding the error), every parameter is frozen but those measured by ordinary
+autograd, grad is enabled (inside a user's ``no_grad`` too) and the plan's taps are armed. With every
+parameter frozen no weight-gradient GEMM runs; the taps see each layer's output gradient and hand its factors
+to the plan's consumers. :func:`risk_backward` is the risk set's forward and backward with nothing read on the
+host between them: the per-sample NLL and the finite check stay on the device until the caller reads them
+after the backward, so a GPU can queue the backward while the forward still runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import CaptureSession
+from ..loss import forward_logits, token_nll
+from ..state import preserved
+from .modulemap import ModuleMap
+from .plan import Plan
+
+
+@contextmanager
+def opened(
+    mm: ModuleMap,
+    plan: Plan,
+    mode: str,
+    autograd: tuple[str, ...] | list[str] = (),
+    ref_model: nn.Module | None = None,
+) -> Iterator[CaptureSession]:
+    """The plan's session, armed, on the model of ``mm`` borrowed as the module docstring says. ``autograd``:
+    parameters that keep requiring grad (their ``.grad`` is the aggregate gradient after a backward);
+    ``ref_model``: a second model whose state is preserved too (an objective's frozen reference)."""
+    mm.check_not_inference(trainable_only=True)
+    known = ref_model is None  # the map knows the model's parameters and modules: no walk of the tree
+    mm.claim()
+    try:
+        with (
+            preserved(
+                mm.model,
+                ref_model,
+                mode=mode,
+                params=mm.params if known else None,
+                modules=mm.modules if known else None,
+            ),
+            torch.enable_grad(),
+        ):
+            for p in mm.params:
+                p.requires_grad = False
+            named = mm.named
+            for n in autograd:
+                named[n].requires_grad = True
+            session = plan.session
+            session.arm()
+            try:
+                yield session
+            finally:
+                session.disarm()
+    finally:
+        mm.release()
+
+
+def backward(loss: Tensor, device_type: str) -> None:
+    """``loss.backward()``, with autocast off where a user's autocast is on: the taps' contractions must not drop
+    to half precision (autocast does not apply to backward ops; a checkpointed forward recomputed in the
+    backward restores its own autocast state)."""
+    ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+    with ctx:
+        loss.backward()
+
+
+def risk_backward(
+    model: nn.Module,
+    session: CaptureSession,
+    batch: Mapping[str, Tensor],
+    w: Tensor,
+    device_type: str,
+    before_backward: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One risk batch through the armed taps: forward, the per-token NLL, one backward of
+    L = Σ_b w_b Σ_{t∈b} nll_t (``w`` [B] on the model's device). Returns, on the device and unread: the
+    session's [K, B, G] contributions, each sample's summed NLL [B], and whether L is finite (a 0-d bool).
+    ``before_backward(L)``: called between the forward and the backward (a distributed agreement point, which
+    reads L first: a rank whose risk is not finite must stop every rank before the backward's collectives)."""
+    B, T = batch["input_ids"].shape
+    session.start(B, T)
+    nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
+    L = (nll * w.to(nll.dtype)[:, None]).sum()
+    summed = nll.detach().sum(1)
+    del nll
+    if not L.requires_grad:
+        raise RuntimeError(
+            "the risk does not depend on any tapped layer: no gradient can flow (is the model's input embedding "
+            "an nn.Embedding?)"
+        )
+    if before_backward is not None:
+        before_backward(L.detach())
+    backward(L, device_type)
+    return session.result(), summed, L.detach()
+
+
+__all__ = ["backward", "opened", "risk_backward"]
