@@ -15,6 +15,12 @@ them alike; medians):
 
 From them: the fixed per-call cost (ours minus the time inside its passes: checks, plan, weights, session set-up,
 combine), the tap machinery per pass and per tap (null-ops pass minus frozen), and the ops (ours minus null ops).
+
+Beside the times, the interpreter calls of one warm pass (:func:`count_calls`: every Python function call and
+every call of a C function from Python, as ``sys.setprofile`` reports them): ``measure(model, v, {"risk": batch})``
+with a prebuilt Direction over every parameter against a plain forward+backward of HF's ``.loss``
+(:func:`calls_case`). On a GPU the kernels are fast and this Python is the pass; ``tests/test_host_calls.py``
+keeps the ratio from growing back past 2×.
 """
 
 from __future__ import annotations
@@ -39,13 +45,49 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def count_calls(fn) -> int:
+    """Interpreter calls of one ``fn()`` after two warm-up calls: Python function calls plus calls of C functions
+    from Python (``sys.setprofile``'s "call" and "c_call" events)."""
+    fn()
+    fn()
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event == "call" or event == "c_call":
+            n[0] += 1
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n[0] - 1  # the call that turns the profiler off is reported too
+
+
+def calls_case(model, batch, direction) -> tuple[int, int]:
+    """(plain, ours) interpreter calls of one warm pass: a forward+backward of HF's ``.loss`` (grads cleared after),
+    and ``measure(model, direction, {"risk": batch})``."""
+    import geffect_fast as gf
+
+    def plain():
+        kw = {k: batch[k] for k in ("attention_mask",) if k in batch}
+        model(input_ids=batch["input_ids"], labels=batch["labels"], **kw).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def ours():
+        gf.measure(model, direction, {"risk": batch})
+
+    return count_calls(plain), count_calls(ours)
+
+
 def run(
     dev: torch.device, model_name: str, T: int, batches: list[int], repeats: int, clock=time.perf_counter
 ) -> tuple[list[dict], dict]:
     import geffect_fast as gf
     from benchmarks._common import llama_model, padded_batch
     from geffect_fast import api
-    from geffect_fast.capture import base as capture_base
+    from geffect_fast.capture.base import TapFn
     from geffect_fast.loss import forward_logits, token_nll
     from geffect_fast.ops.dispatch import Backend
 
@@ -69,7 +111,7 @@ def run(
             _sync(dev)
             inside["s"] += clock() - t0
 
-    tap_backward = capture_base._TapFn.backward
+    tap_backward = TapFn.backward
 
     def counting_backward(ctx, grad):
         taps["n"] += 1
@@ -96,7 +138,7 @@ def run(
         return Backend("null", lin, emb, norm, real.segment_outer)
 
     api._one_pass = timed_pass
-    capture_base._TapFn.backward = staticmethod(counting_backward)
+    TapFn.backward = staticmethod(counting_backward)
     rows, detail = [], {}
     try:
         for B in batches:
@@ -151,6 +193,7 @@ def run(
                         ntaps = taps["n"]
             med = {k: statistics.median(v) for k, v in times.items()}
             pas = {k: statistics.median(v) for k, v in passes.items()}
+            plain_calls, ours_calls = calls_case(model, batch, d)
             row = dict(
                 B=B,
                 T=T,
@@ -164,17 +207,20 @@ def run(
                 tap_machinery_ms=(pas["ours[null ops]"] - med["frozen"]) * 1e3,
                 per_tap_us=(pas["ours[null ops]"] - med["frozen"]) / max(1, ntaps) * 1e6,
                 ops_ms=(med["ours"] - med["ours[null ops]"]) * 1e3,
+                plain_calls=plain_calls,
+                ours_calls=ours_calls,
+                calls_ratio=ours_calls / plain_calls,
             )
             rows.append(row)
             print(
                 f"B{B:<3} plain {row['plain_ms']:8.2f}  frozen {row['frozen_ms']:8.2f}  ours {row['ours_ms']:8.2f} "
                 f"(x{row['ours_over_plain']:.2f})  fixed {row['fixed_ms']:6.2f}  taps {ntaps} x "
-                f"{row['per_tap_us']:6.1f} us  ops {row['ops_ms']:7.2f} ms",
+                f"{row['per_tap_us']:6.1f} us  ops {row['ops_ms']:7.2f} ms  calls {ours_calls}/{plain_calls}",
                 flush=True,
             )
     finally:
         api._one_pass = one_pass
-        capture_base._TapFn.backward = tap_backward
+        TapFn.backward = tap_backward
         api.resolve = resolve
     detail["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     return rows, detail
@@ -224,18 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         f"Medians of {args.repeats} round-robin repeats (every variant once "
         "per repeat). plain: forward+backward with weight gradients; frozen: the same without them; fixed: ours "
         "minus the time inside its pass; tap machinery: the pass with null ops minus frozen; ops: ours minus "
-        "null ops.",
+        "null ops; calls: interpreter calls of one warm pass (plain: HF's .loss forward+backward; ours: "
+        "measure(model, v, {'risk': batch}), count_calls).",
         "",
         "| B | plain ms | frozen ms | ours ms | ours/plain | fixed ms | taps | tap machinery ms | per tap µs "
-        "| ops ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ops ms | calls plain | calls ours | calls ours/plain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['plain_ms']:.2f} | {r['frozen_ms']:.2f} | {r['ours_ms']:.2f} "
             f"| {r['ours_over_plain']:.2f} "
             f"| {r['fixed_ms']:.2f} | {r['taps_per_pass']} | {r['tap_machinery_ms']:.2f} | {r['per_tap_us']:.1f} "
-            f"| {r['ops_ms']:.2f} |"
+            f"| {r['ops_ms']:.2f} | {r['plain_calls']} | {r['ours_calls']} | {r['calls_ratio']:.2f} |"
         )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -36,22 +36,37 @@ def _code(t: Tensor) -> int:
 
 
 def mat(t: Tensor | None) -> tuple:
-    return NULL2 if t is None else (t.data_ptr(), _code(t), t.stride(0), t.stride(1))
+    if t is None:
+        return NULL2
+    s = t.stride()
+    try:
+        return (t.data_ptr(), DTYPE_CODE[t.dtype], s[0], s[1])
+    except KeyError:
+        return (t.data_ptr(), _code(t), s[0], s[1])
 
 
 def mat3(t: Tensor | None) -> tuple:
-    return NULL3 if t is None else (t.data_ptr(), _code(t), t.stride(0), t.stride(1), t.stride(2))
+    if t is None:
+        return NULL3
+    s = t.stride()
+    try:
+        return (t.data_ptr(), DTYPE_CODE[t.dtype], s[0], s[1], s[2])
+    except KeyError:
+        return (t.data_ptr(), _code(t), s[0], s[1], s[2])
 
 
 def index(t: Tensor) -> tuple:
-    return (t.data_ptr(), t.dtype == torch.int64, t.stride(0))
+    return (t.data_ptr(), t.dtype is torch.int64, t.stride()[0])
 
 
 def seg_ids(seg, n: int, B: int, device: torch.device) -> Tensor:
     """``seg`` (an int T or ids) as ids, their values checked: the kernels index outputs with them. (Keep the
     result alive until the kernel has run: the descriptor holds only its pointer.)"""
-    if isinstance(seg, int):
-        return uniform_ids(B, seg, device)
+    if seg.__class__ is int:
+        try:
+            return _UNIFORM[(B, seg, device)]
+        except KeyError:
+            return uniform_ids(B, seg, device)
     check_seg_values(seg, B)
     return seg
 
@@ -62,14 +77,9 @@ _UNIFORM: dict[tuple[int, int, torch.device], Tensor] = {}
 def uniform_ids(B: int, T: int, device: torch.device) -> Tensor:
     """The ids [0]*T + [1]*T + … + [B-1]*T of uniform segments (valid by construction), kept per shape and device
     (the last few): a pass asks for the same ones at every tapped layer."""
-    key = (B, T, device)
-    try:
-        return _UNIFORM[key]
-    except KeyError:
-        pass
     if len(_UNIFORM) >= 8:
         _UNIFORM.clear()
-    ids = _UNIFORM[key] = seg_tensor(T, B * T, B, device)
+    ids = _UNIFORM[(B, T, device)] = seg_tensor(T, B * T, B, device)
     return ids
 
 
@@ -96,9 +106,10 @@ class KernelOps:
         self._call = call
 
     def _module(self):
-        if self._ext is None:
+        m = self._ext
+        if m is None:
             raise RuntimeError(self._missing())
-        return self._ext
+        return m
 
     def linear_dot(self, a, g, v, seg, B, vb=None):
         check_linear(a, g, v, seg, B, vb)
@@ -117,9 +128,8 @@ class KernelOps:
         acc = acc_dtype(a, g, v, vb)
         out_w = None if v is None else empty((K, B), acc, g.device)
         out_b = None if vb is None else empty((K, B), acc, g.device)
-        m = self._module()
         self._call(
-            m.linear_dot,
+            self._module().linear_dot,
             mat(a if v is not None else None),
             mat(g),
             mat3(v),

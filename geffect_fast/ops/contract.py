@@ -41,7 +41,11 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any given tensor is float64, else float32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    f64 = torch.float64
+    for t in tensors:
+        if t is not None and t.dtype is f64:
+            return f64
+    return torch.float32
 
 
 def check_seg(seg: Seg, n: int, B: int) -> None:

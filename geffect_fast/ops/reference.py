@@ -100,13 +100,13 @@ def linear_dot_kernel(
     inner, outer = (o, i) if g_side else (i, o)
     # V is converted to the accumulation dtype in chunks of the contracted dim, so that the converted
     # chunk is itself bounded by one tile; no copy at all when V already has that dtype.
-    if v.dtype == acc:
+    if v.dtype is acc:
         vchunk = inner
     else:
         vchunk = max(1, min(inner, TILE_BYTES // max(1, K * outer * itemsize)))
     # per-row transients: the product p [K, n, outer], plus the upcast copies of a and g when they need one
-    row = K * outer + (0 if a.dtype == acc else i) + (0 if g.dtype == acc else o)
-    n = _rows_per_tile(row, itemsize)
+    row = K * outer + (0 if a.dtype is acc else i) + (0 if g.dtype is acc else o)
+    n = TILE_BYTES // (row * itemsize) or 1
     if N <= n and vchunk == inner and seg.__class__ is int:  # one tile (a small batch): the fewest ops
         gt = g if g.dtype is acc else g.to(acc)
         at = a if a.dtype is acc else a.to(acc)
