@@ -122,28 +122,10 @@ class Tracker:
         probe_batch_size: int | None = None,
         measure_change: bool = True,
     ):
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if not probes:
-            raise ValueError("probes must name at least one risk set, e.g. {'unlearn': forget, 'retain': retain}")
+        _check_options(direction, every, probes, probe_batch_size)
         if compare and compare_batch is None:
             compare_batch = probes.get("unlearn", next(iter(probes.values())))
-        group = dist_mod.resolve_group(model, process_group)
-        if dist_mod.sharded_mesh(unwrap(model)) is not None:
-            raise NotImplementedError(
-                "Tracker does not support FSDP2-sharded models yet (the update direction swaps parameter storages "
-                "and the curvature term needs a double backward); call geffect_fast.measure() with "
-                "Direction.from_grads(model) in your loop instead"
-            )
-        if group is not None and (smooth or probe_batch_size is not None):
-            raise NotImplementedError(
-                "smooth=True and probe_batch_size are single-process options for now; under a process group leave "
-                "them unset (or pass process_group=None to track this rank's probes alone)"
-            )
-        if probe_batch_size is not None and probe_batch_size < 1:
-            raise ValueError(f"probe_batch_size must be >= 1 (or None), got {probe_batch_size}")
+        group = _probe_group(model, process_group, smooth, probe_batch_size)
         #: the group probes are pooled over (DDP), or None; each rank passes its own probe batches
         self.process_group = group
         self.timeout = timeout
@@ -165,10 +147,7 @@ class Tracker:
         self.probe_batch_size = probe_batch_size
         #: whether R is measured again after each step (measured_dR, the fidelity check): one forward per probe
         self.measure_change = bool(measure_change)
-        self._chunks = {r: _row_chunks(b, probe_batch_size) for r, b in self.probes.items()}
-        chunk_names = {_chunk_name(r, i) for r, cs in self._chunks.items() if len(cs) > 1 for i in range(len(cs))}
-        if chunk_names & set(self.probes):
-            raise ValueError(f"probe names must not look like chunk names {sorted(chunk_names & set(self.probes))}")
+        self._chunks = _chunked(self.probes, probe_batch_size)
         #: smoothed state: probe -> parameter -> ḡ_R, and direction name -> parameter -> ḡ_u
         self._gbar_R: dict[str, dict[str, Tensor]] = {}
         self._gbar_u: dict[str, dict[str, Tensor]] = {}
@@ -184,15 +163,7 @@ class Tracker:
         self.records: list[dict[str, Any]] = []
         self.cumulative: dict[tuple[str, str], float] = {}
         self.cumulative_groups: dict[tuple[str, str], dict[str, float]] = {}
-        self.log_path = Path(log) if log is not None else None
-        if self.log_path is not None:
-            if self.log_path.is_file() and self.log_path.stat().st_size > 0:
-                raise FileExistsError(
-                    f"log file {self.log_path} exists and holds records (of an earlier run?); remove it or pass "
-                    "another path — the tracker starts its log empty and will not overwrite it"
-                )
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log_path.write_text("")
+        self.log_path = _empty_log(log)
         self._pending: dict[str, Any] | None = None
 
     # -- the training-loop interface ---------------------------------------------------------------------
@@ -610,6 +581,58 @@ class Tracker:
                 f"{md:>14}{r['predicted_dR']:>14.3e}  {r['prediction']}"
             )
         return "\n".join(lines)
+
+
+def _check_options(direction: str, every: int, probes: Mapping[str, Any], probe_batch_size: int | None) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if not probes:
+        raise ValueError("probes must name at least one risk set, e.g. {'unlearn': forget, 'retain': retain}")
+    if probe_batch_size is not None and probe_batch_size < 1:
+        raise ValueError(f"probe_batch_size must be >= 1 (or None), got {probe_batch_size}")
+
+
+def _probe_group(model: nn.Module, process_group: Any, smooth: bool, probe_batch_size: int | None) -> Any:
+    """The process group the probes are pooled over (DDP), or None; the options a group does not support refused."""
+    group = dist_mod.resolve_group(model, process_group)
+    if dist_mod.sharded_mesh(unwrap(model)) is not None:
+        raise NotImplementedError(
+            "Tracker does not support FSDP2-sharded models yet (the update direction swaps parameter storages "
+            "and the curvature term needs a double backward); call geffect_fast.measure() with "
+            "Direction.from_grads(model) in your loop instead"
+        )
+    if group is not None and (smooth or probe_batch_size is not None):
+        raise NotImplementedError(
+            "smooth=True and probe_batch_size are single-process options for now; under a process group leave "
+            "them unset (or pass process_group=None to track this rank's probes alone)"
+        )
+    return group
+
+
+def _chunked(probes: Mapping[str, Mapping[str, Tensor]], size: int | None) -> dict[str, list[dict[str, Tensor]]]:
+    """Each probe set in chunks of ``size`` rows (:func:`_row_chunks`); chunk names must not clash with probes."""
+    chunks = {r: _row_chunks(b, size) for r, b in probes.items()}
+    names = {_chunk_name(r, i) for r, cs in chunks.items() if len(cs) > 1 for i in range(len(cs))}
+    if names & set(probes):
+        raise ValueError(f"probe names must not look like chunk names {sorted(names & set(probes))}")
+    return chunks
+
+
+def _empty_log(log: str | Path | None) -> Path | None:
+    """The log's path, its file created empty; refused where it holds records already (never overwritten)."""
+    if log is None:
+        return None
+    path = Path(log)
+    if path.is_file() and path.stat().st_size > 0:
+        raise FileExistsError(
+            f"log file {path} exists and holds records (of an earlier run?); remove it or pass another path — the "
+            "tracker starts its log empty and will not overwrite it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    return path
 
 
 def _row_chunks(batch: Mapping[str, Tensor], size: int | None) -> list[dict[str, Tensor]]:

@@ -205,6 +205,10 @@ def test_smoothed_value_follows_the_recursion_of_both_gradients():
     want = sum(w[i] * w[j] * sum(float((gR[i][n] * gu[j][n]).sum()) for n in gu[0]) for i in range(3) for j in range(3))
     assert tr.records[-1]["smoothed_total"] == pytest.approx(want, rel=1e-10)
     assert set(tr.records[-1]["smoothed_groups"]) == {"embed", "shallow", "deep"}  # 2 blocks: no middle third
+    # the state it keeps: ḡ_R for the one probe set and ḡ_u for the one direction, each a copy of θ (float64 here)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert tr.smoothed_state_bytes == 2 * nbytes
+    assert gf.Tracker(model, {"unlearn": forget}).smoothed_state_bytes == 0
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sample_mean"])
