@@ -106,7 +106,7 @@ def fsdp() -> list[tuple[str, float, float]]:
         got = dict(line.split() for line in Path(tmp, "fsdp").read_text().splitlines())
     rows = []
     for route in ("sharded", "taps"):
-        e = estimate(c, B, T, param_bytes=4, direction_bytes=4, world=2, fsdp=True, route=route)
+        e = estimate(c, B, T, param_bytes=4, direction_bytes=4, world=2, fsdp=True, strategy=route)
         # not visible to the tracker: the weight and direction shards (they exist before the call) and FSDP's
         # unsharded parameter buffers (resized in place, never allocated through an op)
         pred = e.total - e.weights - c.params * 4 / 2
@@ -151,7 +151,7 @@ def main() -> None:
         "rank, float32, sharded direction (rank 0). FSDP's unsharded parameter buffers are resized in place, not",
         "allocated through ops, so the tracker cannot see them: the predicted column leaves the weights out.",
         "",
-        "| route | measured MiB | predicted MiB | measured/predicted |",
+        "| strategy | measured MiB | predicted MiB | measured/predicted |",
         "|---|---:|---:|---:|",
     ]
     for route, got, pred in fsdp_rows:
@@ -170,9 +170,9 @@ def main() -> None:
         ("1 GPU", dict()),
         ("1 GPU, checkpointing", dict(checkpointing=True)),
         ("DDP ×8", dict(world=8)),
-        ("FSDP ×8, per instance (taps)", dict(world=8, fsdp=True, route="taps")),
-        ("FSDP ×8, aggregates (sharded)", dict(world=8, fsdp=True, route="sharded")),
-        ("FSDP ×8, sharded + checkpointing", dict(world=8, fsdp=True, route="sharded", checkpointing=True)),
+        ("FSDP ×8, per instance (taps)", dict(world=8, fsdp=True, strategy="taps")),
+        ("FSDP ×8, aggregates (sharded)", dict(world=8, fsdp=True, strategy="sharded")),
+        ("FSDP ×8, sharded + checkpointing", dict(world=8, fsdp=True, strategy="sharded", checkpointing=True)),
     ]
     for name, cfg in LLAMA2.items():
         for label, kw in settings:

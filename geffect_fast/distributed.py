@@ -8,7 +8,7 @@ the union of the batches (rank order), because everything the union needs is a s
 * per-instance values e_b = ⟨∇ℓ_b, v⟩, which are local to the rank that holds sample b — gathered;
 * totals Σ_b c_b e_b and the risk Σ_b c_b ℓ_b — each rank's part, summed.
 
-Two routes (``Result.meta["route"]``):
+Two strategies (``Result.meta["strategy"]``):
 
 ``"taps"`` (DDP, plain replicas, and FSDP2 with ``per_instance=True``): the single-process pass on each
 rank's batch. Under FSDP2 each tapped layer's direction is all-gathered inside its backward hook, used and
@@ -258,7 +258,7 @@ class Part:
     loss: float  #: Σ_{b here} c_b ℓ_b
     n: Tensor  #: [B] labelled tokens
     c: Tensor  #: [B] union weights
-    e: Tensor | None  #: [K, B, G] per-instance values (None on the sharded route)
+    e: Tensor | None  #: [K, B, G] per-instance values (None on the sharded strategy)
 
 
 def union_counts(

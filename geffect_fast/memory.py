@@ -5,7 +5,7 @@ measured on B sequences of T tokens per GPU. Byte sizes: weights p, activations 
 
 Weights              P·p, or P·p/W under FSDP + the unsharded working set: the root unit (embedding, head),
                      which FSDP2 keeps gathered from forward to backward, and two blocks (prefetch)
-Direction            K·P·d, or K·P·d/W sharded; the "taps" route under FSDP adds the gathered directions of
+Direction            K·P·d, or K·P·d/W sharded; the "taps" strategy under FSDP adds the gathered directions of
                      the module in its backward hook and of the next one, gathered ahead: ≤ 2·K·max|θ_i|·d
 Activations          what the backward needs, per token and layer (HF Llama, sdpa, every parameter frozen,
                      our taps saving layer inputs — the tensors ordinary training saves for its weight
@@ -20,7 +20,7 @@ Logits               3·4·B·T·V at the start of the backward (float32 log-sof
                      the larger of that and one block's full set while it is recomputed (they come one
                      after the other)
 Transient            one reference-op tile (4 MiB) + the per-sample outputs K·B·G·8 — nothing O(B·|θ|)
-Gradients            none on the taps route; the sharded route (FSDP aggregates) holds the sharded gradient
+Gradients            none on the taps strategy; the sharded strategy (FSDP aggregates) holds the sharded gradient
                      P·p/W, and unsharded ones until reduce-scattered: one block's and the root unit's
 
 Peak = weights + direction + transient + max(activations + logits, gradients): the activations peak at the
@@ -133,7 +133,7 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        """The peak: activations and logits peak at the start of the backward, the gradients (sharded route)
+        """The peak: activations and logits peak at the start of the backward, the gradients (sharded strategy)
         at its end, as the activations are freed — so the larger of the two, not their sum."""
         return self.weights + self.direction + self.transient + max(self.activations + self.logits, self.gradients)
 
@@ -159,15 +159,15 @@ def estimate(
     groups: int | None = None,
     world: int = 1,
     fsdp: bool = False,
-    route: str = "taps",
+    strategy: str = "taps",
     checkpointing: bool = False,
 ) -> Estimate:
     """Memory per GPU and communication per rank of one measurement (one risk set of ``batch`` × ``seq``
     tokens on each GPU) under DDP/single GPU (``fsdp=False``) or FSDP over ``world`` GPUs."""
-    if route not in ("taps", "sharded"):
-        raise ValueError(f"route must be 'taps' or 'sharded', got {route!r}")
-    if route == "sharded" and not fsdp:
-        raise ValueError("the sharded route exists only under FSDP")
+    if strategy not in ("taps", "sharded"):
+        raise ValueError(f"strategy must be 'taps' or 'sharded', got {strategy!r}")
+    if strategy == "sharded" and not fsdp:
+        raise ValueError("the sharded strategy exists only under FSDP")
     p, d, K = param_bytes, direction_bytes, directions
     P = cfg.params
     G = groups if groups is not None else cfg.layers + 3
@@ -177,7 +177,7 @@ def estimate(
     # FSDP2 keeps the root unit (embedding, head) unsharded from forward to backward, and up to two blocks
     weights = P * p / shard + ((cfg.root_params + 2 * cfg.block_params) * p if fsdp else 0)
     direction = K * P * d / shard
-    if fsdp and route == "taps":  # the layer's gathered direction and the next one's, gathered ahead
+    if fsdp and strategy == "taps":  # the layer's gathered direction and the next one's, gathered ahead
         direction += 2 * K * cfg.largest_param * d
     per_layer = activation_bytes_per_token_layer(cfg, p)
     logits = 3 * 4 * N * cfg.vocab + p * N * cfg.hidden
@@ -189,12 +189,12 @@ def estimate(
         activations = N * cfg.layers * per_layer
     transient = TILE + K * batch * G * 8
     gradients = 0.0
-    if route == "sharded":
+    if strategy == "sharded":
         # the sharded gradient, plus unsharded ones until reduce-scattered (the root's: the whole backward)
         gradients = P * p / shard + (cfg.root_params + cfg.block_params) * p
     if not fsdp:
         comm = world * batch * (K * G + 2) * 8 if world > 1 else 0.0
-    elif route == "taps":
+    elif strategy == "taps":
         comm = 2 * P * p * ring + K * P * d * ring + world * batch * (K * G + 2) * 8
     else:
         comm = 2 * P * p * ring + P * p * ring + world * K * G * 8

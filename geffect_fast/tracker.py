@@ -391,7 +391,7 @@ class Tracker:
             weights=weights,
             n_tokens=counts,
             losses=dict(losses),
-            meta={"route": "risk gradient (smoothed tracker)", "mode": self.mode},
+            meta={"strategy": "risk gradient (smoothed tracker)", "mode": self.mode},
         )
 
     def _smoothed(

@@ -71,16 +71,16 @@ def test_predicted_peak_matches_measured(dtype, ck):
 def test_fsdp_and_ddp_arithmetic():
     cfg = LLAMA2["7B"]
     one = estimate(cfg, 4, 512)
-    fsdp = estimate(cfg, 4, 512, world=8, fsdp=True, route="sharded")
-    taps = estimate(cfg, 4, 512, world=8, fsdp=True, route="taps")
+    fsdp = estimate(cfg, 4, 512, world=8, fsdp=True, strategy="sharded")
+    taps = estimate(cfg, 4, 512, world=8, fsdp=True, strategy="taps")
     assert one.weights == cfg.params * 2 and one.communication == 0
     assert fsdp.weights == pytest.approx(cfg.params * 2 / 8 + (cfg.root_params + 2 * cfg.block_params) * 2)
     assert taps.direction == pytest.approx(cfg.params * 2 / 8 + 2 * cfg.largest_param * 2)
     assert taps.gradients == 0 < fsdp.gradients
-    # the sharded route moves what a training step does: two parameter all-gathers and a reduce-scatter
+    # the sharded strategy moves what a training step does: two parameter all-gathers and a reduce-scatter
     assert fsdp.communication == pytest.approx(3 * cfg.params * 2 * 7 / 8 + 8 * (cfg.layers + 3) * 8)
     assert estimate(cfg, 4, 512, checkpointing=True).total < one.total
     with pytest.raises(ValueError, match="only under FSDP"):
-        estimate(cfg, 4, 512, route="sharded")
-    with pytest.raises(ValueError, match="route"):
-        estimate(cfg, 4, 512, fsdp=True, route="nope")
+        estimate(cfg, 4, 512, strategy="sharded")
+    with pytest.raises(ValueError, match="strategy"):
+        estimate(cfg, 4, 512, fsdp=True, strategy="nope")
