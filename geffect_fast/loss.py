@@ -40,6 +40,9 @@ def check_batch(batch: Any, name: str, device: torch.device | None = None) -> No
     ids, labels = batch["input_ids"], batch["labels"]
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         raise ValueError(f"risk set {name!r}: input_ids must be a [B, T] tensor")
+    for key, t in (("input_ids", ids), ("labels", labels)):
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"risk set {name!r}: {key} must be integer token ids (int64), got {t.dtype}")
     for key in ("labels", *FORWARD_KEYS):
         t = batch.get(key)
         if t is None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..ops.contract import Seg
 
@@ -145,6 +146,68 @@ class Adapter:
 
     def bind(self, tap: Tap, state: PassState) -> OnOutput | Around:
         raise NotImplementedError
+
+    def bind_foreign(self, tap: Tap, state: PassState) -> Around | None:
+        """The stand-in for a forward this adapter did not write — one set on the instance (``module.forward =
+        ...``) — as ``around(forward, args, kwargs)``: it must vouch for what the forward computes (tap the
+        parameter's own functional call and refuse other uses, :class:`FunctionalTap`; or check the output), or
+        return None: such a module is then refused (an error naming it; ``strict=False``: autograd)."""
+        return None
+
+
+class FunctionalTap(TorchFunctionMode):
+    """Inside one module's forward (live only while it runs): every torch function call that takes one of the
+    module's covered parameters — as the forward sees them, ``params`` (id -> canonical name) — is either the
+    call the adapter knows how to measure or a use the tap cannot vouch for.
+
+    ``known(func, args, kwargs)`` returns a handler for the known call (``F.linear(x, W, b)`` for a linear map,
+    ``F.embedding(ids, E, ...)`` for a table), or None. A handled call runs and ``handler(out, args, kwargs)``
+    returns its output with a tap on it — the gradient the tap receives is then exactly that of the call's own
+    output, whatever the forward does before or after it, and a parameter used in two known calls adds both
+    contributions. Any other call that takes a parameter and returns a tensor (``W[ids]``, ``0.5 * W``, ``W.T``,
+    a transform) is an error naming the parameter and the function (:class:`NotPerSampleError`, so that
+    ``strict=False`` measures the parameter by autograd instead); reading metadata (``W.shape``, ``W.dtype``) is
+    fine. This is how a forward the adapter did not write — a subclass's own, or one set on the instance — is
+    measured exactly or refused, never taken on trust."""
+
+    def __init__(self, params: dict[int, str], known: Callable, module_name: str):
+        super().__init__()
+        self.params = params
+        self.known = known
+        self.module_name = module_name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = self.known(func, args, kwargs)
+        if handler is not None:
+            return handler(func(*args, **kwargs), args, kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) or (isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)):
+            used = self.used(args, kwargs)
+            if used:
+                why = (
+                    f"{used!r} is used inside the forward of {self.module_name!r} by "
+                    f"{getattr(func, '__qualname__', None) or getattr(func, '__name__', repr(func))}, not only by the "
+                    "call its adapter measures, so the tap cannot vouch for its gradient"
+                )
+                raise NotPerSampleError(
+                    why + ". Give the parameter a zero direction, register an adapter that knows this forward, or "
+                    "(measure) pass strict=False to measure it by ordinary autograd (group 'uncovered')",
+                    {used: why},
+                )
+        return out
+
+    def used(self, args: tuple, kwargs: dict) -> str | None:
+        """The canonical name of a watched parameter among the call's arguments (one level into lists), or None."""
+        ids = self.params
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, (list, tuple)):
+                for b in a:
+                    if id(b) in ids:
+                        return ids[id(b)]
+            elif id(a) in ids:
+                return ids[id(a)]
+        return None
 
 
 def first_input(args: tuple, kwargs: dict, name: str) -> Tensor:

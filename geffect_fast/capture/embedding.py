@@ -7,9 +7,12 @@ gives that row no gradient.
 
 Subclasses compute their ids (OPT: from the attention mask, plus an offset) or scale the result (Gemma:
 by √d) inside their own ``forward``. So the tap is placed on the inner ``F.embedding`` call — caught by a
-``TorchFunctionMode`` live only while the module runs — where ids and output are exactly the table's.
-Position ids shared by the batch ([1, T]) are expanded to the batch so that each sample gets its own
-gradient.
+:class:`~geffect_fast.capture.base.FunctionalTap` live only while the module runs — where ids, padding id and
+output are exactly the call's: a subclass that passes no ``padding_idx`` (HF's ``IdeficsDecoupledEmbedding``)
+gives that row its gradient, and the tap counts it. Any other use of the table inside the forward (``weight[ids]``,
+a transformed table) is refused, never silently left out; so is a call with ``max_norm`` or
+``scale_grad_by_freq``. Position ids shared by the batch ([1, T]) are expanded to the batch so that each sample
+gets its own gradient.
 """
 
 from __future__ import annotations
@@ -18,29 +21,13 @@ from typing import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from .base import Adapter, NotPerSampleError, PassState, Tap
+from .base import Adapter, FunctionalTap, NotPerSampleError, PassState, Tap
 from .registry import register
 
 
-class _EmbeddingCall(TorchFunctionMode):
-    """Taps the ``F.embedding`` call on one table while its module's forward runs."""
-
-    def __init__(self, weight: nn.Parameter, on_call):
-        super().__init__()
-        self.weight = weight
-        self.on_call = on_call
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.embedding:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is self.weight:
-                ids = args[0] if args else kwargs["input"]
-                return self.on_call(ids, out)
-        return out
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 @register(nn.Embedding)
@@ -60,35 +47,54 @@ class EmbeddingAdapter(Adapter):
         module = tap.module
         slot = tap.slots["weight"]
         parts = [(c, sl["weight"]) for c, sl in tap.parts]
-        padding_idx = module.padding_idx
+        backwards: dict[int | None, object] = {}
 
-        def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
-            (ids,) = saved
-            d = g.shape[-1]
-            ids1, g2 = ids.reshape(-1), g.reshape(-1, d)
-            for c, w in parts:
-                c.embedding(w, ids1, g2, seg, padding_idx)
+        def backward_for(pad: int | None):
+            def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
+                (ids,) = saved
+                d = g.shape[-1]
+                ids1, g2 = ids.reshape(-1), g.reshape(-1, d)
+                for c, w in parts:
+                    c.embedding(w, ids1, g2, seg, pad)
 
-        def on_call(ids: Tensor, y: Tensor) -> Tensor:
+            return backwards.setdefault(pad, backward)
+
+        def refuse(why: str) -> None:
+            raise NotPerSampleError(f"embedding {state.module_name(module)!r}: {why}", {slot.name: why})
+
+        def handle(y: Tensor, args: tuple, kwargs: dict) -> Tensor:
+            ids = _arg(args, kwargs, 0, "input")
+            table = _arg(args, kwargs, 1, "weight")
+            pad = _arg(args, kwargs, 2, "padding_idx")
+            if _arg(args, kwargs, 3, "max_norm") is not None:
+                refuse("F.embedding is called with max_norm, which renormalises the table in place")
+            if _arg(args, kwargs, 5, "scale_grad_by_freq", False):
+                refuse("F.embedding is called with scale_grad_by_freq: gradients scaled by batch-wide token counts")
+            if pad is not None and pad < 0:
+                pad += table.shape[0]
             B = state.B
             if not state.pooled:
                 if ids.ndim >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
                     ids = ids.expand(B, *ids.shape[1:])
                     y = y.expand(B, *y.shape[1:])
                 elif ids.ndim < 2 or ids.shape[0] != B:
-                    why = (
-                        f"embedding {state.module_name(module)!r} was called with ids of shape {tuple(ids.shape)}, "
-                        f"which cannot be split into the batch's {B} samples"
+                    refuse(
+                        f"called with ids of shape {tuple(ids.shape)}, which cannot be split into the batch's {B} "
+                        "samples (pass [B, T] or [1, T] ids)"
                     )
-                    raise NotPerSampleError(why + " (pass [B, T] or [1, T] ids)", {slot.name: why})
             seg = state.rows(y, y.shape[-1], module)
             if not y.requires_grad:
                 y = y.detach().requires_grad_(True)
-            return state.apply(y, backward, seg, ids)
+            return state.apply(y, backward_for(pad), seg, ids)
 
         def around(inner, args, kwargs):
+            table = module._parameters["weight"]  # as the forward sees it: the guard's alias, FSDP2's unsharded table
+
+            def known(func, a, kw):
+                return handle if func is F.embedding and _arg(a, kw, 1, "weight") is table else None
+
             # the mode is live only inside the module's own forward, and always left (KeyboardInterrupt too)
-            with _EmbeddingCall(module.weight, on_call):  # read now: FSDP2 swaps in the unsharded table
+            with FunctionalTap({id(table): slot.name}, known, state.module_name(module)):
                 return inner(*args, **kwargs)
 
         return around

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, PassState, Tap, UnsupportedModuleError, first_input
+from .base import Adapter, NotPerSampleError, PassState, Tap, UnsupportedModuleError, first_input
 from .registry import register, register_recogniser
 
 #: relative tolerance of the structural check, by the coarser of the output dtype and the precision of x̂
@@ -76,6 +76,7 @@ class _NormAdapter(Adapter):
         # it holds while the code does
         verified = _VERIFIED.setdefault(module, {}) if self.verify else {}
         wdtype = module.weight.dtype if module.weight is not None else None
+        own = type(module).forward
         backwards: dict[torch.dtype | None, Callable] = {}
 
         def backward_in(prec: torch.dtype | None) -> Callable:
@@ -105,12 +106,16 @@ class _NormAdapter(Adapter):
                 )
             a = args[0] if args else first_input(args, kwargs, "hidden_states")
             fn = plain
-            if self.verify:
-                key = (getattr(inner, "__func__", inner), a.dtype, out.dtype, wdtype)
+            func = getattr(inner, "__func__", inner)
+            if self.verify or func is not own:  # a structural class, or a forward set on the instance: checked
+                key = (func, a.dtype, out.dtype, wdtype)
                 try:
                     prec = verified[key]
                 except KeyError:
-                    prec = verified[key] = self._verify(module, a, out, state.module_name(module))
+                    try:
+                        prec = verified[key] = self._verify(module, a, out, state.module_name(module))
+                    except UnsupportedModuleError as e:  # the parameters by autograd under strict=False
+                        raise NotPerSampleError(str(e), {sl.name: str(e) for sl in tap.slots.values()}) from None
                 fn = backwards.get(prec) or backward_in(prec)
             seg = state.rows(out.flatten(-nd) if nd > 1 else out, d, module)
             if not out.requires_grad:
@@ -144,9 +149,11 @@ class _NormAdapter(Adapter):
                 w = module.weight.to(xh.dtype)
                 y = out.to(xh.dtype)
                 scale = torch.where(keep, y, 0).abs().max().clamp_min(torch.finfo(xh.dtype).tiny)
+                b = getattr(module, "bias", None)
+                b = b.to(xh.dtype) if isinstance(b, Tensor) else 0
                 err = min(
-                    (torch.where(keep, y - w * xh, 0).abs().max() / scale).item(),
-                    (torch.where(keep, y - (1 + w) * xh, 0).abs().max() / scale).item(),
+                    (torch.where(keep, y - (w * xh + b), 0).abs().max() / scale).item(),
+                    (torch.where(keep, y - ((1 + w) * xh + b), 0).abs().max() / scale).item(),
                 )
                 tol = _rtol(out.dtype, p)
                 if best is None or err / tol < best_err / best_tol:  # the precision that fits best, for its dtype
@@ -155,7 +162,7 @@ class _NormAdapter(Adapter):
             raise UnsupportedModuleError(
                 f"module {name!r} ({type(module).__name__}) looks like {self.kind} but its output is neither "
                 f"γ⊙x̂ nor (1+γ)⊙x̂ of its input (relative error {best_err:.2e}); register an adapter for it "
-                "with geffect_fast.capture.register"
+                "with geffect_fast.capture.register (or restore its own forward, if one was set on the instance)"
             )
         return best
 

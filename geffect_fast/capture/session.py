@@ -50,13 +50,16 @@ _DETACH = Tensor.detach
 
 
 class _Install:
-    """One module's stand-in forward: the wrapper, the forward it calls (``box[0]``), the module's own class
-    forward, and what was in its ``__dict__`` before arming (``saved``: a user's instance forward, or None)."""
+    """One module's stand-in forward: the wrapper for the module's own forward, the forward it calls (``box[0]``),
+    the module's own class forward, the wrapper for an instance forward set by a user (made when first needed),
+    and what was in the module's ``__dict__`` before arming (``saved``: a user's instance forward, or None)."""
 
-    __slots__ = ("module", "wrapper", "box", "own", "saved")
+    __slots__ = ("module", "wrapper", "box", "own", "saved", "foreign", "make_foreign")
 
-    def __init__(self, module: nn.Module, wrapper: Callable, box: list, own: Callable):
+    def __init__(self, module: nn.Module, wrapper: Callable, box: list, own: Callable, make_foreign: Callable | None):
         self.module, self.wrapper, self.box, self.own, self.saved = module, wrapper, box, own, None
+        self.foreign: Callable | None = None
+        self.make_foreign = make_foreign
 
 
 class CaptureSession:
@@ -110,11 +113,23 @@ class CaptureSession:
                 swaps.append(cell)
                 self._cells.append(cell)
                 self._watched.setdefault(id(p), (p, slot.name, t.name))
-        fn = t.adapter.bind(t, self)
         box: list = [None]
+        wrapper = self._wrapper(m, t.adapter.bind(t, self), t.adapter.around, swaps, box)
+        make_foreign = None
+        if not t.adapter.around:  # an around adapter is handed whatever forward the module has
+
+            def make_foreign() -> Callable:
+                fn = t.adapter.bind_foreign(t, self) or self._refusal(t)
+                return self._wrapper(m, fn, True, swaps, box)
+
+        return _Install(m, wrapper, box, type(m).forward.__get__(m), make_foreign)
+
+    def _wrapper(self, m: nn.Module, fn: Callable, around: bool, swaps: list[list], box: list) -> Callable:
+        """The stand-in forward: while armed (and grad is enabled), ``fn`` on the module's own output (or in place of
+        its forward, ``around``), with the covered parameters swapped for their aliases inside the call."""
         armed = self._armed
         is_grad = torch.is_grad_enabled
-        if t.adapter.around:
+        if around:
 
             def forward(*args, **kwargs):
                 inner = box[0]
@@ -150,7 +165,24 @@ class CaptureSession:
                 return fn(args, kwargs, out)
 
         forward._geffect_session = self
-        return _Install(m, forward, box, type(m).forward.__get__(m))
+        return forward
+
+    def _refusal(self, t: Tap) -> Callable:
+        """The stand-in for a forward set on the instance that the module's adapter cannot vouch for: an error
+        naming the module (``strict=False``: its parameters by autograd)."""
+
+        def refuse(inner, args, kwargs):
+            why = (
+                f"the forward of {t.name!r} ({type(t.module).__name__}) was replaced on the instance (module.forward = "
+                "...), and its adapter cannot vouch for what that forward computes"
+            )
+            raise NotPerSampleError(
+                why + ". Restore the module's own forward, register an adapter that knows it, or (measure) pass "
+                "strict=False to measure its parameters by ordinary autograd",
+                {s.name: why for s in t.slots.values()},
+            )
+
+        return refuse
 
     def _root(self, m: nn.Module) -> _Install:
         """A module whose output becomes a leaf that requires grad, so gradients flow with frozen parameters."""
@@ -165,7 +197,7 @@ class CaptureSession:
             return out
 
         forward._geffect_session = self
-        return _Install(m, forward, box, type(m).forward.__get__(m))
+        return _Install(m, forward, box, type(m).forward.__get__(m), None)
 
     # -- lifetime ------------------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -178,15 +210,20 @@ class CaptureSession:
         try:
             for inst in self._installs:
                 d = inst.module.__dict__
-                if "forward" in d:
+                wrapper = inst.wrapper
+                if "forward" in d:  # a forward set on the instance: another pass's, or a user's
                     cur = d["forward"]
                     owner = getattr(cur, "_geffect_session", None)
                     if owner is not None:
                         self._refuse(inst.module, owner._thread)
                     inst.saved = inst.box[0] = cur
+                    if inst.make_foreign is not None:
+                        if inst.foreign is None:
+                            inst.foreign = inst.make_foreign()
+                        wrapper = inst.foreign
                 else:
                     inst.saved, inst.box[0] = None, inst.own
-                d["forward"] = inst.wrapper
+                d["forward"] = wrapper
                 done.append(inst)
         except BaseException:
             self._uninstall(done)
@@ -210,7 +247,8 @@ class CaptureSession:
     def _uninstall(self, installs: list[_Install]) -> None:
         for inst in installs:
             d = inst.module.__dict__
-            if d.get("forward") is not inst.wrapper:
+            cur = d.get("forward")
+            if cur is not inst.wrapper and (cur is None or cur is not inst.foreign):
                 self.broken = True  # someone wrapped it after us: leave theirs; ours passes through from now on
                 continue
             if inst.saved is None:
