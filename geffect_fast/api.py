@@ -55,7 +55,15 @@ from .engine import (
     unwrap,
 )
 from .engine.routes import ROUTES, Routing, plan_routes
-from .loss import REDUCTIONS, check_batch, check_causal_lm, label_counts, reduction_weights
+from .loss import (
+    REDUCTIONS,
+    check_batch,
+    check_causal_lm,
+    packed_samples,
+    packed_spans,
+    reduction_weights,
+    sample_counts,
+)
 from .ops import resolve
 from .ops.dispatch import Backend
 from .result import UNCOVERED, Result
@@ -84,6 +92,7 @@ class _Call:
     per_instance: bool
     sharded: bool  #: FSDP2: collectives run inside the backward (gradient reduce-scatter, direction gathers)
     strategy: str  #: one of STRATEGIES
+    packed: dict[str, Tensor | None]  #: risk -> its packed samples [B, T] (loss.packed_samples), or None
     routing: Routing | None = None  #: a factored direction's route per parameter (V holds its FactoredEntry
     #: where the route is "factored", the formed V where it is "dense")
 
@@ -276,7 +285,10 @@ def _check_inputs(
     sharded = mm.mesh is not None
     # FSDP2 aggregates come from the sharded gradient itself; per-instance values need the taps
     strategy = "sharded" if sharded and not per_instance else "taps"
-    return _Call(mm, comm, direction, risks, V, grouping, groups, reduction, mode, per_instance, sharded, strategy)
+    packed = {r: packed_samples(b) for r, b in risks.items()}
+    return _Call(
+        mm, comm, direction, risks, V, grouping, groups, reduction, mode, per_instance, sharded, strategy, packed
+    )
 
 
 # -- phase 2 ----------------------------------------------------------------------------------------------
@@ -356,7 +368,7 @@ def _plan(call: _Call, backend: str, strict: bool, forced: Mapping[str, str] | N
 
 def _weights(call: _Call) -> _Weights:
     """Union weights: known from the labels before any forward (one gather of pool sizes across ranks)."""
-    n = {r: label_counts(b["labels"]).cpu() for r, b in call.risks.items()}
+    n = {r: sample_counts(b, call.packed[r]).cpu() for r, b in call.risks.items()}
     pooled, sizes = dist_mod.union_counts(call.comm, n, call.reduction)
     return _Weights(n, pooled, sizes)
 
@@ -437,7 +449,9 @@ def _one_pass(
             _check_risk(rname, L)
             comm.agree(f"running the forward of risk set {rname!r}")
 
-    out, summed, L = risk_backward(call.model, session, batch, w, dev.type, before)
+    packed = call.packed[rname]
+    packed = None if packed is None else packed.to(dev)
+    out, summed, L = risk_backward(call.model, session, batch, w, dev.type, before, packed)
     _check_risk(rname, L)  # the host reads the pass's results only now, after the backward
     session.check_outside_uses()
     ell = (summed / n1.to(device=summed.device, dtype=summed.dtype)).double().cpu()
@@ -493,6 +507,10 @@ def _combine(call: _Call, pp: _PassPlan, weights: _Weights, parts: dict[str, dis
     if call.routing is not None:
         meta["direction_routes"] = dict(call.routing.kinds)
         meta["route_costs"] = dict(call.routing.predicted)
+    samples = {r: packed_spans(p) for r, p in call.packed.items() if p is not None}
+    if samples:
+        #: risk -> [row, first position, end position) of each packed sample, in order (a packed batch's samples)
+        meta["samples"] = samples
     return Result(
         directions=call.direction.names,
         risks=tuple(call.risks),

@@ -139,6 +139,22 @@ def _pad(
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+    """rows of (ids, labels) -> one packed row, as HF's ``DataCollatorWithFlattening`` packs them: the samples one
+    after another, ``position_ids`` restarting at 0 at each, the first label of each sample −100 (it would be
+    predicted from the sample before), no padding and no attention mask (the model builds the block-causal mask
+    from the position ids). ``geffect_fast.measure`` reads such a batch per packed sample."""
+    ids: list[int] = []
+    lab: list[int] = []
+    pos: list[int] = []
+    for r_ids, r_lab in rows:
+        ids += r_ids
+        lab += [IGNORE_INDEX] + list(r_lab[1:])
+        pos += list(range(len(r_ids)))
+    as_row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(ids), "labels": as_row(lab), "position_ids": as_row(pos)}
+
+
 def encode_qa(
     records: Sequence[Mapping[str, Any]],
     tokenizer,
@@ -149,9 +165,11 @@ def encode_qa(
     add_bos: bool | None = None,
     truncation: str = "end",
     padding: str = "longest",
+    packing: bool = False,
 ) -> dict[str, Tensor]:
     """TOFU-format records -> a batch: [BOS] prompt answer EOS, labels on the answer (with the format's
-    answer prefix) and the EOS; ``truncation`` and ``padding`` as in the module docstring."""
+    answer prefix) and the EOS; ``truncation`` and ``padding`` as in the module docstring. ``packing=True``: all
+    samples in one row, as HF's ``DataCollatorWithFlattening`` packs them (:func:`pack`; ``padding`` unused)."""
     check_records(list(records), ("question", answer_key))
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be 'end' (the official code) or 'prompt', got {truncation!r}")
@@ -197,6 +215,8 @@ def encode_qa(
         ids = head + p + a + [eos]
         lab = [IGNORE_INDEX] * (len(head) + len(p)) + a + [eos]
         rows.append((ids, lab))
+    if packing:
+        return pack(rows)
     return _pad(rows, pad, padding_side, max_length if padding == "max_length" else None)
 
 

@@ -10,6 +10,13 @@ Per sample b with n_b labelled tokens, ℓ_b = (1/n_b) Σ_{t∈b} nll_t. The ris
 * ``sample_mean``: R = (1/B') Σ_{b: n_b>0} ℓ_b, over the B' samples that have labelled tokens.
 
 Both are R = Σ_b c_b ℓ_b with the weights c_b of :func:`sample_weights`.
+
+**Packed rows.** A batch packed as HF's ``DataCollatorWithFlattening`` packs it holds several samples per row:
+no attention mask, ``position_ids`` restarting at 0 inside a row (or ``seq_idx`` naming each position's
+sequence), the first label of each sample −100; the collator's ``cu_seq_lens_*``, ``max_length_*`` and
+``seq_idx`` go to the model (:data:`PACKING_KEYS`). The samples are then the packed samples, in packing order (:func:`packed_samples`):
+every per-sample quantity — n_b, ℓ_b, the weights c_b, per-instance G-effects — is per packed sample, and the
+NLL at position t belongs to the sample that owns its label, position t + 1.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ IGNORE_INDEX = -100
 REDUCTIONS = ("token_mean", "sample_mean")
 #: batch keys passed to the model's forward (besides input_ids)
 FORWARD_KEYS = ("attention_mask", "position_ids", "token_type_ids")
+#: a packed batch's keys (HF DataCollatorWithFlattening), passed to the model as they are
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def check_batch(batch: Any, name: str, device: torch.device | None = None) -> None:
@@ -120,9 +129,77 @@ def label_counts(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
+def packed_samples(batch: Mapping[str, Any]) -> Tensor | None:
+    """[B, T] the packed sample of every position (0 … P − 1 in packing order) when some row holds several
+    samples, else None. A new sample starts where ``seq_idx`` changes, or — in a batch without an attention mask,
+    as Hugging Face's models read it (they build the block-causal mask from the position ids only then) — where
+    ``position_ids`` do not step by one. With an attention mask the model attends across the whole row, so the
+    row is the sample. Reads the batch on the host (before any forward)."""
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    seq = batch.get("seq_idx")
+    pos = batch.get("position_ids")
+    if isinstance(seq, Tensor) and seq.shape == ids.shape:
+        start = torch.zeros_like(ids, dtype=torch.bool)
+        start[:, 1:] = seq[:, 1:] != seq[:, :-1]
+    elif isinstance(pos, Tensor) and pos.shape == ids.shape and batch.get("attention_mask") is None:
+        start = torch.zeros_like(ids, dtype=torch.bool)
+        start[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    else:
+        return None
+    if not bool(start.any()):
+        return None
+    start[:, 0] = True
+    return (start.reshape(-1).long().cumsum(0) - 1).reshape(B, T)
+
+
+def packed_spans(packed: Tensor) -> list[list[int]]:
+    """[row, first position, end position) of every packed sample, in packing order."""
+    out: list[list[int]] = []
+    B, T = packed.shape
+    flat = packed.reshape(-1).tolist()
+    for i, j in enumerate(flat):
+        if i == 0 or j != flat[i - 1]:
+            out.append([i // T, i % T, i % T + 1])
+        else:
+            out[-1][2] += 1
+    return out
+
+
+def sample_counts(batch: Mapping[str, Any], packed: Tensor | None = None) -> Tensor:
+    """n_b, the labelled tokens of each sample (of each packed sample where ``packed`` is given, see
+    :func:`packed_samples`; labels are shifted, so a row's first position never counts)."""
+    labels = batch["labels"]
+    if packed is None:
+        return label_counts(labels)
+    owner = packed[:, 1:].reshape(-1)
+    P = int(packed[-1, -1]) + 1
+    lab = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).long()
+    return torch.zeros(P, dtype=torch.long, device=labels.device).index_add_(0, owner.to(labels.device), lab)
+
+
+def per_token(values: Tensor, packed: Tensor | None) -> Tensor:
+    """Per-sample ``values`` [B or P] as a weight of each NLL position [B, T − 1] (or [B, 1] to broadcast): a
+    position's NLL belongs to the sample that owns its label, position t + 1."""
+    if packed is None:
+        return values[:, None]
+    return values[packed[:, 1:]]
+
+
+def per_sample_sums(nll: Tensor, packed: Tensor | None) -> Tensor:
+    """Σ_t nll_t per sample (per packed sample, by the owner of each position's label)."""
+    if packed is None:
+        return nll.sum(1)
+    P = int(packed[-1, -1]) + 1
+    return nll.new_zeros(P).index_add_(0, packed[:, 1:].reshape(-1), nll.reshape(-1))
+
+
 def forward_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Run the model on a batch (no cache) and return its logits [B, T, vocab]."""
     kwargs = {k: batch[k] for k in FORWARD_KEYS if batch.get(k) is not None}
+    for k in PACKING_KEYS:
+        if batch.get(k) is not None:
+            kwargs[k] = batch[k]
     if _takes_use_cache(type(model)):
         kwargs["use_cache"] = False
     out = model(input_ids=batch["input_ids"], **kwargs)
@@ -169,25 +246,27 @@ def reduction_weights(n: Tensor, D: Tensor | float, reduction: str) -> Tensor:
     return (n.double() if reduction == "token_mean" else (n > 0).double()) / D
 
 
-def sample_weights(mask: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    """(c, n): the reduction weights c_b with R = Σ_b c_b ℓ_b, and the labelled-token counts n_b."""
-    n = mask.sum(1)
-    return reduction_weights(n, pool_size(n, reduction), reduction), n
+def sample_weights(n: Tensor, reduction: str) -> Tensor:
+    """c, the reduction weights with R = Σ_b c_b ℓ_b, from the labelled-token counts n_b of one batch."""
+    return reduction_weights(n, pool_size(n, reduction), reduction)
 
 
-def sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(ℓ, n): each sample's mean token NLL ℓ_b (0 for a sample with no labelled token) and n_b."""
+def sample_nll(logits: Tensor, labels: Tensor, packed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(ℓ, n): each sample's mean token NLL ℓ_b (0 for a sample with no labelled token) and n_b (per packed
+    sample where ``packed`` is given, see :func:`packed_samples`)."""
     nll, mask = token_nll(logits, labels)
-    n = mask.sum(1)
-    return nll.sum(1) / n.clamp_min(1).to(nll.dtype), n
+    n = per_sample_sums(mask.to(nll.dtype), packed).round().long() if packed is not None else mask.sum(1)
+    return per_sample_sums(nll, packed) / n.clamp_min(1).to(nll.dtype), n
 
 
 def risk(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "token_mean") -> Tensor:
-    """R(batch) = Σ_b c_b ℓ_b, differentiable (the scalar whose gradient the G-effect dots)."""
-    nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
-    c, n = sample_weights(mask, reduction)
-    w = (c / n.clamp_min(1)).to(nll.dtype)
-    return (nll * w[:, None]).sum()
+    """R(batch) = Σ_b c_b ℓ_b, differentiable (the scalar whose gradient the G-effect dots); packed samples are
+    the samples of a packed batch."""
+    packed = packed_samples(batch)
+    nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
+    n = sample_counts(batch, packed).to(nll.device)
+    w = (sample_weights(n, reduction) / n.clamp_min(1)).to(nll.dtype)
+    return (nll * per_token(w, packed)).sum()
 
 
 def risk_parts(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "token_mean") -> tuple[Tensor, Tensor]:
@@ -196,9 +275,13 @@ def risk_parts(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "
     ``token_mean``: S = Σ_t nll_t, D = N labelled tokens; ``sample_mean``: S = Σ_b ℓ_b, D = B' samples
     with labels. Both float64, detached.
     """
+    packed = packed_samples(batch)
     with torch.no_grad():
-        nll, mask = token_nll(forward_logits(model, batch), batch["labels"])
-        n = mask.sum(1)
+        nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
+        n = sample_counts(batch, packed).to(nll.device)
         D = pool_size(n, reduction).double()
-        S = nll.sum() if reduction == "token_mean" else (nll.sum(1) / n.clamp_min(1).to(nll.dtype)).sum()
+        if reduction == "token_mean":
+            S = nll.sum()
+        else:
+            S = (per_sample_sums(nll, packed) / n.clamp_min(1).to(nll.dtype)).sum()
         return S.double(), D

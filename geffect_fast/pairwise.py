@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .distributed import refuse_sharded
-from .engine import Keep, ModuleMap, PairMeet, backward, module_map, opened, plan_taps, unwrap
-from .loss import check_batch, forward_logits, sample_nll
+from .engine import Keep, ModuleMap, PairMeet, backward, module_map, opened, plan_taps, start_batch, unwrap
+from .loss import check_batch, forward_logits, packed_samples, sample_nll
 from .objectives import Objective, split_batch
 
 #: how a pair of uses is contracted: "auto" (the cheaper by the cost model), "ghost" or "materialise"
@@ -95,6 +95,11 @@ def measure_pairwise(
     forget, _, idk = split_batch(objective_batch)
     obj_rows = idk if idk is not None else forget
     check_batch(obj_rows, "objective batch", mm.device)
+    if packed_samples(obj_rows) is not None:
+        raise ValueError(
+            "the objective batch is packed (several samples per row): objectives give one value per row, so its "
+            "columns would not be samples; pass it unpacked (risk batches may be packed)"
+        )
     if isinstance(risks, Mapping) and "input_ids" in risks:
         risks = {"risk": risks}
     for name, b in risks.items():
@@ -106,10 +111,10 @@ def measure_pairwise(
     if plan.uncovered:
         n, why = next(iter(plan.uncovered.items()))
         raise UnsupportedModuleError(f"pairwise G-effects need every trainable parameter covered: {n}: {why}")
-    B_obj, T_obj = obj_rows["input_ids"].shape
+    B_obj = obj_rows["input_ids"].shape[0]
     dev = mm.device.type
     with opened(mm, plan, mode, ref_model=ref_model) as session:  # 1. the objective's factors
-        session.start(B_obj, T_obj)
+        start_batch(model, session, obj_rows)
         per = objective.per_sample(model, objective_batch, ref_model)
         if per.shape != (B_obj,):
             raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B_obj}]")
@@ -123,10 +128,12 @@ def measure_pairwise(
     matrices: dict[str, Tensor] = {}
     with opened(mm, plan, mode) as session:  # 2. each risk batch against them
         for rname, batch in risks.items():
-            B, T = batch["input_ids"].shape
+            packed = packed_samples(batch)
+            packed = None if packed is None else packed.to(mm.device)
+            B = batch["input_ids"].shape[0] if packed is None else int(packed[-1, -1]) + 1
             meet.E = torch.zeros(len(grouping), B, B_obj, dtype=torch.float64, device=mm.device)
-            session.start(B, T)
-            ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
+            start_batch(model, session, batch, packed)
+            ell, n = sample_nll(forward_logits(model, batch), batch["labels"], packed)
             loss = (ell * (n > 0)).sum()
             backward(loss, dev)
             if not bool(torch.isfinite(loss.detach())):

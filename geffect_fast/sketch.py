@@ -29,8 +29,8 @@ from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .directions import Direction
 from .distributed import refuse_sharded
-from .engine import Projector, backward, module_map, opened, plan_taps, uncovered_reasons, unwrap
-from .loss import check_batch, forward_logits, sample_nll
+from .engine import Projector, backward, module_map, opened, plan_taps, start_batch, uncovered_reasons, unwrap
+from .loss import check_batch, forward_logits, packed_samples, sample_nll
 from .ops import resolve
 from .pairwise import trainable_or_raise
 
@@ -157,13 +157,15 @@ class Sketcher:
         model = self.model
         mm = module_map(model)
         check_batch(batch, "sketch batch", mm.device)
-        B, T = batch["input_ids"].shape
+        packed = packed_samples(batch)
+        packed = None if packed is None else packed.to(mm.device)
+        B = batch["input_ids"].shape[0] if packed is None else int(packed[-1, -1]) + 1
         seg_outer = resolve(self.backend, mm.device, mm.act_dtype).segment_outer
         proj = Projector(self._shape, self.projection, seg_outer)
         plan = plan_taps(mm, dict.fromkeys(self._names, proj), self._grouping)
         with opened(mm, plan, mode) as session:
-            session.start(B, T)
-            ell, n = sample_nll(forward_logits(model, batch), batch["labels"])
+            start_batch(model, session, batch, packed)
+            ell, n = sample_nll(forward_logits(model, batch), batch["labels"], packed)
             backward((ell * (n > 0)).sum(), mm.device.type)
             session.check_outside_uses()
         out = proj.out

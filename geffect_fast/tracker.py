@@ -82,7 +82,7 @@ from . import groups as groups_mod
 from .api import measure
 from .directions import Direction
 from .engine import unwrap
-from .loss import IGNORE_INDEX, label_counts, pool_size, reduction_weights, risk, risk_parts
+from .loss import IGNORE_INDEX, packed_samples, pool_size, reduction_weights, risk, risk_parts, sample_counts
 from .objectives import Objective
 from .result import Result
 from .state import preserved
@@ -282,7 +282,7 @@ class Tracker:
         K, G = len(res.directions), len(res.groups)
         totals, instances, weights, counts, losses = {}, {}, {}, {}, {}
         for r, cs in self._chunks.items():
-            n = label_counts(self.probes[r]["labels"]).cpu()
+            n = _counts(self.probes[r])
             D = pool_size(n, self.reduction)
             tot = torch.zeros(K, G, dtype=torch.float64)
             loss = 0.0
@@ -330,13 +330,13 @@ class Tracker:
             for p in plist:
                 p.requires_grad_(True)
             for r, cs in self._chunks.items():
-                D = pool_size(label_counts(self.probes[r]["labels"]), self.reduction)
+                D = pool_size(_counts(self.probes[r]), self.reduction)
                 acc: dict[str, Tensor] = {}
                 loss = 0.0
                 for c in cs:
                     if not _has_labels(c):
                         continue
-                    w = float(pool_size(label_counts(c["labels"]), self.reduction)) / float(D)
+                    w = float(pool_size(_counts(c), self.reduction)) / float(D)
                     R = risk(self.model, c, self.reduction)
                     if not bool(torch.isfinite(R.detach())):
                         raise ValueError(f"probe set {r!r}: the risk is not finite ({R.item()})")
@@ -378,7 +378,7 @@ class Tracker:
             totals[r] = torch.stack(
                 [self._group_dots(g, {n: t[k] for n, t in direction.items()}) for k in range(direction.k)]
             )
-            n = label_counts(self.probes[r]["labels"]).cpu()
+            n = _counts(self.probes[r])
             counts[r] = n
             weights[r] = reduction_weights(n, pool_size(n, self.reduction), self.reduction)
         return Result(
@@ -489,19 +489,19 @@ class Tracker:
             plist = [params[n] for n in names]
             vs = [v.tensor(n)[0].to(params[n].dtype) for n in names]
             for r, cs in self._chunks.items():
-                D = pool_size(label_counts(self.probes[r]["labels"]), self.reduction)
+                D = pool_size(_counts(self.probes[r]), self.reduction)
                 out[r] = 0.0
                 for c in cs:  # vᵀ∇²R v = Σ_chunks (D_chunk/D)·vᵀ∇²R_chunk v
                     if not _has_labels(c):
                         continue
-                    w = float(pool_size(label_counts(c["labels"]), self.reduction)) / float(D)
+                    w = float(pool_size(_counts(c), self.reduction)) / float(D)
                     R = risk(self.model, c, self.reduction)
                     grads = torch.autograd.grad(R, plist, create_graph=True, allow_unused=True)
                     dot = sum((g * t).sum() for g, t in zip(grads, vs) if g is not None)
                     hv = torch.autograd.grad(dot, plist, allow_unused=True)
                     out[r] += w * float(sum((h.double() * t.double()).sum() for h, t in zip(hv, vs) if h is not None))
         if self._comm is not None:  # R = Σ_r (D_r/D) R_r over ranks, so vᵀ∇²R v = Σ_r D_r·(vᵀ∇²R_r v) / D
-            dens = [float(pool_size(label_counts(b["labels"]), self.reduction)) for b in self.probes.values()]
+            dens = [float(pool_size(_counts(b), self.reduction)) for b in self.probes.values()]
             x = torch.tensor([[d * out[r], d] for d, r in zip(dens, self.probes)], dtype=torch.float64)
             total = self._comm.sum(x, "pooling the curvature")
             out = {r: float(total[i, 0] / total[i, 1]) for i, r in enumerate(self.probes)}
@@ -650,6 +650,11 @@ def _row_chunks(batch: Mapping[str, Tensor], size: int | None) -> list[dict[str,
 
 def _chunk_name(risk_name: str, i: int) -> str:
     return f"{risk_name}[{i}]"
+
+
+def _counts(batch: Mapping[str, Tensor]) -> Tensor:
+    """n_b per sample of a probe batch (per packed sample where its rows are packed), on the CPU."""
+    return sample_counts(batch, packed_samples(batch)).cpu()
 
 
 def _has_labels(batch: Mapping[str, Tensor]) -> bool:

@@ -102,7 +102,8 @@ class Tap:
 class PassState(Protocol):
     """What adapters ask of the pass (implemented by :class:`geffect_fast.capture.session.CaptureSession`)."""
 
-    B: int  #: samples of the batch being measured
+    B: int  #: samples of the batch being measured (its packed samples, for a packed batch)
+    R: int  #: rows of the batch being measured
     pooled: bool  #: whether every row counts as one sample (an objective's gradient, not per-sample values)
     apply: Callable[..., Tensor]  #: ``TapFn``'s apply for this pass (:func:`tap_apply`)
 

@@ -72,15 +72,15 @@ class EmbeddingAdapter(Adapter):
                 refuse("F.embedding is called with scale_grad_by_freq: gradients scaled by batch-wide token counts")
             if pad is not None and pad < 0:
                 pad += table.shape[0]
-            B = state.B
-            if not state.pooled:
-                if ids.ndim >= 2 and ids.shape[0] == 1 and B > 1:  # ids shared by the batch: one copy per sample
-                    ids = ids.expand(B, *ids.shape[1:])
-                    y = y.expand(B, *y.shape[1:])
-                elif ids.ndim < 2 or ids.shape[0] != B:
+            R = state.R
+            if not state.pooled and R > 1:
+                if ids.ndim >= 2 and ids.shape[0] == 1:  # ids shared by the batch: one copy per row
+                    ids = ids.expand(R, *ids.shape[1:])
+                    y = y.expand(R, *y.shape[1:])
+                elif ids.ndim < 2:
                     refuse(
-                        f"called with ids of shape {tuple(ids.shape)}, which cannot be split into the batch's {B} "
-                        "samples (pass [B, T] or [1, T] ids)"
+                        f"called with ids of shape {tuple(ids.shape)}, which cannot be split into the batch's {R} "
+                        "rows (pass [B, T] or [1, T] ids)"
                     )
             seg = state.rows(y, y.shape[-1], module)
             if not y.requires_grad:

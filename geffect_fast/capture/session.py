@@ -76,9 +76,12 @@ class CaptureSession:
         self.taps = taps
         self.roots = roots
         # -- per pass / batch: what adapters and consumers read --------------------------------------------
-        self.B = 0
+        self.B = 0  #: samples of the batch (packed samples for a packed batch)
+        self.R = 0  #: rows of the batch
         self.T: int | None = None
         self.pooled = False
+        self.packed: Tensor | None = None
+        self._packed_seg: dict[tuple, Tensor] = {}
         self.apply = tap_apply()
         self.V: list[Any] = []  #: each slot's direction, by Slot.index
         self.ops: Backend | None = None  #: the unchecked kernels
@@ -92,6 +95,10 @@ class CaptureSession:
         self.broken = False
         self._armed = [False]
         self._thread = ""
+        #: id(module) -> "batch" or "time": each module's row layout as seen where B ≠ T (or probed), shared with the
+        #: model's map so that it outlives the plan
+        self.layouts: dict[int, str] = {}
+        self._seg: dict[tuple, Tensor] = {}
         self._names = {id(t.module): t.name for t in taps}
         self._slots = {id(t.module): t.slots for t in taps}
         # the outside-use guard: (local name, alias, parameter) cells per module, and the watched parameters
@@ -267,12 +274,17 @@ class CaptureSession:
             "thread's pass on the same model), or give each thread its own copy of the model"
         )
 
-    def start(self, B: int, T: int | None = None) -> None:
-        """Begin one risk batch of B samples of T positions (T known: flattened [B·T, ...] rows are allowed)."""
-        self.B = B
+    def start(self, B: int, T: int | None = None, packed: Tensor | None = None) -> None:
+        """Begin one risk batch of B rows of T positions (T known: flattened [B·T, ...] rows are allowed). A packed
+        batch (``packed``: [B, T] the sample of every position, ``loss.packed_samples``) holds P samples in its B
+        rows: every per-sample value is per packed sample, and rows go to samples by ``packed``."""
+        self.R = B
+        self.B = B if packed is None else int(packed[-1, -1]) + 1
         self.T = T
         self.pooled = False
         self.pending = []
+        self.packed = packed
+        self._packed_seg = {}
 
     def start_pooled(self) -> None:
         """Begin a pass whose rows all count as one sample, whatever the batches' shapes (an objective that runs
@@ -286,7 +298,7 @@ class CaptureSession:
 
     def check_rows(self, a: Tensor, module: nn.Module) -> None:
         """At forward time: refuse an input whose rows were gathered by index (routed tokens)."""
-        if a.ndim == 2 and self.B > 1:
+        if a.ndim == 2 and self.R > 1:
             fn = a.grad_fn
             if fn is not None and type(fn).__name__ in _GATHERING:
                 self._unattributable(
@@ -295,31 +307,77 @@ class CaptureSession:
 
     def rows(self, y: Tensor, features: int, module: nn.Module) -> Seg:
         """Which sample each row of ``y`` viewed as [rows, features] belongs to, as the ops take it: an int T
-        (uniform segments: sample b owns rows [b·T, (b+1)·T)), which every known layout is.
+        (uniform segments: sample b owns rows [b·T, (b+1)·T)) for batch-first rows, or sample ids for time-first
+        ones ([T, B, ...]: row t·B + b is sample b's).
 
-        Known layouts only: batch first ([B, ...]), the batch's B·T tokens flattened in order ([B·T, f]), or
-        any rows when B = 1. Anything else (e.g. the tokens an MoE router sent to one expert) cannot be
-        attributed to samples and is an error naming the module.
+        Known layouts only: batch first ([B, ...]), time first ([T, B, ...], T the batch's positions), the batch's
+        B·T tokens flattened in order ([B·T, f]), or any rows when B = 1. Where B = T the first two look alike:
+        the module's layout is then the one recorded for it — from a pass where they differ, or from the probe
+        the engine runs first (``engine.run.start_batch``) — never guessed from a size that can coincide.
+        Anything else (e.g. the tokens an MoE router sent to one expert) cannot be attributed to samples and is
+        an error naming the module.
         """
-        B, shape, nd = self.B, y.shape, y.ndim
+        B, T, shape, nd = self.R, self.T, y.shape, y.ndim
         n = 1
         for s in shape[:-1]:
             n *= s
+        layout = None
         if nd == 0 or shape[-1] != features:
-            ok = False
+            pass
         elif self.pooled or B == 1:
-            ok = True
+            layout = "batch"
         elif nd >= 3:
-            ok = shape[0] == B
-        else:
-            ok = nd == 2 and self.T is not None and n == B * self.T
-        if not ok:
+            first, time = shape[0] == B, shape[0] == T and shape[1] == B
+            if first and not time:
+                layout = self.layouts[id(module)] = "batch"
+            elif time and not first:
+                layout = self.layouts[id(module)] = "time"
+            elif first and time:  # B = T: only what is known about the module tells
+                layout = self.layouts.get(id(module))
+                if layout is None:
+                    self._unattributable(
+                        module,
+                        y,
+                        f"with B = T = {B} its rows could be batch first or time first, and its layout is "
+                        "not known (the engine's probe did not see it: a module that runs only on some batches?)",
+                    )
+        elif nd == 2 and T is not None and n == B * T:
+            layout = "batch"  # the batch's tokens flattened in order
+        if layout is None:
             self._unattributable(
-                module, y, f"its rows are neither batch first nor the batch's {B}×{self.T} tokens in order"
+                module,
+                y,
+                f"its rows are neither batch first, nor time first, nor the batch's {B}×{self.T} tokens in order",
             )
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=y.device)
+        if self.packed is not None and not self.pooled:
+            return self._packed_rows(layout, n, y.device)
+        if layout == "time":
+            return self._interleaved(n, B, y.device)
         return n // B
+
+    def _packed_rows(self, layout: str, n: int, device: torch.device) -> Tensor:
+        """The packed sample of each row of a module's output (batch first: row b·T + t; time first: t·B + b)."""
+        seg = self._packed_seg.get((layout, n, device))
+        if seg is None:
+            p = self.packed if layout == "batch" else self.packed.T
+            if p.numel() != n:
+                raise NotPerSampleError(
+                    f"a packed batch of {tuple(self.packed.shape)} positions reached a module with {n} rows: its rows "
+                    "cannot be mapped to the packed samples",
+                    {},
+                )
+            seg = self._packed_seg[(layout, n, device)] = p.reshape(-1).to(device)
+        return seg
+
+    def _interleaved(self, n: int, B: int, device: torch.device) -> Tensor:
+        """Sample ids of time-first rows: row r is sample r mod B (kept per shape)."""
+        key = (n, B, device)
+        seg = self._seg.get(key)
+        if seg is None:
+            seg = self._seg[key] = torch.arange(n, device=device) % B
+        return seg
 
     def _unattributable(self, module: nn.Module, x: Tensor, why: str) -> None:
         name = self.module_name(module)

@@ -19,7 +19,7 @@ from .factors import FactoredEntry, FactorUse
 from .model import input_device, input_embeddings, unwrap
 from .modulemap import ModuleMap, module_map
 from .plan import Plan, plan_taps, uncovered_reasons
-from .run import backward, opened, risk_backward
+from .run import backward, opened, risk_backward, start_batch
 
 __all__ = [
     "Collector",
@@ -40,6 +40,7 @@ __all__ = [
     "opened",
     "plan_taps",
     "risk_backward",
+    "start_batch",
     "uncovered_reasons",
     "unwrap",
 ]

@@ -69,6 +69,8 @@ class ModuleMap:
         self.inference = tuple(n for n, p in self.named.items() if is_inference(p))
         self.groupings: dict[Any, groups_mod.Grouping] = {}
         self.plans: dict[Any, Any] = {}  #: plan key -> Plan (engine.plan), dropped with the map
+        #: id(module) -> its row layout ("batch" or "time"), as passes and probes found it (capture.session.rows)
+        self.layouts: dict[int, str] = {}
         #: the thread of a pass in progress on this model (a nested pass is refused)
         self.busy: str | None = None
         self._flags: list[bool] = []

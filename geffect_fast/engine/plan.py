@@ -88,6 +88,7 @@ def plan_taps(
     if emb is not None and id(emb) not in by_module and all(emb is not r for r in roots):
         roots.append(emb)
     session = CaptureSession(taps, roots, guard)
+    session.layouts = mm.layouts
     for c in {id(c): c for c in consumers.values()}.values():
         c.session = session
     return Plan(taps, roots, uncovered, order, session)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import CaptureSession
-from ..loss import forward_logits, token_nll
+from ..loss import forward_logits, per_sample_sums, per_token, token_nll
 from ..state import preserved
 from .modulemap import ModuleMap
 from .plan import Plan
@@ -74,6 +74,49 @@ def backward(loss: Tensor, device_type: str) -> None:
         loss.backward()
 
 
+def start_batch(
+    model: nn.Module, session: CaptureSession, batch: Mapping[str, Tensor], packed: Tensor | None = None
+) -> None:
+    """``session.start`` for ``batch`` [B, T] (``packed``: its packed samples, ``loss.packed_samples``, on the
+    model's device); where B = T > 1 and a tapped module's row layout is not known yet (batch first and time first
+    look alike), a probe first: one forward without grad on the batch cut to T − 1 positions, each tapped module's
+    output shape telling its layout (kept in the model's map)."""
+    B, T = batch["input_ids"].shape
+    if B == T > 1 and any(id(t.module) not in session.layouts for t in session.taps):
+        probe_layouts(model, session, batch)
+    session.start(B, T, packed)
+
+
+def probe_layouts(model: nn.Module, session: CaptureSession, batch: Mapping[str, Tensor]) -> None:
+    """Record the row layout of every tapped module from a forward on ``batch`` cut to T − 1 positions (no grad:
+    the armed taps pass it through), where its B and T differ: [B, ...] is batch first, [T − 1, B, ...] time
+    first."""
+    B, T = batch["input_ids"].shape
+    T2 = T - 1
+
+    def cut(v):
+        return v[..., :T2] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[-1] == T else v
+
+    seen: dict[int, tuple[int, ...]] = {}
+
+    def record(m, args, out):
+        if isinstance(out, Tensor):
+            seen[id(m)] = tuple(out.shape)
+
+    hooks = [t.module.register_forward_hook(record) for t in session.taps]
+    try:
+        with torch.no_grad():
+            forward_logits(model, {k: cut(v) for k, v in batch.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    for key, shape in seen.items():
+        if len(shape) >= 3 and shape[0] == B:  # T − 1 ≠ B: not time first
+            session.layouts[key] = "batch"
+        elif len(shape) >= 3 and shape[0] == T2 and shape[1] == B:
+            session.layouts[key] = "time"
+
+
 def risk_backward(
     model: nn.Module,
     session: CaptureSession,
@@ -81,17 +124,18 @@ def risk_backward(
     w: Tensor,
     device_type: str,
     before_backward: Callable[[Tensor], None] | None = None,
+    packed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One risk batch through the armed taps: forward, the per-token NLL, one backward of
     L = Σ_b w_b Σ_{t∈b} nll_t (``w`` [B] on the model's device). Returns, on the device and unread: the
     session's [K, B, G] contributions, each sample's summed NLL [B], and whether L is finite (a 0-d bool).
     ``before_backward(L)``: called between the forward and the backward (a distributed agreement point, which
-    reads L first: a rank whose risk is not finite must stop every rank before the backward's collectives)."""
-    B, T = batch["input_ids"].shape
-    session.start(B, T)
+    reads L first: a rank whose risk is not finite must stop every rank before the backward's collectives).
+    ``packed``: a packed batch's samples (``w`` and the sums are then per packed sample)."""
+    start_batch(model, session, batch, packed)
     nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
-    L = (nll * w.to(nll.dtype)[:, None]).sum()
-    summed = nll.detach().sum(1)
+    L = (nll * per_token(w.to(nll.dtype), packed)).sum()
+    summed = per_sample_sums(nll.detach(), packed)
     del nll
     if not L.requires_grad:
         raise RuntimeError(
@@ -104,4 +148,4 @@ def risk_backward(
     return session.result(), summed, L.detach()
 
 
-__all__ = ["backward", "opened", "risk_backward"]
+__all__ = ["backward", "opened", "probe_layouts", "risk_backward", "start_batch"]
