@@ -14,9 +14,9 @@ Both are R = Σ_b c_b ℓ_b with the weights c_b of :func:`sample_weights`.
 **Packed rows.** A batch packed as HF's ``DataCollatorWithFlattening`` packs it holds several samples per row:
 no attention mask, ``position_ids`` restarting at 0 inside a row (or ``seq_idx`` naming each position's
 sequence), the first label of each sample −100; the collator's ``cu_seq_lens_*``, ``max_length_*`` and
-``seq_idx`` go to the model (:data:`PACKING_KEYS`). The samples are then the packed samples, in packing order (:func:`packed_samples`):
-every per-sample quantity — n_b, ℓ_b, the weights c_b, per-instance G-effects — is per packed sample, and the
-NLL at position t belongs to the sample that owns its label, position t + 1.
+``seq_idx`` go to the model (:data:`PACKING_KEYS`). The samples are then the packed samples, in packing order
+(:func:`packed_samples`): every per-sample quantity — n_b, ℓ_b, the weights c_b, per-instance G-effects — is
+per packed sample, and the NLL at position t belongs to the sample that owns its label, position t + 1.
 """
 
 from __future__ import annotations
