@@ -274,6 +274,7 @@ def _check_inputs(
 ) -> _Call:
     """Every check that needs no pass: options, the model, the batches, the direction, the grouping."""
     _check_options(route, reduction, mode)
+    mm.check_materialised()
     mm.check_not_inference()
     check_causal_lm(mm.model)
     direction = _as_direction(direction, mm, comm, route)

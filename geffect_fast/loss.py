@@ -206,7 +206,27 @@ def forward_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise ValueError("the model's forward must return logits [B, T, vocab] (or an output with .logits)")
+    T = batch["input_ids"].shape[1]
+    if logits.shape[1] != T:
+        extra = _virtual_tokens(model)
+        if extra is None or logits.shape[1] != T + extra:
+            raise ValueError(
+                f"the model returned logits for {logits.shape[1]} positions of a batch of {T}: the risk's labels "
+                "cannot be matched to them (a model that prepends tokens of its own?)"
+            )
+        logits = logits[:, extra:]  # PEFT prompt learning prepends its virtual tokens: they have no labels
     return logits
+
+
+def _virtual_tokens(model: nn.Module) -> int | None:
+    """The virtual tokens a PEFT prompt-learning model (prompt tuning, p-tuning) prepends, or None."""
+    configs = getattr(model, "peft_config", None)
+    name = getattr(model, "active_adapter", None)
+    cfg = configs.get(name) if isinstance(configs, Mapping) and isinstance(name, str) else None
+    if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+        n = getattr(cfg, "num_virtual_tokens", None)
+        return int(n) if isinstance(n, int) else None
+    return None
 
 
 @functools.cache

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .distributed import refuse_sharded
-from .engine import Keep, ModuleMap, PairMeet, backward, module_map, opened, plan_taps, start_batch, unwrap
-from .loss import check_batch, forward_logits, packed_samples, sample_nll
+from .engine import Keep, ModuleMap, PairMeet, backward, forward, module_map, opened, plan_taps, start_batch, unwrap
+from .loss import check_batch, packed_samples, sample_nll
 from .objectives import Objective, split_batch
 
 #: how a pair of uses is contracted: "auto" (the cheaper by the cost model), "ghost" or "materialise"
@@ -133,7 +133,7 @@ def measure_pairwise(
             B = batch["input_ids"].shape[0] if packed is None else int(packed[-1, -1]) + 1
             meet.E = torch.zeros(len(grouping), B, B_obj, dtype=torch.float64, device=mm.device)
             start_batch(model, session, batch, packed)
-            ell, n = sample_nll(forward_logits(model, batch), batch["labels"], packed)
+            ell, n = sample_nll(forward(model, session, batch), batch["labels"], packed)
             loss = (ell * (n > 0)).sum()
             backward(loss, dev)
             if not bool(torch.isfinite(loss.detach())):

@@ -29,8 +29,8 @@ from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .directions import Direction
 from .distributed import refuse_sharded
-from .engine import Projector, backward, module_map, opened, plan_taps, start_batch, uncovered_reasons, unwrap
-from .loss import check_batch, forward_logits, packed_samples, sample_nll
+from .engine import Projector, backward, forward, module_map, opened, plan_taps, start_batch, uncovered_reasons, unwrap
+from .loss import check_batch, packed_samples, sample_nll
 from .ops import resolve
 from .pairwise import trainable_or_raise
 
@@ -165,7 +165,7 @@ class Sketcher:
         plan = plan_taps(mm, dict.fromkeys(self._names, proj), self._grouping)
         with opened(mm, plan, mode) as session:
             start_batch(model, session, batch, packed)
-            ell, n = sample_nll(forward_logits(model, batch), batch["labels"], packed)
+            ell, n = sample_nll(forward(model, session, batch), batch["labels"], packed)
             backward((ell * (n > 0)).sum(), mm.device.type)
             session.check_outside_uses()
         out = proj.out

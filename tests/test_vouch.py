@@ -188,3 +188,78 @@ def test_labels_of_the_wrong_dtype_are_a_clear_error():
         gf.measure(model, V, {**batch, "labels": batch["labels"].float()})
     with pytest.raises(TypeError, match="input_ids must be integer"):
         gf.measure(model, V, {**batch, "input_ids": batch["input_ids"].float()})
+
+
+# -- ids shared by the batch ([1, n]) ------------------------------------------------------------------------
+class _TinyLM(nn.Module):
+    """Token + learned position embeddings and a head; ``take_row``: the position rows taken as pos(ids)[0]."""
+
+    def __init__(self, take_row: bool, vocab=29, d=6):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(16, d)
+        self.mix, self.head = nn.Linear(d, d), nn.Linear(d, vocab)
+        self.take_row = take_row
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        T = input_ids.shape[1]
+        p = self.pos(torch.arange(T)[None])
+        h = self.tok(input_ids) + (p[0] if self.take_row else p)
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def _tiny_batch(B=3, T=7):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 29, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_position_rows_broadcast_over_the_batch_are_exact():
+    torch.manual_seed(0)
+    model = _TinyLM(take_row=False)
+    V, d = _direction(model)
+    _exact(model, V, d, _tiny_batch())
+
+
+def test_position_rows_taken_once_for_every_sample_are_refused():
+    """The issue's case: code doing pos(ids)[0] got 3–14% per instance wrong from the expanded rows."""
+    torch.manual_seed(0)
+    model = _TinyLM(take_row=True)
+    V, d = _direction(model)
+    _refused_then_lenient(model, V, d, _tiny_batch(), ["pos.weight"])
+
+
+def test_peft_prompt_tuning_is_measured_or_refused_clearly():
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    base = make_model("llama", dtype=torch.float32)
+    pm = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    params = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    V = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for n, p in params}
+
+    def autograd_total(batch):
+        grads = torch.autograd.grad(gf.risk(pm, batch), [p for _, p in params])
+        return float(sum((g * V[n]).sum() for g, (n, _) in zip(grads, params)))
+
+    one = make_batch(base, B=1)  # one row: the virtual tokens' logits set aside, measured per instance
+    res = gf.measure(pm, V, {"r": one}, per_instance=True)
+    assert res.total["r"] == pytest.approx(autograd_total(one), rel=1e-5)
+    four = make_batch(base, B=4)  # the prompt rows repeated by PEFT over the batch: refused, then by autograd
+    with pytest.raises(NotPerSampleError, match="ids shared by the batch"):
+        gf.measure(pm, V, {"r": four})
+    res = gf.measure(pm, V, {"r": four}, strict=False)
+    assert res.uncovered == ("prompt_encoder.default.embedding.weight",)
+    assert res.total["r"] == pytest.approx(autograd_total(four), rel=1e-5)
+
+
+def test_an_offloaded_model_says_so():
+    """accelerate's cpu_offload leaves the parameters on the meta device (the message said "move the batch")."""
+    from accelerate import cpu_offload
+
+    model = make_model("llama", dtype=torch.float32)
+    V = {n: t[0].float() for n, t in random_direction(model).items()}
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded"):
+        gf.measure(model, V, make_batch(model))

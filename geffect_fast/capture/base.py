@@ -106,6 +106,7 @@ class PassState(Protocol):
     R: int  #: rows of the batch being measured
     pooled: bool  #: whether every row counts as one sample (an objective's gradient, not per-sample values)
     apply: Callable[..., Tensor]  #: ``TapFn``'s apply for this pass (:func:`tap_apply`)
+    expanded: list  #: (module, tap) of the outputs shared by the batch that were expanded in this forward
 
     def rows(self, y: Tensor, features: int, module: nn.Module) -> Seg:
         """Which sample each row of ``y`` (viewed as [rows, features]) belongs to; an error naming ``module``
@@ -115,6 +116,10 @@ class PassState(Protocol):
         """Refuse an input whose rows were gathered by index (routed tokens)."""
 
     def module_name(self, module: nn.Module) -> str: ...
+
+    def watch_shared(self, g: Tensor, module: nn.Module, tap: Tap) -> None:
+        """In the backward of an expanded shared output: note, on the device, whether some labelled sample's row got
+        no gradient (the model used one row for all); read after the backward."""
 
 
 #: ``on_output(args, kwargs, out)`` -> the output to return (the tapped one); ``around(inner, args, kwargs)``

@@ -12,7 +12,12 @@ output are exactly the call's: a subclass that passes no ``padding_idx`` (HF's `
 gives that row its gradient, and the tap counts it. Any other use of the table inside the forward (``weight[ids]``,
 a transformed table) is refused, never silently left out; so is a call with ``max_norm`` or
 ``scale_grad_by_freq``. Position ids shared by the batch ([1, T]) are expanded to the batch so that each sample
-gets its own gradient.
+gets its own gradient — right where the model broadcasts the rows over the batch (adds them to the token
+embeddings), as models do. Where it does otherwise the expansion is found out, never measured wrongly: a model
+that takes one row of the expanded output (``pos(ids)[0]``) leaves the other rows without gradient although
+their samples have labels (an error after the backward), and one that repeats or concatenates it over the batch
+fails its forward (an error naming the embedding, instead of torch's size mismatch); ``strict=False`` measures
+the table by autograd then.
 """
 
 from __future__ import annotations
@@ -47,17 +52,19 @@ class EmbeddingAdapter(Adapter):
         module = tap.module
         slot = tap.slots["weight"]
         parts = [(c, sl["weight"]) for c, sl in tap.parts]
-        backwards: dict[int | None, object] = {}
+        backwards: dict[tuple[int | None, bool], object] = {}
 
-        def backward_for(pad: int | None):
+        def backward_for(pad: int | None, shared: bool):
             def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
                 (ids,) = saved
                 d = g.shape[-1]
+                if shared:  # the rows were one output shared by the batch: each row must carry its own gradient
+                    state.watch_shared(g, module, tap)
                 ids1, g2 = ids.reshape(-1), g.reshape(-1, d)
                 for c, w in parts:
                     c.embedding(w, ids1, g2, seg, pad)
 
-            return backwards.setdefault(pad, backward)
+            return backwards.setdefault((pad, shared), backward)
 
         def refuse(why: str) -> None:
             raise NotPerSampleError(f"embedding {state.module_name(module)!r}: {why}", {slot.name: why})
@@ -73,10 +80,13 @@ class EmbeddingAdapter(Adapter):
             if pad is not None and pad < 0:
                 pad += table.shape[0]
             R = state.R
+            shared = False
             if not state.pooled and R > 1:
                 if ids.ndim >= 2 and ids.shape[0] == 1:  # ids shared by the batch: one copy per row
                     ids = ids.expand(R, *ids.shape[1:])
                     y = y.expand(R, *y.shape[1:])
+                    shared = True
+                    state.expanded.append((module, tap))
                 elif ids.ndim < 2:
                     refuse(
                         f"called with ids of shape {tuple(ids.shape)}, which cannot be split into the batch's {R} "
@@ -85,7 +95,7 @@ class EmbeddingAdapter(Adapter):
             seg = state.rows(y, y.shape[-1], module)
             if not y.requires_grad:
                 y = y.detach().requires_grad_(True)
-            return state.apply(y, backward_for(pad), seg, ids)
+            return state.apply(y, backward_for(pad, shared), seg, ids)
 
         def around(inner, args, kwargs):
             table = module._parameters["weight"]  # as the forward sees it: the guard's alias, FSDP2's unsharded table

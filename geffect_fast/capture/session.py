@@ -82,6 +82,9 @@ class CaptureSession:
         self.pooled = False
         self.packed: Tensor | None = None
         self._packed_seg: dict[tuple, Tensor] = {}
+        self.expanded: list = []
+        self._shared: list = []
+        self.labelled: Tensor | None = None
         self.apply = tap_apply()
         self.V: list[Any] = []  #: each slot's direction, by Slot.index
         self.ops: Backend | None = None  #: the unchecked kernels
@@ -274,7 +277,7 @@ class CaptureSession:
             "thread's pass on the same model), or give each thread its own copy of the model"
         )
 
-    def start(self, B: int, T: int | None = None, packed: Tensor | None = None) -> None:
+    def start(self, B: int, T: int | None = None, packed: Tensor | None = None, labelled: Tensor | None = None) -> None:
         """Begin one risk batch of B rows of T positions (T known: flattened [B·T, ...] rows are allowed). A packed
         batch (``packed``: [B, T] the sample of every position, ``loss.packed_samples``) holds P samples in its B
         rows: every per-sample value is per packed sample, and rows go to samples by ``packed``."""
@@ -285,6 +288,9 @@ class CaptureSession:
         self.pending = []
         self.packed = packed
         self._packed_seg = {}
+        self.expanded = []
+        self._shared = []
+        self.labelled = labelled
 
     def start_pooled(self) -> None:
         """Begin a pass whose rows all count as one sample, whatever the batches' shapes (an objective that runs
@@ -392,10 +398,51 @@ class CaptureSession:
             params,
         )
 
+    def watch_shared(self, g: Tensor, module: nn.Module, tap: Tap) -> None:
+        """See :class:`~geffect_fast.capture.base.PassState`: a labelled row with no gradient at all while another
+        row has some means the model did not broadcast the shared output over the batch."""
+        if self.labelled is None or g.shape[0] != self.labelled.shape[0]:
+            return
+        live = g.reshape(g.shape[0], -1).abs().amax(1) > 0
+        self._shared.append((module, tap, (self.labelled.to(live.device) & ~live).any() & live.any()))
+
+    def failed_forward(self, error: BaseException) -> BaseException:
+        """The error to raise for a forward that failed: where an output shared by the batch was expanded in it (the
+        model repeats or concatenates it over the batch itself), one naming the embedding (strict=False: autograd),
+        else ``error`` itself."""
+        if not self.expanded or not isinstance(error, RuntimeError):
+            return error
+        module, tap = self.expanded[0]
+        why = (
+            f"{self.module_name(module)!r} was called with ids shared by the batch ([1, n]); its output was expanded "
+            f"to the batch's {self.R} rows so that each sample gets its own gradient, and the model's forward then "
+            f"failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}): it does not broadcast the shared "
+            "rows over the batch, so their per-sample gradients cannot be told apart"
+        )
+        return NotPerSampleError(
+            why + ". Give the table a zero direction or (measure) pass strict=False to measure it by ordinary autograd",
+            {s.name: why for s in tap.slots.values()},
+        )
+
     # -- after a backward ------------------------------------------------------------------------------
     def check_outside_uses(self) -> None:
         """After a backward: raise :class:`NotPerSampleError` naming the covered parameters that received a
-        gradient from a use outside their module's forward (their ``.grad`` is cleared first)."""
+        gradient from a use outside their module's forward (their ``.grad`` is cleared first), or whose output,
+        shared by the batch, the model used otherwise than broadcast over it (:meth:`watch_shared`)."""
+        for module, tap, flag in self._shared:
+            if bool(flag):
+                why = (
+                    f"{self.module_name(module)!r} was called with ids shared by the batch ([1, n]) and the model did "
+                    "not broadcast its output over the batch (it took one row of it for every sample, e.g. "
+                    "pos(ids)[0]), so the per-sample gradients of the table cannot be told apart"
+                )
+                self._shared = []
+                raise NotPerSampleError(
+                    why + ". Give the table a zero direction or (measure) pass strict=False to measure it by ordinary "
+                    "autograd",
+                    {s.name: why for s in tap.slots.values()},
+                )
+        self._shared = []
         found: dict[str, str] = {}
         for p, pname, mname in self._watched.values():
             if p.grad is not None:

@@ -67,6 +67,8 @@ class ModuleMap:
         self.f64 = torch.float64 in floats
         #: parameters made under inference mode (autograd cannot use them): refused by the passes that need them
         self.inference = tuple(n for n, p in self.named.items() if is_inference(p))
+        #: parameters on the meta device (offloaded: their values live elsewhere, put in by hooks for each forward)
+        self.meta = tuple(n for n, p in self.named.items() if p.device.type == "meta")
         self.groupings: dict[Any, groups_mod.Grouping] = {}
         self.plans: dict[Any, Any] = {}  #: plan key -> Plan (engine.plan), dropped with the map
         #: id(module) -> its row layout ("batch" or "time"), as passes and probes found it (capture.session.rows)
@@ -138,6 +140,15 @@ class ModuleMap:
 
     def release(self) -> None:
         self.busy = None
+
+    def check_materialised(self) -> None:
+        """A clear error for a model whose parameters are offloaded (on the meta device between forwards)."""
+        if self.meta:
+            raise ValueError(
+                f"the model's parameters are on the meta device (e.g. {self.meta[0]!r}): it is offloaded (accelerate's "
+                "cpu_offload / disk_offload, or device_map with offloading), and its weights are put in by hooks for "
+                "each forward, out of the taps' sight. Load it onto one device without offloading to measure it"
+            )
 
     def check_not_inference(self, trainable_only: bool = False) -> None:
         """The clear error of :func:`geffect_fast.state.check_not_inference` for parameters made under inference

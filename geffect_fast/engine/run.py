@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import CaptureSession
-from ..loss import forward_logits, per_sample_sums, per_token, token_nll
+from ..loss import IGNORE_INDEX, forward_logits, per_sample_sums, per_token, token_nll
 from ..state import preserved
 from .modulemap import ModuleMap
 from .plan import Plan
@@ -84,7 +84,19 @@ def start_batch(
     B, T = batch["input_ids"].shape
     if B == T > 1 and any(id(t.module) not in session.layouts for t in session.taps):
         probe_layouts(model, session, batch)
-    session.start(B, T, packed)
+    session.start(B, T, packed, labelled=(batch["labels"][:, 1:] != IGNORE_INDEX).any(1))
+
+
+def forward(model: nn.Module, session: CaptureSession, batch: Mapping[str, Tensor]) -> Tensor:
+    """The model's logits on ``batch`` through the armed taps (a forward that fails because a tap expanded an
+    output shared by the batch is an error naming that embedding: ``CaptureSession.failed_forward``)."""
+    try:
+        return forward_logits(model, batch)
+    except RuntimeError as e:
+        err = session.failed_forward(e)
+        if err is e:
+            raise
+        raise err from e
 
 
 def probe_layouts(model: nn.Module, session: CaptureSession, batch: Mapping[str, Tensor]) -> None:
@@ -133,7 +145,7 @@ def risk_backward(
     reads L first: a rank whose risk is not finite must stop every rank before the backward's collectives).
     ``packed``: a packed batch's samples (``w`` and the sums are then per packed sample)."""
     start_batch(model, session, batch, packed)
-    nll, _ = token_nll(forward_logits(model, batch), batch["labels"])
+    nll, _ = token_nll(forward(model, session, batch), batch["labels"])
     L = (nll * per_token(w.to(nll.dtype), packed)).sum()
     summed = per_sample_sums(nll.detach(), packed)
     del nll
@@ -148,4 +160,4 @@ def risk_backward(
     return session.result(), summed, L.detach()
 
 
-__all__ = ["backward", "opened", "probe_layouts", "risk_backward", "start_batch"]
+__all__ = ["backward", "forward", "opened", "probe_layouts", "risk_backward", "start_batch"]
