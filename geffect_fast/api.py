@@ -48,6 +48,7 @@ from .engine import (
     Gathered,
     ModuleMap,
     Plan,
+    check_packing,
     module_map,
     opened,
     plan_taps,
@@ -287,6 +288,9 @@ def _check_inputs(
     # FSDP2 aggregates come from the sharded gradient itself; per-instance values need the taps
     strategy = "sharded" if sharded and not per_instance else "taps"
     packed = {r: packed_samples(b) for r, b in risks.items()}
+    for r, p in packed.items():
+        if p is not None:
+            check_packing(mm, mm.model, risks[r], p)
     return _Call(
         mm, comm, direction, risks, V, grouping, groups, reduction, mode, per_instance, sharded, strategy, packed
     )

@@ -30,7 +30,19 @@ from torch import Tensor, nn
 from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .distributed import refuse_sharded
-from .engine import Keep, ModuleMap, PairMeet, backward, forward, module_map, opened, plan_taps, start_batch, unwrap
+from .engine import (
+    Keep,
+    ModuleMap,
+    PairMeet,
+    backward,
+    check_packing,
+    forward,
+    module_map,
+    opened,
+    plan_taps,
+    start_batch,
+    unwrap,
+)
 from .loss import check_batch, packed_samples, sample_nll
 from .objectives import Objective, split_batch
 
@@ -129,7 +141,9 @@ def measure_pairwise(
     with opened(mm, plan, mode) as session:  # 2. each risk batch against them
         for rname, batch in risks.items():
             packed = packed_samples(batch)
-            packed = None if packed is None else packed.to(mm.device)
+            if packed is not None:
+                check_packing(mm, model, batch, packed)
+                packed = packed.to(mm.device)
             B = batch["input_ids"].shape[0] if packed is None else int(packed[-1, -1]) + 1
             meet.E = torch.zeros(len(grouping), B, B_obj, dtype=torch.float64, device=mm.device)
             start_batch(model, session, batch, packed)

@@ -29,7 +29,18 @@ from . import groups as groups_mod
 from .capture import UnsupportedModuleError
 from .directions import Direction
 from .distributed import refuse_sharded
-from .engine import Projector, backward, forward, module_map, opened, plan_taps, start_batch, uncovered_reasons, unwrap
+from .engine import (
+    Projector,
+    backward,
+    check_packing,
+    forward,
+    module_map,
+    opened,
+    plan_taps,
+    start_batch,
+    uncovered_reasons,
+    unwrap,
+)
 from .loss import check_batch, packed_samples, sample_nll
 from .ops import resolve
 from .pairwise import trainable_or_raise
@@ -158,7 +169,9 @@ class Sketcher:
         mm = module_map(model)
         check_batch(batch, "sketch batch", mm.device)
         packed = packed_samples(batch)
-        packed = None if packed is None else packed.to(mm.device)
+        if packed is not None:
+            check_packing(mm, model, batch, packed)
+            packed = packed.to(mm.device)
         B = batch["input_ids"].shape[0] if packed is None else int(packed[-1, -1]) + 1
         seg_outer = resolve(self.backend, mm.device, mm.act_dtype).segment_outer
         proj = Projector(self._shape, self.projection, seg_outer)

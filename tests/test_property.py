@@ -234,3 +234,133 @@ def test_fused_moe_lenient_is_exact(family):
         if gr is not None:
             exact[:, of[n]] += (V[n].reshape(2, -1) @ gr.reshape(-1)).double()
     assert_close_per_group(res.group_totals["r"][:, None], exact[:, None], 1e-9, f"{family} totals")
+
+
+# -- packed batches ----------------------------------------------------------------------------------------------
+def _packed(batch):
+    """The batch's samples packed into one row (HF DataCollatorWithFlattening's layout), and the same samples
+    unpacked with their first label −100 (as packing sets it)."""
+    from geffect_fast.data import pack
+
+    rows, plain = [], {k: v.clone() for k, v in batch.items()}
+    for b in range(batch["input_ids"].shape[0]):
+        m = batch["attention_mask"][b].bool()
+        lab = batch["labels"][b][m].tolist()
+        rows.append((batch["input_ids"][b][m].tolist(), [-100] + lab[1:]))
+        plain["labels"][b, int(m.nonzero()[0])] = -100
+    return pack(rows), plain
+
+
+PACKED_IDS = [(f, k) for f in sorted(FAMILIES) for k in range(1)]
+
+
+@pytest.mark.parametrize("family,index", PACKED_IDS, ids=[f"{f}-{k}" for f, k in PACKED_IDS])
+def test_random_packed_case(family, index):
+    """A random case's samples packed into one row: measured per packed sample exactly as the oracle has them
+    unpacked — or, for a model that attends across packed samples (no block-causal mask from the position ids),
+    refused with the reason, never measured per row."""
+    case = draw(family, index)
+    model, batch, direction, dense = build(case)
+    if not bool((batch["labels"][:, 1:] != -100).any()):
+        pytest.skip("no labelled token")
+    packed, plain = _packed(batch)
+    try:
+        res = gf.measure(model, direction, {"r": packed}, per_instance=True, reduction=case.reduction)
+    except ValueError as e:
+        assert "attends across the packed samples" in str(e), e
+        return
+    grouping = assign(model, "block", [n for n, _ in model.named_parameters()])
+    e = _packed_oracle(model, dense, packed, grouping.of, len(grouping))
+    rtol = RTOL_FLOAT32 if family in FLOAT32_INSIDE else RTOL
+    ours, floor = res.instances["r"], FLOOR * e.abs().max().item()
+    err = ((ours - e).abs().amax(1) / e.abs().amax(1).clamp_min(floor)).max().item()
+    assert ours.shape[1] == case.B and err <= rtol, f"{family}: packed per instance {err:.3e}; {case}"
+
+
+def _packed_oracle(model, V, packed, group_of, G):
+    """Per packed sample j, autograd of ℓ_j — the mean NLL of its labelled positions in the packed row, on the packed
+    forward itself — dotted with V per group, float64 (the definition, whatever the model does with the row)."""
+    from geffect_fast.loss import forward_logits, packed_samples, token_nll
+
+    found = packed_samples(packed)  # None: one sample, a row of its own
+    owner = (torch.zeros_like(packed["input_ids"]) if found is None else found)[:, 1:]
+    params = dict(model.named_parameters())
+    names = list(V)
+    K = next(iter(V.values())).shape[0]
+    P = int(owner.max()) + 1
+    e = torch.zeros(K, P, G, dtype=torch.float64)
+    for j in range(P):
+        nll, mask = token_nll(forward_logits(model, packed), packed["labels"])
+        sel = (owner == j) & mask
+        if not bool(sel.any()):
+            continue
+        ell = (nll * sel).sum() / sel.sum()
+        grads = torch.autograd.grad(ell, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                e[:, j, group_of[n]] += (V[n].reshape(K, -1) @ g.reshape(-1).double()).double()
+    return e
+
+
+# -- exotic forwards ---------------------------------------------------------------------------------------------
+def _exotic(model, rng):
+    """Give 1–3 random linear layers and maybe the input embedding a forward of another kind: faithful ones (the same
+    map written otherwise) and unfaithful ones (a transformed weight, a gather). Returns the parameters whose use
+    the taps cannot vouch for."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    lins = [m for m in model.modules() if type(m) is nn.Linear]
+    unfaithful: set[str] = set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for lin in rng.sample(lins, min(len(lins), rng.randint(1, 3))):
+        kind = rng.choice(["same", "twice", "scaled", "transposed"])
+        if kind == "same":
+            lin.forward = lambda x, m=lin: F.linear(x, m.weight, m.bias) * 1.0
+        elif kind == "twice":
+            lin.forward = lambda x, m=lin: 0.5 * F.linear(x, m.weight, m.bias) + 0.5 * F.linear(x, m.weight, m.bias)
+        elif kind == "scaled":
+            lin.forward = lambda x, m=lin: F.linear(x, 0.5 * m.weight, m.bias)
+        else:
+            lin.forward = lambda x, m=lin: x @ m.weight.T + (0 if m.bias is None else m.bias)
+        if kind in ("scaled", "transposed"):
+            unfaithful |= {names[id(p)] for p in lin.parameters(recurse=False)}
+    emb = model.get_input_embeddings()
+    if type(emb) is nn.Embedding and rng.random() < 0.5:
+        if rng.random() < 0.5:
+            emb.forward = lambda ids, m=emb: F.embedding(ids, m.weight)  # no padding_idx: its row gets gradient
+        else:
+            emb.forward = lambda ids, m=emb: m.weight[ids]
+            unfaithful.add(names[id(emb.weight)])
+    return unfaithful
+
+
+EXOTIC_IDS = [(f, k) for f in ("llama", "qwen2", "gpt_neox", "opt") for k in range(2)]
+
+
+@pytest.mark.parametrize("family,index", EXOTIC_IDS, ids=[f"{f}-{k}" for f, k in EXOTIC_IDS])
+def test_random_exotic_forwards_are_exact_or_refused(family, index):
+    """Forwards set on random modules: with strict=True either exact or refused; with strict=False the parameters
+    the taps cannot vouch for go by autograd (exact totals) and every other column is exact per instance."""
+    case = draw(family, index)
+    model, batch, direction, dense = build(case)
+    unfaithful = _exotic(model, random.Random(case.seed))
+    grouping = assign(model, "block", [n for n, _ in model.named_parameters()])
+    measured = {n for n in direction.keys() if bool(direction.tensor(n).any())}
+    bad = unfaithful & measured
+    if not bad:
+        res = gf.measure(model, direction, {"r": batch}, per_instance=True, reduction=case.reduction)
+        e, _ = oracle(model, dense, batch, grouping.of, len(grouping), case.reduction)
+        assert_close_per_group(res.instances["r"], e, RTOL, f"{family} exotic, exact")
+        return
+    with pytest.raises(UnsupportedModuleError):
+        gf.measure(model, direction, {"r": batch}, reduction=case.reduction)
+    res = gf.measure(model, direction, {"r": batch}, per_instance=True, reduction=case.reduction, strict=False)
+    assert set(res.uncovered) == bad, (res.uncovered, bad)
+    of = dict(grouping.of)
+    for n in bad:
+        of[n] = len(grouping)
+    e, c = oracle(model, dense, batch, of, len(grouping) + 1, case.reduction)
+    assert_close_per_group(res.instances["r"][:, :, :-1], e[:, :, :-1], 1e-6, f"{family} exotic, covered")
+    totals = (e * c[None, :, None]).sum(1)
+    assert_close_per_group(res.group_totals["r"][:, None], totals[:, None], 1e-6, f"{family} exotic, totals")

@@ -358,23 +358,34 @@ class CaptureSession:
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=y.device)
         if self.packed is not None and not self.pooled:
-            return self._packed_rows(layout, n, y.device)
+            return self._packed_rows(layout, shape, y.device)
         if layout == "time":
             return self._interleaved(n, B, y.device)
         return n // B
 
-    def _packed_rows(self, layout: str, n: int, device: torch.device) -> Tensor:
-        """The packed sample of each row of a module's output (batch first: row b·T + t; time first: t·B + b)."""
-        seg = self._packed_seg.get((layout, n, device))
+    def _packed_rows(self, layout: str, shape: torch.Size, device: torch.device) -> Tensor:
+        """The packed sample of each row of a module's output of ``shape`` (its rows: every index but the last):
+        time first [T, B, ...], batch first [B, ..., T, ...] with other dims (heads) before or after the
+        positions', or the batch's B·T tokens flattened in order."""
+        key = (layout, tuple(shape), device)
+        seg = self._packed_seg.get(key)
         if seg is None:
-            p = self.packed if layout == "batch" else self.packed.T
-            if p.numel() != n:
-                raise NotPerSampleError(
-                    f"a packed batch of {tuple(self.packed.shape)} positions reached a module with {n} rows: its rows "
-                    "cannot be mapped to the packed samples",
-                    {},
-                )
-            seg = self._packed_seg[(layout, n, device)] = p.reshape(-1).to(device)
+            p, rows = self.packed, tuple(shape[:-1])
+            B, T = p.shape
+            if layout == "time":
+                view = p.T.reshape(T, B, *([1] * (len(rows) - 2)))
+            elif rows == (B * T,):
+                view = p.reshape(-1)
+            else:
+                t = next((i for i in range(1, len(rows)) if rows[i] == T), None)
+                if t is None:
+                    raise NotPerSampleError(
+                        f"a packed batch of {tuple(p.shape)} positions reached a module with rows {rows}: none of "
+                        f"their dims is the {T} positions, so they cannot be mapped to the packed samples",
+                        {},
+                    )
+                view = p.reshape(B, *([1] * (t - 1)), T, *([1] * (len(rows) - t - 1)))
+            seg = self._packed_seg[key] = view.to(device).expand(rows).reshape(-1)
         return seg
 
     def _interleaved(self, n: int, B: int, device: torch.device) -> Tensor:

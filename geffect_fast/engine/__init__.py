@@ -19,7 +19,7 @@ from .factors import FactoredEntry, FactorUse
 from .model import input_device, input_embeddings, unwrap
 from .modulemap import ModuleMap, module_map
 from .plan import Plan, plan_taps, uncovered_reasons
-from .run import backward, forward, opened, risk_backward, start_batch
+from .run import backward, check_packing, forward, opened, risk_backward, start_batch
 
 __all__ = [
     "Collector",
@@ -34,6 +34,7 @@ __all__ = [
     "Plan",
     "Projector",
     "backward",
+    "check_packing",
     "forward",
     "input_device",
     "input_embeddings",

@@ -73,6 +73,8 @@ class ModuleMap:
         self.plans: dict[Any, Any] = {}  #: plan key -> Plan (engine.plan), dropped with the map
         #: id(module) -> its row layout ("batch" or "time"), as passes and probes found it (capture.session.rows)
         self.layouts: dict[int, str] = {}
+        #: whether the model keeps packed samples apart (engine.run.check_packing; None: not probed yet)
+        self.packing: bool | None = None
         #: the thread of a pass in progress on this model (a nested pass is refused)
         self.busy: str | None = None
         self._flags: list[bool] = []

@@ -99,6 +99,33 @@ def forward(model: nn.Module, session: CaptureSession, batch: Mapping[str, Tenso
         raise err from e
 
 
+def check_packing(mm, model: nn.Module, batch: Mapping[str, Tensor], packed: Tensor) -> None:
+    """Packed samples are measured as samples only if the model keeps them apart (builds a block-causal mask from the
+    position ids, as Hugging Face's models do without an attention mask): one forward without grad with one packed
+    sample's tokens reordered must leave every other sample's logits as they were. The verdict is kept in the
+    model's map; a model that mixes packed samples is refused with the reason."""
+    if mm.packing is None:
+        ids = batch["input_ids"]
+        flat = packed.reshape(-1).to(ids.device)
+        sizes = torch.bincount(flat)
+        j = int((sizes > 1).nonzero()[0]) if bool((sizes > 1).any()) else 0
+        where = (flat == j).nonzero().squeeze(1)
+        other = ids.reshape(-1).clone()
+        other[where] = other[where.flip(0)]
+        with preserved(model, mode="eval", params=mm.params, modules=mm.modules), torch.no_grad():  # no dropout
+            a = forward_logits(model, batch)
+            b = forward_logits(model, {**batch, "input_ids": other.reshape(ids.shape)})
+        keep = (flat != j).reshape(ids.shape)
+        a, b = a[keep], b[keep]
+        mm.packing = bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max().clamp_min(1))))
+    if not mm.packing:
+        raise ValueError(
+            "the batch is packed (several samples per row), but the model attends across the packed samples (it "
+            "builds no block-causal mask from the position ids), so they are not samples of their own: pass them "
+            "unpacked, or with an attention mask (the row is then the sample)"
+        )
+
+
 def probe_layouts(model: nn.Module, session: CaptureSession, batch: Mapping[str, Tensor]) -> None:
     """Record the row layout of every tapped module from a forward on ``batch`` cut to T − 1 positions (no grad:
     the armed taps pass it through), where its B and T differ: [B, ...] is batch first, [T − 1, B, ...] time
@@ -160,4 +187,4 @@ def risk_backward(
     return session.result(), summed, L.detach()
 
 
-__all__ = ["backward", "forward", "opened", "probe_layouts", "risk_backward", "start_batch"]
+__all__ = ["backward", "check_packing", "forward", "opened", "probe_layouts", "risk_backward", "start_batch"]
