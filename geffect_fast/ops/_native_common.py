@@ -13,7 +13,6 @@ from .contract import (
     check_embedding,
     check_linear,
     check_norm,
-    check_seg_values,
     check_segment_outer,
     seg_tensor,
 )
@@ -60,14 +59,13 @@ def index(t: Tensor) -> tuple:
 
 
 def seg_ids(seg, n: int, B: int, device: torch.device) -> Tensor:
-    """``seg`` (an int T or ids) as ids, their values checked: the kernels index outputs with them. (Keep the
-    result alive until the kernel has run: the descriptor holds only its pointer.)"""
+    """``seg`` (an int T or ids, their values checked by the caller: the kernels index outputs with them) as ids.
+    (Keep the result alive until the kernel has run: the descriptor holds only its pointer.)"""
     if seg.__class__ is int:
         try:
             return _UNIFORM[(B, seg, device)]
         except KeyError:
             return uniform_ids(B, seg, device)
-    check_seg_values(seg, B)
     return seg
 
 

@@ -49,7 +49,8 @@ def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def check_seg(seg: Seg, n: int, B: int) -> None:
-    """Shape and type of ``seg`` for n rows and B samples (values: :func:`check_seg_values`)."""
+    """Shape, type and values of ``seg`` for n rows and B samples (the values: :func:`check_seg_values`, one device
+    sync for ids — the checked ops pay it; their unchecked kernels take segments made valid by construction)."""
     if B < 1:
         raise ValueError(f"B must be >= 1, got {B}")
     if isinstance(seg, int) and not isinstance(seg, bool):
@@ -62,6 +63,7 @@ def check_seg(seg: Seg, n: int, B: int) -> None:
         raise ValueError(f"seg must have shape [{n}], got {tuple(seg.shape)}")
     if seg.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"seg must be int32 or int64, got {seg.dtype}")
+    check_seg_values(seg, B)
 
 
 def check_seg_values(seg: Seg, B: int) -> None:
@@ -83,13 +85,12 @@ def seg_tensor(seg: Seg, n: int, B: int, device: torch.device) -> Tensor:
 def segment_sum(tok: Tensor, seg: Seg, B: int) -> Tensor:
     """out[..., b] = Σ_{t: seg_t = b} tok[..., t] for per-row values ``tok`` [..., N].
 
-    Uniform segments are a reshape-sum (deterministic); a Tensor of ids is checked to lie in [0, B) (on a GPU
-    an out-of-range id in ``index_add_`` would be a device-side assert, fatal to the process's CUDA context)
-    and goes through ``index_add_`` (atomic on CUDA).
+    Uniform segments are a reshape-sum (deterministic); a Tensor of ids goes through ``index_add_`` (atomic on
+    CUDA) — its values checked to lie in [0, B) before (``check_seg``: on a GPU an out-of-range id in
+    ``index_add_`` would be a device-side assert, fatal to the process's CUDA context).
     """
     if isinstance(seg, int):
         return tok.unflatten(-1, (B, seg)).sum(-1)
-    check_seg_values(seg, B)
     out = tok.new_zeros(*tok.shape[:-1], B)
     return out.index_add_(out.dim() - 1, seg.long(), tok)
 
