@@ -418,11 +418,12 @@ class CaptureSession:
         self._shared.append((module, tap, (self.labelled.to(live.device) & ~live).any() & live.any()))
 
     def failed_forward(self, error: BaseException) -> BaseException:
-        """The error to raise for a forward that failed: where an output shared by the batch was expanded in it (the
-        model repeats or concatenates it over the batch itself), one naming the embedding (strict=False: autograd),
-        else ``error`` itself."""
-        if not self.expanded or not isinstance(error, RuntimeError):
-            return error
+        """The error to raise for a forward that failed: where an output shared by the batch was expanded in it and
+        the failure is torch's size mismatch (the model repeats or concatenates the rows over the batch itself), one
+        naming the embedding (strict=False: autograd), else ``error`` itself."""
+        text = str(error).lower()
+        if not self.expanded or type(error) is not RuntimeError or not any(w in text for w in ("size", "shape")):
+            return error  # not torch's size mismatch: the model's own error
         module, tap = self.expanded[0]
         why = (
             f"{self.module_name(module)!r} was called with ids shared by the batch ([1, n]); its output was expanded "
