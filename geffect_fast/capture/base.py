@@ -161,33 +161,58 @@ class Adapter:
         return None
 
 
+#: calls that change a tensor's dtype or device only: a cast of a watched parameter stands for the parameter
+_CASTS = frozenset(
+    {Tensor.type, Tensor.to, Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.contiguous}
+)
+
+
 class FunctionalTap(TorchFunctionMode):
     """Inside one module's forward (live only while it runs): every torch function call that takes one of the
-    module's covered parameters — as the forward sees them, ``params`` (id -> canonical name) — is either the
-    call the adapter knows how to measure or a use the tap cannot vouch for.
+    module's covered parameters — as the forward sees them, ``params`` (id -> canonical name) — is either a call the
+    adapter knows how to measure or a use the tap cannot vouch for.
 
-    ``known(func, args, kwargs)`` returns a handler for the known call (``F.linear(x, W, b)`` for a linear map,
-    ``F.embedding(ids, E, ...)`` for a table), or None. A handled call runs and ``handler(out, args, kwargs)``
-    returns its output with a tap on it — the gradient the tap receives is then exactly that of the call's own
-    output, whatever the forward does before or after it, and a parameter used in two known calls adds both
-    contributions. Any other call that takes a parameter and returns a tensor (``W[ids]``, ``0.5 * W``, ``W.T``,
-    a transform) is an error naming the parameter and the function (:class:`NotPerSampleError`, so that
-    ``strict=False`` measures the parameter by autograd instead); reading metadata (``W.shape``, ``W.dtype``) is
-    fine. This is how a forward the adapter did not write — a subclass's own, or one set on the instance — is
-    measured exactly or refused, never taken on trust."""
+    ``known(tap, func, args, kwargs)`` returns a handler for a known call (``F.linear(x, W, b)`` for a linear map,
+    ``F.embedding(ids, E, ...)`` for a table, one expert's slice of a fused weight), or None. A handled call runs
+    and ``handler(out, args, kwargs)`` returns its output — with a tap on it where the call is a parameter's use:
+    the gradient the tap receives is then exactly that of the call's own output, whatever the forward does before
+    or after it, and a parameter used in two known calls adds both contributions. A cast of a watched parameter
+    (``W.float()``, ``W.type(torch.float32)``) stands for the parameter (:meth:`origin`). Any other call that takes
+    a parameter and returns a tensor (``W[ids]``, ``0.5 * W``, ``W.T``, a transform) is an error naming the
+    parameter and the function (:class:`NotPerSampleError`, so that ``strict=False`` measures the parameter by
+    autograd instead); reading metadata (``W.shape``, ``W.dtype``) is fine. This is how a forward the adapter did
+    not write — a subclass's own, or one set on the instance — is measured exactly or refused, never taken on
+    trust."""
 
     def __init__(self, params: dict[int, str], known: Callable, module_name: str):
         super().__init__()
         self.params = params
         self.known = known
         self.module_name = module_name
+        self._origin: dict[int, Tensor] = {}  #: id(cast) -> the watched tensor it stands for
+        self._held: list[Tensor] = []  #: what ids refer to, alive while the mode is (no id reused meanwhile)
+
+    def origin(self, x: Any) -> Any:
+        """The watched tensor ``x`` stands for (``x`` itself unless it is a cast of one)."""
+        return self._origin.get(id(x), x)
+
+    def watch(self, x: Tensor, name: str, origin: Tensor | None = None) -> None:
+        """Watch ``x`` too (a slice or a cast of a watched parameter, as a known call's handler made it)."""
+        self.params[id(x)] = name
+        if origin is not None:
+            self._origin[id(x)] = origin
+        self._held.append(x)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        handler = self.known(func, args, kwargs)
+        handler = self.known(self, func, args, kwargs)
         if handler is not None:
             return handler(func(*args, **kwargs), args, kwargs)
         out = func(*args, **kwargs)
+        if func in _CASTS and args and id(args[0]) in self.params and isinstance(out, Tensor):
+            if out is not args[0]:
+                self.watch(out, self.params[id(args[0])], self.origin(args[0]))
+            return out
         if isinstance(out, Tensor) or (isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)):
             used = self.used(args, kwargs)
             if used:

@@ -100,8 +100,8 @@ class EmbeddingAdapter(Adapter):
         def around(inner, args, kwargs):
             table = module._parameters["weight"]  # as the forward sees it: the guard's alias, FSDP2's unsharded table
 
-            def known(func, a, kw):
-                return handle if func is F.embedding and _arg(a, kw, 1, "weight") is table else None
+            def known(ft, func, a, kw):
+                return handle if func is F.embedding and ft.origin(_arg(a, kw, 1, "weight")) is table else None
 
             # the mode is live only inside the module's own forward, and always left (KeyboardInterrupt too)
             with FunctionalTap({id(table): slot.name}, known, state.module_name(module)):

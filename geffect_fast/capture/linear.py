@@ -74,7 +74,7 @@ class _LinearLike(Adapter):
             def handle(out: Tensor, args: tuple, kwargs: dict) -> Tensor:
                 x = args[1] if addmm else (args[0] if args else kwargs["input"])
                 passed = (args[0] if args else kwargs.get("input")) if addmm else _arg(args, kwargs, 2, "bias")
-                fn = with_bias if has_b and passed is b else weight_only
+                fn = with_bias if has_b and passed is not None and ft_box[0].origin(passed) is b else weight_only
                 if x.ndim == 2:
                     state.check_rows(x, module)
                 seg = state.rows(out, o, module)
@@ -89,15 +89,18 @@ class _LinearLike(Adapter):
             W, b = params.get("weight"), params.get("bias")
             watched = {id(params[k]): s.name for k, s in tap.slots.items()}
             handle = handler(W, b)
+            ft_box[0] = ft = FunctionalTap(watched, None, state.module_name(module))
 
-            def known(func, a, kw):
+            def known(ft, func, a, kw):
                 if addmm:
-                    return handle if func is torch.addmm and len(a) > 2 and a[2] is W else None
-                return handle if func is F.linear and _arg(a, kw, 1, "weight") is W else None
+                    return handle if func is torch.addmm and len(a) > 2 and ft.origin(a[2]) is W else None
+                return handle if func is F.linear and ft.origin(_arg(a, kw, 1, "weight")) is W else None
 
-            with FunctionalTap(watched, known, state.module_name(module)):
+            ft.known = known
+            with ft:
                 return inner(*args, **kwargs)
 
+        ft_box: list = [None]
         return around
 
 
