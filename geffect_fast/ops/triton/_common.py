@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,7 +40,9 @@ def on_device(t: torch.Tensor):
 @dataclass(frozen=True)
 class LinearConfig:
     """Tile of the fused ``linear_dot`` kernel: BLOCK_M tokens × BLOCK_N epilogue features, BLOCK_K of the
-    contracted dim per step; GROUP_M token tiles share each column band (grouped order, for L2 reuse)."""
+    contracted dim per step; GROUP_M token tiles share each column band (grouped order, for L2 reuse).
+    ``modes``: the dot modes (:func:`half_split_mode`) it serves; ``archs``: the compute-capability majors it is
+    launched on (8: sm_80-class, 9: sm_90); ``programs_per_sm``: the persistent grid's programs per SM."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -48,28 +50,69 @@ class LinearConfig:
     GROUP_M: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    programs_per_sm: int = 1
+    modes: tuple[int, ...] = (0,)
+    archs: tuple[int, ...] = (8, 9)
 
     def kwargs(self) -> dict[str, int]:
-        return asdict(self)
+        """The kernel's tile constexprs and launch options."""
+        d = asdict(self)
+        for k in ("programs_per_sm", "modes", "archs"):
+            d.pop(k)
+        return d
+
+    def label(self) -> str:
+        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} w{self.num_warps} s{self.num_stages}"
 
 
-#: every config ``auto`` can pick on a GPU (benchmarks/gpu_static.py compiles each for sm_90a and sm_80, in
-#: every dot mode); "large_s4" is reached by autotuning only
-LINEAR_CONFIGS: dict[str, LinearConfig] = {
-    "large": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=3),
-    "large_s4": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
-    "small": LinearConfig(64, 128, 64, GROUP_M=8, num_warps=4, num_stages=4),
-}
 #: BLOCK_K of the split and IEEE dot modes (1-3): their float32 direction tile goes through registers (the hi/lo
 #: split) before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
 SPLIT_BLOCK_K = 32
 
+#: THE table of the fused kernel's configs: the launcher takes a config from here and nowhere else, and
+#: benchmarks/gpu_static.py compiles each of them for sm_90a and sm_80 in every dot mode it serves, marking as
+#: launched those :func:`linear_configs` gives for that arch. Per dot mode a "wide" (128×256, sm_90 only: its
+#: 128 float32 accumulators per thread need wgmma's register-held accumulators and TMA's free shared-memory
+#: loads), a "large" (128×128) and a "small" (64×128, small batches) tile; "*_s4" differ in pipeline depth and
+#: are reached by autotuning only.
+LINEAR_CONFIGS: dict[str, LinearConfig] = {
+    # 16-bit activations and direction of one dtype (mode 0): plain tensor-core dots
+    "wide": LinearConfig(128, 256, 64, num_warps=8, num_stages=3, programs_per_sm=1, archs=(9,)),
+    "large": LinearConfig(128, 128, 64, num_warps=8, num_stages=3, programs_per_sm=2),
+    "large_s4": LinearConfig(128, 128, 64, num_warps=8, num_stages=4, programs_per_sm=1),
+    "small": LinearConfig(64, 128, 64, num_warps=4, num_stages=4, programs_per_sm=2),
+    # a float32 direction on 16-bit activations (modes 1, 2): hi + lo, two tensor-core dots per step
+    "split_wide": LinearConfig(128, 256, SPLIT_BLOCK_K, num_warps=8, num_stages=3, modes=(1, 2), archs=(9,)),
+    "split_large": LinearConfig(128, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=2, modes=(1, 2)),
+    "split_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(1, 2)),
+    # float32 (IEEE dots; also mixed dtypes after upcasting): mode 3
+    "fp32_large": LinearConfig(128, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=1, modes=(3,)),
+    "fp32_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(3,)),
+}
+#: the prefix of each mode's configs in LINEAR_CONFIGS ("" for mode 0)
+_MODE_PREFIX = {0: "", 1: "split_", 2: "split_", 3: "fp32_"}
 
-def linear_configs(mode: int) -> dict[str, LinearConfig]:
-    """LINEAR_CONFIGS as the fused kernel uses them in dot ``mode`` (see :func:`half_split_mode`)."""
-    if mode == 0:
-        return LINEAR_CONFIGS
-    return {name: replace(c, BLOCK_K=SPLIT_BLOCK_K) for name, c in LINEAR_CONFIGS.items()}
+
+def arch_of(device: torch.device) -> int:
+    """The compute-capability major a launch on ``device`` compiles for: the GPU's, or 9 (an H100-class card)
+    on the CPU under the interpreter, so the interpreter runs the configs a Hopper GPU would."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0]
+    return 9
+
+
+def linear_configs(mode: int, arch: int | None = None) -> dict[str, LinearConfig]:
+    """The configs of LINEAR_CONFIGS the fused kernel can launch in dot ``mode`` (see :func:`half_split_mode`)
+    on compute-capability major ``arch`` (None: on any). Architectures past 9 take sm_90's configs, before 8
+    sm_80's."""
+    out = {}
+    for name, c in LINEAR_CONFIGS.items():
+        if mode not in c.modes:
+            continue
+        if arch is not None and min(max(arch, 8), 9) not in c.archs:
+            continue
+        out[name] = c
+    return out
 
 
 #: streaming multiprocessors assumed when no GPU can be asked (an H100 SXM has 132)
@@ -82,11 +125,19 @@ def sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def linear_config(N: int, C: int, K: int, device: torch.device) -> str:
-    """Name of the fused kernel's config for N tokens, C epilogue features and K directions: 128×128 tiles
-    when they give every SM a tile, else 64-token tiles (small batches)."""
-    tiles = -(-N // 128) * -(-C // 128) * K
-    return "large" if tiles >= sm_count(device) else "small"
+def linear_config(N: int, C: int, K: int, device: torch.device, mode: int = 0) -> str:
+    """Name of the fused kernel's config for N tokens, C epilogue features, K directions and dot ``mode``: the
+    widest tile of the mode on this arch (128×256 on sm_90, else 128×128) when its tiles give every SM one,
+    else 128×128 if those do, else 64-token tiles (small batches)."""
+    arch = arch_of(device)
+    sms = sm_count(device)
+    prefix = _MODE_PREFIX[mode]
+    avail = linear_configs(mode, arch)
+    for name in ("wide", "large"):
+        c = LINEAR_CONFIGS.get(prefix + name)
+        if prefix + name in avail and -(-N // c.BLOCK_M) * -(-C // c.BLOCK_N) * K >= sms:
+            return prefix + name
+    return prefix + "small"
 
 
 @dataclass(frozen=True)
