@@ -152,6 +152,12 @@ def test_triton_fused_every_config(triton_ops, monkeypatch, tma, config, act, vd
     """Every config of the one table, in each dot mode it serves, with pointer loads (the last partial BLOCK_K
     step peeled off) and with TMA descriptors (out-of-range reads as zeros), against the reference."""
     mod, _common, dev = triton_ops
+    # TMA where the strides allow it (16-byte rows of x1, M and x2), never in the IEEE float32 mode
+    aligned = max(i, o) * act.itemsize % 16 == 0 and min(i, o) * act.itemsize % 16 == 0
+    hopper = dev.type == "cpu" or _common.arch_of(dev) >= 9  # the interpreter runs sm_90's configs
+    tma_ok = tma == "force" and aligned and act != torch.float32 and hopper
+    if not tma_ok and _common.LINEAR_CONFIGS[config].tma_only:
+        pytest.skip(f"{config} is launched with TMA descriptors only")
     monkeypatch.setattr(mod, "LINEAR_TMA", tma)
     monkeypatch.setattr(_common, "linear_config", lambda *args: config)
     ran = []
@@ -161,8 +167,7 @@ def test_triton_fused_every_config(triton_ops, monkeypatch, tma, config, act, vd
     seg = segments(N, B, kind, gen)
     want_w, want_b = ref.linear_dot(a.double(), g.double(), v.double(), seg, B, vb.double())
     got_w, got_b = mod.linear_dot(a.to(dev), g.to(dev), v.to(dev), to(seg, dev), B, vb.to(dev))
-    tma_ok = dev.type == "cpu" and tma == "force" and max(i, o) * act.itemsize % 16 == 0
-    assert ran == [f"{config} {'tma' if tma_ok else 'ptr'}"] or dev.type == "cuda", ran
+    assert ran == [f"{config} {'tma' if tma_ok else 'ptr'}"], ran
     if act == vdt:
         assert_matches(got_w, want_w, act, config)
     else:
@@ -202,6 +207,12 @@ def test_triton_tma_falls_back_to_pointer_loads_where_strides_do_not_allow_it(tr
     a3 = torch.randn(40, 64).to(torch.bfloat16)
     assert mod._launch_fused(a3, v2.transpose(1, 2), g, tok, config="small").endswith(" tma")
     assert_matches(tok, ref.linear_dot(a3, g, v2, 1, 40)[0], torch.bfloat16)
+    g3 = torch.randn(40, 17).to(torch.bfloat16)  # x2 rows of 34 bytes
+    v3 = torch.randn(1, 17, 64).to(torch.bfloat16)
+    assert mod._launch_fused(a3, v3.transpose(1, 2), g3, tok, config="small").endswith(" ptr")
+    assert_matches(tok, ref.linear_dot(a3, g3, v3, 1, 40)[0], torch.bfloat16)
+    with pytest.raises(ValueError, match="not launched"):  # the 128×256 tile needs TMA
+        mod._launch_fused(a3, v3.transpose(1, 2), g3, tok, config="wide")
 
 
 def test_triton_linear_config_heuristic(monkeypatch):
@@ -221,7 +232,9 @@ def test_triton_linear_config_heuristic(monkeypatch):
         for arch in (8, 9):
             table = _common.linear_configs(mode, arch)
             assert table and all(mode in c.modes for c in table.values())
-            assert all(c.BLOCK_K == _common.SPLIT_BLOCK_K for c in table.values()) or mode == 0
+            want_bk = {0: 64, 1: _common.SPLIT_BLOCK_K, 2: _common.SPLIT_BLOCK_K, 3: _common.FP32_BLOCK_K}[mode]
+            assert all(c.BLOCK_K == want_bk for c in table.values())
+            assert "wide" not in "".join(_common.linear_configs(mode, arch, tma=False))  # 128×256: TMA only
     big = _common.LINEAR_CONFIGS["wide"]
     assert (big.BLOCK_M, big.BLOCK_N, big.BLOCK_K, big.num_warps) == (128, 256, 64, 8)
 

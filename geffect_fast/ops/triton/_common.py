@@ -42,7 +42,9 @@ class LinearConfig:
     """Tile of the fused ``linear_dot`` kernel: BLOCK_M tokens × BLOCK_N epilogue features, BLOCK_K of the
     contracted dim per step; GROUP_M token tiles share each column band (grouped order, for L2 reuse).
     ``modes``: the dot modes (:func:`half_split_mode`) it serves; ``archs``: the compute-capability majors it is
-    launched on (8: sm_80-class, 9: sm_90); ``programs_per_sm``: the persistent grid's programs per SM."""
+    launched on (8: sm_80-class, 9: sm_90); ``tma_only``: launched only with TMA descriptors (whose loads need
+    no per-element addresses: with pointer loads the 128×256 tiles run out of registers); ``programs_per_sm``:
+    the persistent grid's programs per SM."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -53,11 +55,12 @@ class LinearConfig:
     programs_per_sm: int = 1
     modes: tuple[int, ...] = (0,)
     archs: tuple[int, ...] = (8, 9)
+    tma_only: bool = False
 
     def kwargs(self) -> dict[str, int]:
         """The kernel's tile constexprs and launch options."""
         d = asdict(self)
-        for k in ("programs_per_sm", "modes", "archs"):
+        for k in ("programs_per_sm", "modes", "archs", "tma_only"):
             d.pop(k)
         return d
 
@@ -65,29 +68,33 @@ class LinearConfig:
         return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} w{self.num_warps} s{self.num_stages}"
 
 
-#: BLOCK_K of the split and IEEE dot modes (1-3): their float32 direction tile goes through registers (the hi/lo
-#: split) before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
+#: BLOCK_K of the split dot modes (1, 2): their float32 direction tile goes through registers (the hi/lo split)
+#: before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
 SPLIT_BLOCK_K = 32
+#: BLOCK_K of the IEEE float32 mode (3): its dots are FMAs on register operands; at 32 the peeled 64×128 tile
+#: spills on sm_80 (ptxas: 255 registers, 136 bytes)
+FP32_BLOCK_K = 16
 
 #: THE table of the fused kernel's configs: the launcher takes a config from here and nowhere else, and
 #: benchmarks/gpu_static.py compiles each of them for sm_90a and sm_80 in every dot mode it serves, marking as
-#: launched those :func:`linear_configs` gives for that arch. Per dot mode a "wide" (128×256, sm_90 only: its
-#: 128 float32 accumulators per thread need wgmma's register-held accumulators and TMA's free shared-memory
-#: loads), a "large" (128×128) and a "small" (64×128, small batches) tile; "*_s4" differ in pipeline depth and
-#: are reached by autotuning only.
+#: launched those :func:`linear_configs` gives for that arch. Per dot mode a "wide" (128×256, sm_90 with TMA
+#: only: its 128 float32 accumulators per thread leave no registers for per-element addresses), a "large"
+#: (128×128) and a "small" (64×128, small batches) tile; ``GEFFECT_FAST_AUTOTUNE=1`` times those of the
+#: pointer path once per shape instead of the heuristic's pick.
 LINEAR_CONFIGS: dict[str, LinearConfig] = {
     # 16-bit activations and direction of one dtype (mode 0): plain tensor-core dots
-    "wide": LinearConfig(128, 256, 64, num_warps=8, num_stages=3, programs_per_sm=1, archs=(9,)),
+    "wide": LinearConfig(128, 256, 64, num_warps=8, num_stages=3, programs_per_sm=1, archs=(9,), tma_only=True),
     "large": LinearConfig(128, 128, 64, num_warps=8, num_stages=3, programs_per_sm=2),
-    "large_s4": LinearConfig(128, 128, 64, num_warps=8, num_stages=4, programs_per_sm=1),
-    "small": LinearConfig(64, 128, 64, num_warps=4, num_stages=4, programs_per_sm=2),
+    "small": LinearConfig(64, 128, 64, num_warps=8, num_stages=4, programs_per_sm=2),
     # a float32 direction on 16-bit activations (modes 1, 2): hi + lo, two tensor-core dots per step
-    "split_wide": LinearConfig(128, 256, SPLIT_BLOCK_K, num_warps=8, num_stages=3, modes=(1, 2), archs=(9,)),
+    "split_wide": LinearConfig(
+        128, 256, SPLIT_BLOCK_K, num_warps=8, num_stages=3, modes=(1, 2), archs=(9,), tma_only=True
+    ),
     "split_large": LinearConfig(128, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=2, modes=(1, 2)),
-    "split_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(1, 2)),
-    # float32 (IEEE dots; also mixed dtypes after upcasting): mode 3
-    "fp32_large": LinearConfig(128, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=1, modes=(3,)),
-    "fp32_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(3,)),
+    "split_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=4, programs_per_sm=2, modes=(1, 2)),
+    # float32 (IEEE dots; also mixed dtypes after upcasting): mode 3, pointer loads only (see uses_tma)
+    "fp32_large": LinearConfig(128, 128, FP32_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=1, modes=(3,)),
+    "fp32_small": LinearConfig(64, 128, FP32_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(3,)),
 }
 #: the prefix of each mode's configs in LINEAR_CONFIGS ("" for mode 0)
 _MODE_PREFIX = {0: "", 1: "split_", 2: "split_", 3: "fp32_"}
@@ -101,15 +108,24 @@ def arch_of(device: torch.device) -> int:
     return 9
 
 
-def linear_configs(mode: int, arch: int | None = None) -> dict[str, LinearConfig]:
+def uses_tma(mode: int, arch: int) -> bool:
+    """Whether the fused kernel loads its tiles through TMA descriptors in dot ``mode`` on compute-capability
+    major ``arch`` (where the tensors' strides allow it; the launcher checks them): on sm_90 and later, except in
+    the IEEE float32 mode, whose FMA dots gain nothing from it (and spill from shared-memory operands)."""
+    return arch >= 9 and mode != 3
+
+
+def linear_configs(mode: int, arch: int | None = None, tma: bool | None = None) -> dict[str, LinearConfig]:
     """The configs of LINEAR_CONFIGS the fused kernel can launch in dot ``mode`` (see :func:`half_split_mode`)
-    on compute-capability major ``arch`` (None: on any). Architectures past 9 take sm_90's configs, before 8
-    sm_80's."""
+    on compute-capability major ``arch`` (None: on any; architectures past 9 take sm_90's configs, before 8
+    sm_80's), with TMA descriptors (``tma`` True) or pointer loads (False; None: either)."""
     out = {}
     for name, c in LINEAR_CONFIGS.items():
         if mode not in c.modes:
             continue
         if arch is not None and min(max(arch, 8), 9) not in c.archs:
+            continue
+        if tma is False and c.tma_only:
             continue
         out[name] = c
     return out
@@ -125,14 +141,15 @@ def sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def linear_config(N: int, C: int, K: int, device: torch.device, mode: int = 0) -> str:
-    """Name of the fused kernel's config for N tokens, C epilogue features, K directions and dot ``mode``: the
-    widest tile of the mode on this arch (128×256 on sm_90, else 128×128) when its tiles give every SM one,
-    else 128×128 if those do, else 64-token tiles (small batches)."""
+def linear_config(N: int, C: int, K: int, device: torch.device, mode: int = 0, tma: bool | None = None) -> str:
+    """Name of the fused kernel's config for N tokens, C epilogue features, K directions and dot ``mode`` (with
+    TMA descriptors or not; None: as :func:`uses_tma` says for the device): the widest tile of the mode on this
+    arch (128×256 on sm_90 with TMA, else 128×128) when its tiles give every SM one, else 128×128 if those do,
+    else 64-token tiles (small batches)."""
     arch = arch_of(device)
     sms = sm_count(device)
     prefix = _MODE_PREFIX[mode]
-    avail = linear_configs(mode, arch)
+    avail = linear_configs(mode, arch, uses_tma(mode, arch) if tma is None else tma)
     for name in ("wide", "large"):
         c = LINEAR_CONFIGS.get(prefix + name)
         if prefix + name in avail and -(-N // c.BLOCK_M) * -(-C // c.BLOCK_N) * K >= sms:

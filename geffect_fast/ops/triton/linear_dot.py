@@ -44,8 +44,8 @@ try:  # host-side TMA descriptors (Triton >= 3.4)
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-#: use TMA descriptors on sm_90 where the strides allow ("auto"), never ("off"), or wherever the strides allow
-#: whatever the device ("force": the CPU interpreter runs the descriptor path, as the tests do)
+#: use TMA descriptors on sm_90 where the strides allow ("auto"), never ("off"), or also on the CPU interpreter
+#: ("force": the interpreter runs the descriptor path, as the tests do); never in the IEEE float32 mode
 LINEAR_TMA = "auto"
 
 
@@ -76,7 +76,7 @@ def _mac(acc, x, w, inv, MODE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _linear_dot_kernel(
-    x1_ptr, m_ptr, x2_ptr, scale_ptr, part_ptr, x1_desc, m_desc,
+    x1_ptr, m_ptr, x2_ptr, scale_ptr, part_ptr, x1_desc, m_desc, x2_desc,
     N, R, C, K,
     s10, s11, smk, smr, smc, s20, s21, spk, spb, N_BUCKET,
     MODE: tl.constexpr, UPCAST: tl.constexpr, EVEN_R: tl.constexpr, TMA: tl.constexpr, M_T: tl.constexpr,
@@ -131,9 +131,11 @@ def _linear_dot_kernel(
                 acc = _mac(acc, x, w, inv, MODE, UPCAST)
         if MODE == 2:
             acc = acc * tl.load(scale_ptr + k)
-        x2 = tl.load(
-            x2_ptr + offs_m[:, None] * s20 + offs_n[None, :] * s21, mask=mask_m[:, None] & mask_n[None, :], other=0.0
-        ).to(tl.float32)
+        if TMA:  # no per-element addresses (with them the 128×256 tile runs out of registers)
+            x2 = x2_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
+        else:
+            x2_ptrs = x2_ptr + offs_m[:, None] * s20 + offs_n[None, :] * s21
+            x2 = tl.load(x2_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         part = tl.sum(acc * x2, axis=1)
         tl.store(part_ptr + k * spk + pid_n.to(tl.int64) * spb + offs_m, part, mask=mask_m)
 
@@ -165,15 +167,17 @@ def _aligned(t: Tensor, strides: tuple[int, ...]) -> bool:
     return t.data_ptr() % 16 == 0 and strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
 
 
-def _use_tma(x1: Tensor, m: Tensor) -> tuple[bool, bool]:
-    """(whether the tiles of x1 and m come through TMA descriptors here, whether m is read as [K, c, r])."""
+def _use_tma(x1: Tensor, m: Tensor, x2: Tensor, mode: int) -> tuple[bool, bool]:
+    """(whether the tiles of x1, m and x2 come through TMA descriptors here, whether m is read as [K, c, r])."""
     m_t = m.stride(1) == 1 and m.stride(2) != 1
     if TensorDescriptor is None or LINEAR_TMA == "off":
         return False, m_t
-    if LINEAR_TMA != "force" and (x1.device.type != "cuda" or _common.arch_of(x1.device) < 9):
+    on_cpu = LINEAR_TMA == "force" and x1.device.type == "cpu"
+    if not _common.uses_tma(mode, _common.arch_of(x1.device)) or not (on_cpu or x1.device.type == "cuda"):
         return False, m_t
     mt = (m.stride(0), m.stride(2), 1) if m_t else (m.stride(0), m.stride(1), m.stride(2))
-    return _aligned(x1, (x1.stride(0), x1.stride(1))) and _aligned(m, mt), m_t
+    ok = _aligned(x1, (x1.stride(0), x1.stride(1))) and _aligned(m, mt) and _aligned(x2, (x2.stride(0), x2.stride(1)))
+    return ok, m_t
 
 
 def _launch_fused(x1: Tensor, m: Tensor, x2: Tensor, tok: Tensor, config: str | None = None) -> str:
@@ -189,28 +193,29 @@ def _launch_fused(x1: Tensor, m: Tensor, x2: Tensor, tok: Tensor, config: str | 
         x1, m = x1.float(), m.float()  # e.g. bf16 activations with an fp16 direction
     scale = m.abs().amax(dim=(1, 2)).float().clamp_min(torch.finfo(torch.float32).tiny) if mode == 2 else tok
     arch = _common.arch_of(x1.device)
-    table = _common.linear_configs(mode, arch)
-    if config is not None and config not in table:
-        raise ValueError(f"config {config!r} is not launched in dot mode {mode} on compute capability {arch}.x; "
-                         f"those that are: {list(table)}")  # fmt: skip
     tune = config is None and _common.LINEAR_TUNING == "autotune" and x1.device.type == "cuda"
-    cfgs = list(table.values()) if tune else [table[config or _common.linear_config(N, C, K, x1.device, mode)]]
-    tma, m_t = (False, m.stride(1) == 1 and m.stride(2) != 1) if tune else _use_tma(x1, m)
+    tma, m_t = (False, m.stride(1) == 1 and m.stride(2) != 1) if tune else _use_tma(x1, m, x2, mode)
+    table = _common.linear_configs(mode, arch, tma)
+    if config is not None and config not in table:
+        raise ValueError(f"config {config!r} is not launched in dot mode {mode} on compute capability {arch}.x "
+                         f"with {'TMA' if tma else 'pointer loads'}; those that are: {list(table)}")  # fmt: skip
+    cfgs = list(table.values()) if tune else [table[config or _common.linear_config(N, C, K, x1.device, mode, tma)]]
     bands = max(triton.cdiv(C, c.BLOCK_N) for c in cfgs)
     # a config with narrower bands leaves the extra band rows untouched: start from zeros when configs differ
     alloc = torch.zeros if len({c.BLOCK_N for c in cfgs}) > 1 else torch.empty
     part = alloc(K, bands, N, dtype=torch.float32, device=x1.device)
     sms = _common.sm_count(x1.device)
     cfg = cfgs[0]
-    xd, md = x1, m  # unused by the pointer path
+    xd, md, x2d = x1, m, x2  # unused by the pointer path
     if tma:
         xd = TensorDescriptor(x1, [N, R], [x1.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K])
+        x2d = TensorDescriptor(x2, [N, C], [x2.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_N])
         if m_t:
             md = TensorDescriptor(m, [K, C, R], [m.stride(0), m.stride(2), 1], [1, cfg.BLOCK_N, cfg.BLOCK_K])
         else:
             md = TensorDescriptor(m, [K, R, C], [m.stride(0), m.stride(1), 1], [1, cfg.BLOCK_K, cfg.BLOCK_N])
     args = (
-        x1, m, x2, scale, part, xd, md, N, R, C, K,
+        x1, m, x2, scale, part, xd, md, x2d, N, R, C, K,
         x1.stride(0), x1.stride(1), m.stride(0), m.stride(1), m.stride(2), x2.stride(0), x2.stride(1),
         part.stride(0), part.stride(1),
     )  # fmt: skip
