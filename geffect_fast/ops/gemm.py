@@ -42,25 +42,28 @@ CHUNK_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
 
 HALF = (torch.bfloat16, torch.float16)
-_MM_OUT_DTYPE: dict[torch.device, bool] = {}
+_MM_OUT_DTYPE: dict[tuple[torch.device, str], bool] = {}
 
 
-def _mm_out_dtype_ok(device: torch.device) -> bool:
-    """Whether ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` and a preallocated ``out=`` run for
-    16-bit operands on ``device`` and give the float32 product (checked once per device on a small product)."""
-    ok = _MM_OUT_DTYPE.get(device)
+def _mm_out_dtype_ok(device: torch.device, op: str = "mm") -> bool:
+    """Whether ``torch.mm`` (``op`` "mm") or ``torch.addmm`` ("addmm") with ``out_dtype=torch.float32`` and a
+    preallocated ``out=`` runs for 16-bit operands on ``device`` and gives the float32 result (checked once per
+    device and op on a small product)."""
+    ok = _MM_OUT_DTYPE.get((device, op))
     if ok is None:
         try:
             x = (torch.arange(16, device=device, dtype=torch.float32).reshape(4, 4) / 7).to(torch.bfloat16)
             want = x.float() @ x.float()
-            buf = torch.empty(4, 4, dtype=torch.float32, device=device)
-            torch.mm(x, x, out_dtype=torch.float32, out=buf)
+            buf = torch.full((4, 4), 1.0, dtype=torch.float32, device=device)
+            if op == "mm":
+                torch.mm(x, x, out_dtype=torch.float32, out=buf)
+            else:
+                torch.addmm(buf, x, x, out_dtype=torch.float32, out=buf)
+                want += 1
             ok = bool(torch.allclose(buf, want, rtol=1e-6, atol=0))
-            torch.addmm(buf, x, x, out_dtype=torch.float32, out=buf)
-            ok = ok and bool(torch.allclose(buf, 2 * want, rtol=1e-6, atol=0))
         except (TypeError, RuntimeError, NotImplementedError):
             ok = False
-        _MM_OUT_DTYPE[device] = ok
+        _MM_OUT_DTYPE[(device, op)] = ok
     return ok
 
 
@@ -71,12 +74,16 @@ def mm_into(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None
     (products of 16-bit values are exact in float32)."""
     acc = out.dtype
     if not (x.dtype == w.dtype == acc):
-        if x.dtype == w.dtype and x.dtype in HALF and acc == torch.float32 and _mm_out_dtype_ok(x.device):
-            if accumulate:
-                torch.addmm(out, x, w, out_dtype=torch.float32, out=out)
-            else:
+        if x.dtype == w.dtype and x.dtype in HALF and acc == torch.float32:
+            if not accumulate and _mm_out_dtype_ok(x.device, "mm"):
                 torch.mm(x, w, out_dtype=torch.float32, out=out)
-            return
+                return
+            if accumulate and _mm_out_dtype_ok(x.device, "addmm"):
+                torch.addmm(out, x, w, out_dtype=torch.float32, out=out)
+                return
+            if accumulate and _mm_out_dtype_ok(x.device, "mm"):  # a torch with mm's out_dtype but not addmm's
+                out.add_(torch.mm(x, w, out_dtype=torch.float32))
+                return
         x, w = x.to(acc), w.to(acc)
     if accumulate:
         out.addmm_(x, w)

@@ -34,15 +34,19 @@ class _Spy:
     """torch.mm / torch.addmm with ``out_dtype`` emulated on the CPU (torch has it only on CUDA): records every
     call's output buffer, and fails if a 16-bit product is asked for without ``out=``."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, addmm_ok: bool = True):
         self.calls = []
         mm, addmm = torch.mm, torch.addmm
 
         def fake_mm(x, w, *, out_dtype=None, out=None):
             if out_dtype is None:
                 return mm(x, w, out=out) if out is not None else mm(x, w)
-            assert out is not None and out.dtype == out_dtype == torch.float32, "P not written into the buffer"
-            assert x.dtype == w.dtype and x.dtype in gemm.HALF
+            assert x.dtype == w.dtype and x.dtype in gemm.HALF and out_dtype == torch.float32
+            if out is None:  # only the lo half of a split, where torch has no addmm out_dtype
+                assert not addmm_ok, "P not written into the buffer"
+                self.calls.append(("mm-fresh", 0, tuple(x.shape)))
+                return mm(x.double(), w.double()).float()
+            assert out.dtype == torch.float32
             self.calls.append(("mm", out.data_ptr(), tuple(out.shape)))
             return out.copy_(mm(x.double(), w.double()))
 
@@ -55,13 +59,14 @@ class _Spy:
 
         monkeypatch.setattr(torch, "mm", fake_mm)
         monkeypatch.setattr(torch, "addmm", fake_addmm)
-        monkeypatch.setattr(gemm, "_mm_out_dtype_ok", lambda device: True)
+        monkeypatch.setattr(gemm, "_mm_out_dtype_ok", lambda device, op="mm": addmm_ok or op == "mm")
 
 
+@pytest.mark.parametrize("addmm_ok", [True, False], ids=["addmm-out_dtype", "mm-out_dtype-only"])
 @pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float32, torch.float16], ids=["same", "split-bf16", "split-fp16"])
 @pytest.mark.parametrize("N,i,o,K", [(83, 40, 24, 2), (70, 24, 56, 1)])
-def test_gemm_writes_p_into_one_buffer(monkeypatch, vdtype, N, i, o, K):
-    spy = _Spy(monkeypatch)
+def test_gemm_writes_p_into_one_buffer(monkeypatch, vdtype, N, i, o, K, addmm_ok):
+    spy = _Spy(monkeypatch, addmm_ok)
     monkeypatch.setattr(gemm, "CHUNK_BYTES", 1)
     monkeypatch.setattr(gemm, "MIN_CHUNK_ROWS", 16)  # 16-row chunks: 6 (or 5) chunks of P
     act = torch.float16 if vdtype == torch.float16 else torch.bfloat16
@@ -82,8 +87,9 @@ def test_gemm_writes_p_into_one_buffer(monkeypatch, vdtype, N, i, o, K):
     per_chunk = K * (2 if split else 1)
     assert len(spy.calls) == chunks * per_chunk, spy.calls
     # one buffer: every chunk's products land at the same K addresses (the last, shorter chunk too)
-    assert len({ptr for _, ptr, _ in spy.calls}) == K
-    assert [kind for kind, _, _ in spy.calls[:per_chunk]] == (["mm", "addmm"] * K if split else ["mm"] * K)
+    assert len({ptr for kind, ptr, _ in spy.calls if kind != "mm-fresh"}) == K
+    lo = "addmm" if addmm_ok else "mm-fresh"
+    assert [kind for kind, _, _ in spy.calls[:per_chunk]] == (["mm", lo] * K if split else ["mm"] * K)
 
 
 def test_gemm_fallback_without_out_dtype_upcasts_into_the_buffer(monkeypatch):
@@ -91,7 +97,7 @@ def test_gemm_fallback_without_out_dtype_upcasts_into_the_buffer(monkeypatch):
     buffer: same numbers."""
     monkeypatch.setattr(gemm, "CHUNK_BYTES", 1)
     monkeypatch.setattr(gemm, "MIN_CHUNK_ROWS", 16)
-    assert not gemm._mm_out_dtype_ok(torch.device("cpu"))
+    assert not gemm._mm_out_dtype_ok(torch.device("cpu")) and not gemm._mm_out_dtype_ok(torch.device("cpu"), "addmm")
     gen = torch.Generator().manual_seed(2)
     a, g = torch.randn(50, 32, generator=gen).bfloat16(), torch.randn(50, 20, generator=gen).bfloat16()
     v = torch.randn(2, 20, 32, generator=gen)
