@@ -39,8 +39,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for real: the interpreter has no PTX
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":  # before any kernel module is imported; never when a test imports this module
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for real: the interpreter has no PTX
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 #: a representative LLM width for the row kernels' configs (rows_config depends on it)

@@ -124,13 +124,6 @@ def matmul_into(x: Tensor, m: Tensor, out: Tensor, split: tuple | None = None) -
             mm_into(x, m[k] if m.dtype == x.dtype else m[k].to(x.dtype), out[k])
 
 
-def matmul_acc(x: Tensor, m: Tensor, acc: torch.dtype, split: tuple | None = None) -> Tensor:
-    """P = x m_k for every k: x [n, r], m [K, r, c] -> a new [K, n, c] in ``acc`` (:func:`matmul_into`)."""
-    out = torch.empty(m.shape[0], x.shape[0], m.shape[2], dtype=acc, device=x.device)
-    matmul_into(x, m, out, split)
-    return out
-
-
 def needs_split(x_dtype: torch.dtype, m_dtype: torch.dtype) -> bool:
     """16-bit activations with a float32 direction: split the direction (never a float32 GEMM)."""
     return x_dtype in HALF and m_dtype == torch.float32
