@@ -25,6 +25,18 @@ def test_chunk_rows_are_equal_multiples_of_256_within_the_bound(N, K, c, itemsiz
     assert 0 < last and rows - last < unit * chunks  # equal chunks up to the rounding: no 2-row tail
 
 
+def test_the_out_dtype_probe_matches_what_torch_does():
+    """The probe says yes exactly where torch.mm(out_dtype=float32, out=...) runs (no CPU build has it yet)."""
+    x = torch.ones(2, 2, dtype=torch.bfloat16)
+    try:
+        torch.mm(x, x, out_dtype=torch.float32, out=torch.empty(2, 2))
+        runs = True
+    except (TypeError, RuntimeError, NotImplementedError):
+        runs = False
+    gemm._MM_OUT_DTYPE.clear()
+    assert gemm._mm_out_dtype_ok(torch.device("cpu")) == runs
+
+
 def test_chunk_rows_example_from_the_issue():
     """N 8192, K 3, c 4096, float32: 1365 rows (a tail of 2) before; now 6 chunks of 1280 and one of 512."""
     assert gemm.chunk_rows(8192, 3, 4096, 4) == 1280
@@ -93,11 +105,11 @@ def test_gemm_writes_p_into_one_buffer(monkeypatch, vdtype, N, i, o, K, addmm_ok
 
 
 def test_gemm_fallback_without_out_dtype_upcasts_into_the_buffer(monkeypatch):
-    """Where torch has no out_dtype (this CPU build), 16-bit operands are upcast and P still goes into the
+    """Where torch has no out_dtype (CPU builds so far), 16-bit operands are upcast and P still goes into the
     buffer: same numbers."""
     monkeypatch.setattr(gemm, "CHUNK_BYTES", 1)
     monkeypatch.setattr(gemm, "MIN_CHUNK_ROWS", 16)
-    assert not gemm._mm_out_dtype_ok(torch.device("cpu")) and not gemm._mm_out_dtype_ok(torch.device("cpu"), "addmm")
+    monkeypatch.setattr(gemm, "_mm_out_dtype_ok", lambda device, op="mm": False)
     gen = torch.Generator().manual_seed(2)
     a, g = torch.randn(50, 32, generator=gen).bfloat16(), torch.randn(50, 20, generator=gen).bfloat16()
     v = torch.randn(2, 20, 32, generator=gen)
