@@ -130,7 +130,8 @@ for s in "${STEPS[@]}"; do
   name=$(cut -d'|' -f1 <<<"$s"); budget=$(cut -d'|' -f2 <<<"$s"); cmd=$(cut -d'|' -f3- <<<"$s")
   echo "== $name (budget ${budget}s)"
   t0=$(date +%s)
-  (while sleep "$REFRESH_S"; do pack; done) &
+  # refresh the tarball while the step runs; on TERM a pack under way finishes first (no half-written file)
+  (trap 'kill $nap 2>/dev/null; exit 0' TERM; while :; do sleep "$REFRESH_S" & nap=$!; wait $nap; pack; done) &
   refresher=$!
   timeout --kill-after=5 "$budget" bash -c "$cmd" >"$W/$name.log" 2>&1
   rc=$?

@@ -126,7 +126,7 @@ def test_failed_build_falls_back_and_a_killed_run_keeps_its_results(tmp_path):
     """With the build failing, the later steps run from the source tree; killed during a step, the run leaves a
     readable tarball with the finished steps and the running step's files so far (refreshed every second)."""
     out = tmp_path / "out"
-    env = _env(OUT=str(out), GPU_CHECK_FAIL_BUILD="1", REFRESH_S="1")
+    env = _env(OUT=str(out), GPU_CHECK_FAIL_BUILD="1", REFRESH_S="1", TMPDIR=str(tmp_path))  # its workdir too
     proc = subprocess.Popen([*SCRIPT, "--simulate", "--steps", "build,ops,e2e"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
     tgz = out / "gpu_check.tgz"
