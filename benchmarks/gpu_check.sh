@@ -48,7 +48,8 @@ REFRESH_S=${REFRESH_S:-15}
 # or not the build succeeds (the extension modules land in it when it does)
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
-W=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+W='<workdir>'  # the dry run makes nothing
+[ "$DRY" = 1 ] || W=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 PEERS="ours[auto],plain_fwd_bwd,per_sample_loop"
 if [ "$MODE" = gpu ] && "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("opacus") is None)' >/dev/null 2>&1; then PEERS="$PEERS,opacus"; fi
 FAIL_BUILD="echo 'build failed on purpose (GPU_CHECK_FAIL_BUILD=1)'; exit 1"
@@ -102,7 +103,6 @@ if [ "$DRY" = 1 ]; then
   for s in "${STEPS[@]}"; do printf '  %-8s %4s  %s\n' "$(cut -d'|' -f1 <<<"$s")" "$(cut -d'|' -f2 <<<"$s")" "$(cut -d'|' -f3- <<<"$s")"; done
   printf '  %-8s %4s  %s\n' overhead "$OVERHEAD" "machine facts, packing the tarball after every step, the verdict"
   printf '  %-8s %4s\n' total "$TOTAL"
-  rm -rf "$W"
   [ "$TOTAL" -le "$LIMIT" ] || { echo "over the $LIMIT-second budget" >&2; exit 1; }
   exit 0
 fi
