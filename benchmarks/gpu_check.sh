@@ -11,7 +11,8 @@
 # Steps, in order of value, each under its own time budget (a step that runs out is cut, the next one starts):
 #   build    the extension for sm_90a only, nvcc jobs in parallel; if it fails, every later step still runs on
 #            the routes that need no extension (Triton, cuBLAS + Triton epilogue, torch) from the source tree
-#   tests    op correctness: the op and GPU tests on CUDA tensors (pytest-xdist where installed)
+#   tests    op correctness: the op and GPU tests on CUDA tensors (pytest-xdist where installed; interrupted
+#            shortly before the step's limit, so that pytest still prints what failed)
 #   ops      benchmarks/bench_gpu.py --only ops: per-op rates against cuBLAS and the copy bandwidth measured in
 #            the same run
 #   e2e      benchmarks/bench_gpu.py --only e2e: measure() against plain forward+backward on a ~1B Llama
@@ -72,10 +73,11 @@ if [ "$MODE" = sim ]; then
 else
   export TRITON_INTERPRET=0
   OVERHEAD=15
+  XDIST=$(( JOBS < 16 ? JOBS : 16 ))  # Triton compiles the tests' kernels: one worker per core (a CUDA context each)
   BUILD="GEFFECT_FAST_CUDA=1 GEFFECT_FAST_CUDA_ARCHS=90a-real GEFFECT_FAST_BUILD_JOBS=$JOBS $PY -m pip install --no-index --no-build-isolation --no-deps -e . && $PY -c 'import geffect_fast as gf, json; print(json.dumps(gf.backends(\"cuda\")))'"
   STEPS=(
     "build|60|${GPU_CHECK_FAIL_BUILD:+$FAIL_BUILD; }$BUILD"
-    "tests|65|$PY -m pytest -q -p no:cacheprovider -rfE --maxfail=50 \$($PY -c 'import xdist' 2>/dev/null && echo -n '-n 8') --ignore=tests/ops/test_cuda_emulated.py tests/ops tests/test_gpu.py tests/test_backends.py"
+    "tests|65|timeout -s INT 57 $PY -m pytest -q -p no:cacheprovider -rfE --maxfail=50 \$($PY -c 'import xdist' 2>/dev/null && echo -n '-n $XDIST') --ignore=tests/ops/test_cuda_emulated.py tests/ops tests/test_gpu.py tests/test_backends.py"
     "ops|80|$PY -m benchmarks.bench_gpu --only ops --repeats 10 --budget 72 --out $W"
     "e2e|55|$PY -m benchmarks.bench_gpu --only e2e --repeats 10 --budget 48 --out $W"
     "host|20|$PY -m benchmarks.bench_host --device cuda --model llama-10M --T 128 --batches 1,4,16 --repeats 8 --threads 4 --out $W --tag _check"

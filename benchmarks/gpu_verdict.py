@@ -114,6 +114,8 @@ def tests_line(log: Path) -> str:
     summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     failed = [ln.split(" - ")[0] for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
     line = "tests: " + (summary[-1].strip("= ").strip() if summary else "no summary line (cut?)")
+    if "KeyboardInterrupt" in text:
+        line += " (interrupted at the step's time limit: the rest did not run)"
     if failed:
         line += f"; first failures: {', '.join(f.split('::')[-1][:60] for f in failed[:3])}"
     return line

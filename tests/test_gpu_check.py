@@ -194,8 +194,10 @@ def test_verdict_decides_pass_and_miss_and_stays_short(tmp_path):
     assert "embedding_dot" in text and "cuda 59% MISS (embed K3)" in text
     assert "norm_dot" in text and "not measured (step ops exit 124 (time limit))" in text
     assert "B8 T512 1.08x PASS agree 2e-06" in text and "B32 T128 1.20x MISS" in text and "T512 K3" not in text
-    assert "1 failed, 99 passed" in text and "test_y" in text
+    assert "1 failed, 99 passed" in text and "test_y" in text and "interrupted" not in text
     assert "tests 1! 60/65s" in text and "ops 124! 80/80s" in text and "steps not ok: tests, ops" in text
+    (w / "tests.log").write_text("...\n!!! KeyboardInterrupt !!!\n48 passed in 56.92s\n")
+    assert "tests: 48 passed in 56.92s (interrupted at the step's time limit" in gv.verdict(w)
     # nothing measured at all: every target says why, nothing raises
     empty = tmp_path / "empty"
     empty.mkdir()
