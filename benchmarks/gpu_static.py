@@ -1,20 +1,26 @@
-"""Static GPU checks that need no GPU: registers, spills and tensor-core instructions of every kernel `auto` can
-pick, for sm_90a (H100/H200) and sm_80 (A100).
+"""Static GPU checks that need no GPU: registers, spills and tensor-core instructions of every kernel the
+dispatcher can launch, for sm_90a (H100/H200) and sm_80 (A100).
 
-* Triton: each kernel of ``geffect_fast/ops/triton`` at each launch config it can get (``_common``'s tables:
-  LINEAR_CONFIGS in every dot mode and both operand layouts, the row kernels at the configs ``rows_config``
-  gives at LLM widths) is compiled with Triton's ahead-of-time compiler (``triton.compile`` of an
-  ``ASTSource`` for a ``GPUTarget``), with the argument specialisations the runtime would make (unit strides
-  as constants, 16-divisible sizes, strides and pointers), then assembled by ``ptxas -v`` — the ptxas Triton
-  itself uses for that architecture. Tensor-core instructions are counted in the PTX (``wgmma.mma_async``
-  on sm_90a, ``mma.sync`` on sm_80).
+* Triton: the fused linear_dot kernel at every config of the one table the launcher takes its configs from
+  (``_common.LINEAR_CONFIGS``), in each dot mode the config serves, both operand layouts and every load path of
+  the arch — TMA descriptors (sm_90a), pointer loads with R a multiple of BLOCK_K, and pointer loads with the
+  partial last step peeled ("ragged-r") — and the row kernels at the configs ``rows_config`` gives at LLM
+  widths. Each is compiled with Triton's ahead-of-time compiler (``triton.compile`` of an ``ASTSource`` for a
+  ``GPUTarget``), with the argument specialisations the runtime would make (unit strides as constants,
+  16-divisible sizes, strides and pointers; descriptors typed by their block shape), then assembled by
+  ``ptxas -v`` — the ptxas Triton itself uses for that architecture. Tensor-core instructions are counted in
+  the PTX (``wgmma.mma_async`` on sm_90a, ``mma.sync`` on sm_80). Each row says whether it is ``launched``:
+  whether ``_common.linear_configs`` gives that config for that arch and load path (a 128×256 tile with pointer
+  loads, or on sm_80, is compiled and reported but never launched).
 * CUDA: the built ``geffect_fast._C_cuda`` module's kernels, read with ``cuobjdump -res-usage`` (registers,
   stack/local bytes per kernel and architecture) and ``cuobjdump -sass`` (HMMA/HGMMA counts).
 
-Writes a JSON list of {kernel, config, arch, registers, spill_bytes, tensor_core_ops} and a Markdown table, and
-exits non-zero when a kernel spills or a bf16/fp16 ``linear_dot`` config has no tensor-core instruction.
+Writes a JSON list of {kernel, config, arch, launched, registers, spill_bytes, tensor_core_ops, shared_bytes} and a
+Markdown table, and exits non-zero when a launched kernel spills or a launched bf16/fp16 ``linear_dot`` config
+has no tensor-core instruction.
 
     python -m benchmarks.gpu_static --json benchmarks/results/gpu_static.json --md benchmarks/results/gpu_static.md
+    bash benchmarks/gpu_static_triton36.sh   # the same under the GPU image's Triton 3.6 (a throwaway venv)
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for real: the interpreter has no PTX
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":  # before any kernel module is imported; never when a test imports this module
+    os.environ["TRITON_INTERPRET"] = "0"  # compile for real: the interpreter has no PTX
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 #: a representative LLM width for the row kernels' configs (rows_config depends on it)
@@ -55,70 +62,75 @@ class Variant:
     divisible: tuple[str, ...] = ()  #: arguments with a 16-divisibility hint
     expect_tensor_cores: bool = False
     arch: str = ""
+    launched: bool = True  #: whether the dispatcher can launch it on ``arch``
     result: dict = field(default_factory=dict)
 
 
-def _linear_variants() -> list[Variant]:
+#: per dot mode (``_common.half_split_mode``): (label, activations' type, direction's type, operand layouts); the
+#: layouts: "vT" (M = Vᵀ, unit stride over r: i ≥ o, q/k/v/o and down projections) and "v" (unit stride over c)
+LINEAR_MODES = {
+    0: [("bf16", "bf16", "bf16", ("vT", "v")), ("fp16", "fp16", "fp16", ("vT",))],
+    1: [("split-bf16", "bf16", "fp32", ("vT", "v"))],
+    2: [("split-fp16", "fp16", "fp32", ("v",))],
+    3: [("fp32", "fp32", "fp32", ("v",))],
+}
+#: load paths per arch: TMA descriptors (sm_90 only), pointer loads with R a multiple of BLOCK_K, and pointer
+#: loads with the partial last step peeled ("ragged-r")
+PATHS = {"sm_90a": ("tma", "ptr", "ptr ragged-r"), "sm_80": ("ptr", "ptr ragged-r")}
+
+
+def _linear_variants(arch: str) -> list[Variant]:
+    """The fused linear_dot kernel at every config of the one table (``_common.LINEAR_CONFIGS``), in each dot
+    mode it serves, each operand layout and each load path of ``arch``; ``launched``: whether the launcher can
+    run it on that arch (``_common.linear_configs(mode, arch)``)."""
     from geffect_fast.ops.triton import _common
 
     out = []
-    # (label, x dtype, direction dtype, mode, operand layouts): mode as _common.half_split_mode gives it
-    modes = [
-        ("bf16", "bf16", "bf16", 0, ("vT", "v")),
-        ("fp16", "fp16", "fp16", 0, ("vT",)),
-        ("split-bf16", "bf16", "fp32", 1, ("vT", "v")),
-        ("split-fp16", "fp16", "fp32", 2, ("v",)),
-        ("fp32", "fp32", "fp32", 3, ("v",)),
-    ]
-    for label, xdt, mdt, mode, layouts in modes:
-        for name, c in _common.linear_configs(mode).items():
-            for layout in layouts:
-                # x1 [N, R] and x2 [N, C] row-major; M is Vᵀ (unit stride over r) or V (unit stride over c)
-                ones = ("s11", "s21", "smr" if layout == "vT" else "smc")
-                for even in (True, False) if (name == "large" and mode == 0 and layout == "vT") else (True,):
-                    out.append(
-                        Variant(
-                            kernel="linear_dot._linear_dot_kernel",
-                            config=f"{name} {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K} w{c.num_warps} s{c.num_stages} "
-                            f"{label} {layout}" + ("" if even else " ragged-r"),
-                            types={
-                                "x1_ptr": f"*{xdt}",
-                                "x2_ptr": f"*{xdt}",
-                                "m_ptr": f"*{mdt}",
-                                "scale_ptr": "*fp32",
-                                "part_ptr": "*fp32",
-                            },  # fmt: skip
-                            constexprs=dict(
-                                MODE=mode,
-                                UPCAST=False,
-                                EVEN_R=even,
-                                BLOCK_M=c.BLOCK_M,
-                                BLOCK_N=c.BLOCK_N,
-                                BLOCK_K=c.BLOCK_K,
-                                GROUP_M=c.GROUP_M,
-                            ),  # fmt: skip
-                            num_warps=c.num_warps,
-                            num_stages=c.num_stages,
-                            ones=ones,
-                            divisible=(
-                                "x1_ptr",
-                                "m_ptr",
-                                "x2_ptr",
-                                "part_ptr",
-                                "s10",
-                                "smk",
-                                "smr",
-                                "smc",
-                                "s20",
-                                "spk",
-                                "spb",
-                                "C",
-                            )
-                            + (("R",) if even else ()),  # fmt: skip
-                            expect_tensor_cores=mode in (0, 1, 2),
-                        )
-                    )
+    major = ARCHS[arch] // 10
+    for name, c in _common.LINEAR_CONFIGS.items():
+        for mode in c.modes:
+            for label, xdt, mdt, layouts in LINEAR_MODES[mode]:
+                for layout in layouts:
+                    for path in PATHS[arch]:
+                        tma = path == "tma"
+                        if tma and not _common.uses_tma(mode, major):
+                            continue  # never launched with TMA descriptors
+                        if label == "fp16" and path != PATHS[arch][0]:
+                            continue  # the bf16 rows cover the other paths of this code
+                        launched = name in _common.linear_configs(mode, major, tma)
+                        out.append(_linear_variant(name, c, mode, label, xdt, mdt, layout, path, arch, launched))
     return out
+
+
+def _linear_variant(name, c, mode, label, xdt, mdt, layout, path, arch, launched) -> Variant:
+    tma = path == "tma"
+    even = path != "ptr ragged-r"
+    m_t = layout == "vT"
+    # x1 [N, R] and x2 [N, C] row-major; M is Vᵀ (unit stride over r) or V (unit stride over c)
+    ones = ("s11", "s21", "smr" if m_t else "smc")
+    types = {"x1_ptr": f"*{xdt}", "x2_ptr": f"*{xdt}", "m_ptr": f"*{mdt}", "scale_ptr": "*fp32", "part_ptr": "*fp32"}
+    if tma:
+        types["x1_desc"] = f"tensordesc<{xdt}[{c.BLOCK_M}, {c.BLOCK_K}]>"
+        blk = f"1, {c.BLOCK_N}, {c.BLOCK_K}" if m_t else f"1, {c.BLOCK_K}, {c.BLOCK_N}"
+        types["m_desc"] = f"tensordesc<{mdt}[{blk}]>"
+        types["x2_desc"] = f"tensordesc<{xdt}[{c.BLOCK_M}, {c.BLOCK_N}]>"
+    else:
+        types["x1_desc"], types["m_desc"], types["x2_desc"] = f"*{xdt}", f"*{mdt}", f"*{xdt}"
+    divisible = ("x1_ptr", "m_ptr", "x2_ptr", "part_ptr", "s10", "smk", "smr", "smc", "s20", "spk", "spb", "C")
+    return Variant(
+        kernel="linear_dot._linear_dot_kernel",
+        config=f"{name} {c.label()} {label} {layout} {path}",
+        types=types,
+        constexprs=dict(MODE=mode, UPCAST=False, EVEN_R=even, TMA=tma, M_T=m_t, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
+                        BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M),  # fmt: skip
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+        ones=ones,
+        divisible=divisible + (("R",) if even else ()) + (("x1_desc", "m_desc", "x2_desc") if not tma else ()),
+        expect_tensor_cores=mode in (0, 1, 2),
+        arch=arch,
+        launched=launched,
+    )
 
 
 def _row_variants() -> list[Variant]:
@@ -172,8 +184,10 @@ def _row_variants() -> list[Variant]:
 
 def variants() -> list[Variant]:
     """Every (kernel, config) × architecture to compile."""
-    base = _linear_variants() + _row_variants()
-    return [Variant(**{**v.__dict__, "arch": arch, "result": {}}) for arch in ARCHS for v in base]
+    rows = _row_variants()
+    return [v for arch in ARCHS for v in _linear_variants(arch)] + [
+        Variant(**{**v.__dict__, "arch": arch, "result": {}}) for arch in ARCHS for v in rows
+    ]
 
 
 def _ptxas(arch: int) -> str:
@@ -235,6 +249,7 @@ def compile_one(v: Variant) -> dict:
         "tensor_core_ops": len(_TC.findall(ptx)),
         "shared_bytes": getattr(cc.metadata, "shared", None),
         "expect_tensor_cores": v.expect_tensor_cores,
+        "launched": v.launched,
         "compile_s": round(time.perf_counter() - t0, 2),
     }
 
@@ -305,6 +320,7 @@ def cuda_module_rows(so: str | None) -> list[dict]:
                     "tensor_core_ops": tc.get((arch, m.group(1)), 0),
                     "shared_bytes": int(usage.get("SHARED", 0)),
                     "expect_tensor_cores": False,
+                    "launched": True,
                 }
             )
     return rows
@@ -321,9 +337,13 @@ def _demangle(name: str) -> str:
 
 
 def problems(rows: list[dict]) -> list[str]:
-    """What fails the check: spills anywhere; a bf16/fp16 linear_dot config without tensor-core instructions."""
+    """What fails the check, among the launched kernels/configs (``launched`` true: the dispatcher can pick them on
+    that arch): a spill; a bf16/fp16 linear_dot config without tensor-core instructions. Rows not launched on an
+    arch are reported, never failed."""
     bad = []
     for r in rows:
+        if not r.get("launched", True):
+            continue
         if r["spill_bytes"]:
             bad.append(f"{r['kernel']} [{r['config']}] on {r['arch']} spills {r['spill_bytes']} bytes")
         if r["expect_tensor_cores"] and not r["tensor_core_ops"]:
@@ -332,16 +352,31 @@ def problems(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    launched = [r for r in rows if r.get("launched", True)]
+    tri = [r for r in launched if r["kernel"] == "triton:linear_dot_kernel"]
+    summary = ""
+    if tri:
+        by_arch = {}
+        for r in tri:
+            by_arch.setdefault(r["arch"], []).append(r)
+        parts = [
+            f"{arch}: {len(rs)} launched linear_dot variants, {min(r['registers'] for r in rs)}–"
+            f"{max(r['registers'] for r in rs)} registers, {sum(r['spill_bytes'] for r in rs)} spill bytes"
+            for arch, rs in by_arch.items()
+        ]
+        summary = "Launched fused linear_dot configs — " + "; ".join(parts) + ".\n\n"
     head = (
         f"# Static GPU check\n\n`{meta['command']}` — {meta['date']}, no GPU: Triton {meta['triton']} "
         f"(ptxas {meta['ptxas']}), CUDA module from nvcc {meta['nvcc']}. Registers per thread, spill bytes "
         "(stores + loads; local memory for CUDA kernels), tensor-core instructions (PTX wgmma/mma sites for "
-        "Triton, SASS HGMMA/HMMA for CUDA).\n\n"
-        "| kernel | config | arch | registers | spill bytes | tensor-core ops |\n|---|---|---|---:|---:|---:|\n"
-    )
+        "Triton, SASS HGMMA/HMMA for CUDA), shared memory (bytes, Triton's), launched: whether the dispatcher can "
+        "pick it on that arch (only launched rows fail the check).\n\n" + summary +
+        "| kernel | config | arch | launched | registers | spill bytes | tensor-core ops | shared bytes |\n"
+        "|---|---|---|---|---:|---:|---:|---:|\n"
+    )  # fmt: skip
     body = "".join(
-        f"| {r['kernel']} | {r['config']} | {r['arch']} | {r['registers']} | {r['spill_bytes']} | "
-        f"{r['tensor_core_ops']} |\n"
+        f"| {r['kernel']} | {r['config']} | {r['arch']} | {'yes' if r.get('launched', True) else 'no'} | "
+        f"{r['registers']} | {r['spill_bytes']} | {r['tensor_core_ops']} | {r.get('shared_bytes') or ''} |\n"
         for r in rows
     )
     return head + body
@@ -362,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
     ap.add_argument(
+        "--launched-only", action="store_true", help="leave out the configs not launched on an arch (CI: faster)"
+    )
+    ap.add_argument(
         "--cuda-module",
         type=Path,
         help="the built _C_cuda shared object to read (default: the one this interpreter imports, if any)",
@@ -373,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    todo = [v for v in variants() if args.only in v.kernel]
+    todo = [v for v in variants() if args.only in v.kernel and (v.launched or not args.launched_only)]
     t0 = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:

@@ -29,13 +29,14 @@ from .contract import (
     Seg,
     acc_dtype,
     check_embedding,
+    check_linear,
     check_norm,
     check_row_dot,
     check_seg_values,
     check_segment_outer,
     segment_sum,
 )
-from .gemm import linear_dot_gemm, segment_outer_bmm
+from .gemm import linear_dot_gemm_kernel, segment_outer_bmm
 
 try:
     from .. import _C_cuda as _ext
@@ -166,15 +167,20 @@ def row_dot_tokens(p: Tensor, x: Tensor, out: Tensor, vectorize: bool = True) ->
     Returns whether the 16-byte vector path ran (``vectorize=False`` forces the scalar one)."""
     if x.dim() != 2 or p.dim() != 3 or p.shape[1:] != x.shape:
         raise ValueError(f"p [K, n, C] and x [n, C] expected, got {tuple(p.shape)} and {tuple(x.shape)}")
+    _check_out(out, p.shape[0], p.shape[1], p, x, exact=False)
+    _device(p, x, out)
+    return _row_dot_launch(p, x, out, vectorize)
+
+
+def _row_dot_launch(p: Tensor, x: Tensor, out: Tensor, vectorize: bool = True) -> bool:
+    """:func:`row_dot_tokens` without its checks (the GEMM route's epilogue, once per chunk of P)."""
     K, n, C = p.shape
-    _check_out(out, K, n, p, x, exact=False)
-    dev = _device(p, x, out)
     if n == 0 or K == 0:
         return False
     if p.dtype != out.dtype:
         p = p[:, :1].to(out.dtype).expand(K, n, C) if p.stride(1) == 0 else p.to(out.dtype)
     return _launch(
-        _module().row_dot, mat3(p), mat(x), _out(out), n, C, K, out.dtype == torch.float64, vectorize, device=dev
+        _module().row_dot, mat3(p), mat(x), _out(out), n, C, K, out.dtype == torch.float64, vectorize, device=x.device
     )
 
 
@@ -190,10 +196,19 @@ def linear_dot(
     a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None = None
 ) -> tuple[Tensor | None, Tensor | None]:
     """CUDA implementation of :func:`geffect_fast.ops.reference.linear_dot`: cuBLAS (through torch) for
-    P = x₁ M_k in token chunks, the CUDA :func:`row_dot_tokens` epilogue, then per-sample sums."""
-    dev = _device(a if v is not None else None, g, v, vb)
-    with torch.cuda.device(dev):
-        return linear_dot_gemm(a, g, v, seg, B, vb, row_dot_tokens, empty=_empty)
+    P = x₁ M_k in token chunks, the CUDA epilogue :func:`row_dot_tokens`, then per-sample sums."""
+    check_linear(a, g, v, seg, B, vb)
+    _device(a if v is not None else None, g, v, vb)
+    return linear_dot_kernel(a, g, v, seg, B, vb)
+
+
+def linear_dot_kernel(
+    a: Tensor | None, g: Tensor, v: Tensor | None, seg: Seg, B: int, vb: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`linear_dot` without the argument checks (``contract.check_linear`` holds, every tensor on g's
+    CUDA device)."""
+    with torch.cuda.device(g.device):
+        return linear_dot_gemm_kernel(a, g, v, seg, B, vb, _row_dot_launch, empty=_empty)
 
 
 def _embedding_tokens(
@@ -201,23 +216,38 @@ def _embedding_tokens(
 ) -> bool:
     """out[k, t] = g_t · V_k[ids_t] (0 where ids_t = padding_idx) into ``out`` [K, N] (shapes checked by the
     caller). Returns whether the 16-byte vector path ran (``vectorize=False`` forces the scalar one)."""
+    _check_out(out, v.shape[0], g.shape[0], g, v)
+    _device(ids, g, v, out)
+    return _embedding_launch(ids, g, v, out, padding_idx, vectorize)
+
+
+def _embedding_launch(
+    ids: Tensor, g: Tensor, v: Tensor, out: Tensor, padding_idx: int | None = None, vectorize: bool = True
+) -> bool:
+    """:func:`_embedding_tokens` without its checks."""
     N, d = g.shape
     K, vocab = v.shape[0], v.shape[1]
-    _check_out(out, K, N, g, v)
-    dev = _device(ids, g, v, out)
     if N == 0 or K == 0:
         return False
     pad = -1 if padding_idx is None else int(padding_idx)
     fn = _module().embedding_dot
     acc64 = out.dtype == torch.float64
-    return _launch(fn, index(ids), mat(g), mat3(v), _out(out), N, d, K, vocab, pad, acc64, vectorize, device=dev)
+    return _launch(fn, index(ids), mat(g), mat3(v), _out(out), N, d, K, vocab, pad, acc64, vectorize, device=g.device)
 
 
 def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
     """CUDA implementation of :func:`geffect_fast.ops.reference.embedding_dot`."""
-    N, _, K, _ = check_embedding(ids, g, v, seg, B)
-    tok = _empty((K, N), acc_dtype(g, v), g.device)
-    _embedding_tokens(ids, g, v, tok, padding_idx)
+    check_embedding(ids, g, v, seg, B)
+    _device(ids, g, v)
+    return embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
+
+
+def embedding_dot_kernel(
+    ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None
+) -> Tensor:
+    """:func:`embedding_dot` without the argument checks (``contract.check_embedding`` holds, one CUDA device)."""
+    tok = _empty((v.shape[0], g.shape[0]), acc_dtype(g, v), g.device)
+    _embedding_launch(ids, g, v, tok, padding_idx)
     return segment_sum(tok, seg, B)
 
 
@@ -233,31 +263,55 @@ def _norm_tokens(
     """out_w[k, t] = (g_t ⊙ x̂_t) · vw_k and out_b[k, t] = g_t · vb_k into [K, N] outputs (shapes checked by
     the caller). The kernel takes x̂ and g in one dtype and vw and vb in one: where they differ, both go to the
     promoted type (exact). Returns whether the 16-byte vector path ran."""
+    K = (vw if vw is not None else vb).shape[0]
+    for v, o in ((vw, out_w), (vb, out_b)):
+        if v is not None:
+            _check_out(o, K, g.shape[0], xhat, g, vw, vb)
+    _device(xhat, g, vw, vb, out_w, out_b)
+    return _norm_launch(xhat, g, vw, vb, out_w, out_b, vectorize)
+
+
+def _norm_launch(
+    xhat: Tensor,
+    g: Tensor,
+    vw: Tensor | None,
+    vb: Tensor | None,
+    out_w: Tensor | None,
+    out_b: Tensor | None,
+    vectorize: bool = True,
+) -> bool:
+    """:func:`_norm_tokens` without its checks."""
     xhat, g = _promoted(xhat, g)
     vw, vb = _promoted(vw, vb)
     N, d = g.shape
     K = (vw if vw is not None else vb).shape[0]
-    for v, o in ((vw, out_w), (vb, out_b)):
-        if v is not None:
-            _check_out(o, K, N, xhat, g, vw, vb)
-    dev = _device(xhat, g, vw, vb, out_w, out_b)
     if N == 0 or K == 0:
         return False
     fn = _module().norm_dot
     acc64 = (out_w if out_w is not None else out_b).dtype == torch.float64
     args = (mat(xhat), mat(g), mat(vw), mat(vb), _out(out_w), _out(out_b), N, d, K, acc64, vectorize)
-    return _launch(fn, *args, device=dev)
+    return _launch(fn, *args, device=g.device)
 
 
 def norm_dot(
     xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
 ) -> tuple[Tensor | None, Tensor | None]:
     """CUDA implementation of :func:`geffect_fast.ops.reference.norm_dot`."""
-    N, _, K = check_norm(xhat, g, vw, vb, seg, B)
+    check_norm(xhat, g, vw, vb, seg, B)
+    _device(xhat, g, vw, vb)
+    return norm_dot_kernel(xhat, g, vw, vb, seg, B)
+
+
+def norm_dot_kernel(
+    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`norm_dot` without the argument checks (``contract.check_norm`` holds, one CUDA device)."""
+    N = g.shape[0]
+    K = (vw if vw is not None else vb).shape[0]
     acc = acc_dtype(xhat, g, vw, vb)
     tw = None if vw is None else _empty((K, N), acc, g.device)
     tb = None if vb is None else _empty((K, N), acc, g.device)
-    _norm_tokens(xhat, g, vw, vb, tw, tb)
+    _norm_launch(xhat, g, vw, vb, tw, tb)
     return (
         None if tw is None else segment_sum(tw, seg, B),
         None if tb is None else segment_sum(tb, seg, B),

@@ -7,17 +7,20 @@ With r the contracted (larger) of the layer's two widths and c the other::
     i < o:  P_k = g V_k    [N, i]  (GEMM over o),   out_w[k, b] = Σ_{t∈b} P_k[t] · a_t
             out_b[k, b] = Σ_{t∈b} vb_k · g_t       (the bias direction broadcast to every row)
 
-Both equal Σ_{t∈b} g_tᵀ V_k a_t (``reference.linear_dot``). P is formed in chunks of tokens — a bounded
-buffer of at most ``CHUNK_BYTES`` in the accumulation dtype, float32 (float64 for float64 inputs) — and
-each chunk is consumed at once by the epilogue ``row_dot_tokens(p, x, out)``, which writes the per-token
-values out[k, t] = p[k, t] · x[t]. The per-sample sums come last (``contract.segment_sum``: a reshape-sum
-for uniform segments, deterministic). Costs: the GEMM's 2·N·i·o·K FLOPs, plus one write and one read of P
-(8·N·c·K bytes) — about 15% of the GEMM's time at N = 8192, i = o = 4096 on an H100-class card.
+Both equal Σ_{t∈b} g_tᵀ V_k a_t (``reference.linear_dot``). P is formed in chunks of tokens — equal
+chunks of a multiple of ``MIN_CHUNK_ROWS`` rows (:func:`chunk_rows`), in one buffer of at most ``CHUNK_BYTES``
+in the accumulation dtype, float32 (float64 for float64 inputs), allocated once per call, which the GEMM
+writes straight into (``out=``) — and each chunk is consumed at once by the epilogue
+``row_dot_tokens(p, x, out)``, which writes the per-token values out[k, t] = p[k, t] · x[t]. The per-sample
+sums come last (``contract.segment_sum``: a reshape-sum for uniform segments, deterministic). Costs: the
+GEMM's 2·N·i·o·K FLOPs, plus one write and one read of P (8·N·c·K bytes) — about 15% of the GEMM's time at
+N = 8192, i = o = 4096 on an H100-class card.
 
-Precision of P (:func:`matmul_acc`): same-dtype 16-bit operands multiply on the tensor cores with float32
-output (``torch.mm(..., out_dtype=float32)`` where torch has it, else an upcast copy); a float32 direction
-with 16-bit activations is split as V = V_hi + V_lo, both in the activations' 16-bit type, and P =
-x V_hi + x V_lo: two tensor-core GEMMs instead of a float32 one, with an error of at most 2^-16·|V|
+Precision of P (:func:`mm_into`): same-dtype 16-bit operands multiply on the tensor cores with float32
+output written into the buffer (``torch.mm(..., out_dtype=float32, out=...)`` where torch has it, else
+upcast copies of the operands); a float32 direction with 16-bit activations is split as V = V_hi + V_lo,
+both in the activations' 16-bit type, and P = x V_hi + x V_lo: two tensor-core GEMMs (the second
+accumulated onto the first by ``addmm``) instead of a float32 one, with an error of at most 2^-16·|V|
 (bfloat16) or 2^-22·max|V| (float16, scaled by max|V| per direction first) per element of V — the
 products x·V_hi and x·V_lo are exact in float32, so the split is the only rounding beyond the summation.
 The split is done per call: one read of V and a write of two half-size copies (memory-bound, about 6% of
@@ -35,33 +38,57 @@ from .contract import Seg, acc_dtype, check_linear, segment_sum
 
 #: bound on the P buffer of one chunk, in bytes
 CHUNK_BYTES = 64 << 20
-#: rows per chunk never fall below this (GEMMs of fewer rows waste the tensor cores)
+#: rows per chunk are a multiple of this, and never fewer (GEMMs of fewer rows waste the tensor cores)
 MIN_CHUNK_ROWS = 256
 
 HALF = (torch.bfloat16, torch.float16)
-_MM_OUT_DTYPE: dict[torch.device, bool] = {}
+_MM_OUT_DTYPE: dict[tuple[torch.device, str], bool] = {}
 
 
-def _mm_out_dtype_ok(device: torch.device) -> bool:
-    """Whether ``torch.mm(x, w, out_dtype=torch.float32)`` runs for 16-bit x, w on ``device``."""
-    ok = _MM_OUT_DTYPE.get(device)
+def _mm_out_dtype_ok(device: torch.device, op: str = "mm") -> bool:
+    """Whether ``torch.mm`` (``op`` "mm") or ``torch.addmm`` ("addmm") with ``out_dtype=torch.float32`` and a
+    preallocated ``out=`` runs for 16-bit operands on ``device`` and gives the float32 result (checked once per
+    device and op on a small product)."""
+    ok = _MM_OUT_DTYPE.get((device, op))
     if ok is None:
         try:
-            x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-            ok = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            x = (torch.arange(16, device=device, dtype=torch.float32).reshape(4, 4) / 7).to(torch.bfloat16)
+            want = x.float() @ x.float()
+            buf = torch.full((4, 4), 1.0, dtype=torch.float32, device=device)
+            if op == "mm":
+                torch.mm(x, x, out_dtype=torch.float32, out=buf)
+            else:
+                torch.addmm(buf, x, x, out_dtype=torch.float32, out=buf)
+                want += 1
+            ok = bool(torch.allclose(buf, want, rtol=1e-6, atol=0))
         except (TypeError, RuntimeError, NotImplementedError):
             ok = False
-        _MM_OUT_DTYPE[device] = ok
+        _MM_OUT_DTYPE[(device, op)] = ok
     return ok
 
 
-def _mm(x: Tensor, w: Tensor, acc: torch.dtype) -> Tensor:
-    """x [n, r] @ w [r, c] in ``acc`` (float32 output of 16-bit operands where torch can, else an upcast)."""
-    if x.dtype == w.dtype == acc:
-        return torch.mm(x, w)
-    if x.dtype == w.dtype and x.dtype in HALF and acc == torch.float32 and _mm_out_dtype_ok(x.device):
-        return torch.mm(x, w, out_dtype=torch.float32)
-    return torch.mm(x.to(acc), w.to(acc))  # products of 16-bit values are exact in float32
+def mm_into(x: Tensor, w: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out = x @ w (``accumulate``: out += x @ w) for x [n, r], w [r, c] into the preallocated ``out`` [n, c] of
+    the accumulation dtype: no intermediate product and no copy. 16-bit operands of one dtype write float32
+    straight from the tensor cores (``out_dtype=torch.float32``) where torch has it, else both are upcast first
+    (products of 16-bit values are exact in float32)."""
+    acc = out.dtype
+    if not (x.dtype == w.dtype == acc):
+        if x.dtype == w.dtype and x.dtype in HALF and acc == torch.float32:
+            if not accumulate and _mm_out_dtype_ok(x.device, "mm"):
+                torch.mm(x, w, out_dtype=torch.float32, out=out)
+                return
+            if accumulate and _mm_out_dtype_ok(x.device, "addmm"):
+                torch.addmm(out, x, w, out_dtype=torch.float32, out=out)
+                return
+            if accumulate and _mm_out_dtype_ok(x.device, "mm"):  # a torch with mm's out_dtype but not addmm's
+                out.add_(torch.mm(x, w, out_dtype=torch.float32))
+                return
+        x, w = x.to(acc), w.to(acc)
+    if accumulate:
+        out.addmm_(x, w)
+    else:
+        torch.mm(x, w, out=out)
 
 
 def split_half(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -80,31 +107,38 @@ def split_half(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | 
     return hi, lo, scale
 
 
-def matmul_acc(x: Tensor, m: Tensor, acc: torch.dtype, split: tuple | None = None) -> Tensor:
-    """P = x m_k for every k: x [n, r], m [K, r, c] -> [K, n, c] in ``acc``.
+def matmul_into(x: Tensor, m: Tensor, out: Tensor, split: tuple | None = None) -> None:
+    """out[k] = x m_k for every k: x [n, r], m [K, r, c] into ``out`` [K, n, c] (the accumulation dtype).
 
-    A float32 ``m`` with 16-bit ``x`` goes through ``split`` (from :func:`split_half`, computed once per
-    call by the caller) as two 16-bit GEMMs; see the module docstring for the error.
-    """
-    K = m.shape[0]
-    if split is None and x.dtype == m.dtype == acc:
-        return torch.matmul(x, m)
-    out = torch.empty(K, x.shape[0], m.shape[2], dtype=acc, device=x.device)
-    for k in range(K):
+    A float32 ``m`` with 16-bit ``x`` goes through ``split`` (from :func:`split_half`, computed once per call by
+    the caller) as two 16-bit GEMMs, the second accumulated onto the first; see the module docstring for the
+    error."""
+    for k in range(m.shape[0]):
         if split is not None:
             hi, lo, scale = split
-            out[k] = _mm(x, hi[k], acc)
-            out[k] += _mm(x, lo[k], acc)
+            mm_into(x, hi[k], out[k])
+            mm_into(x, lo[k], out[k], accumulate=True)
             if scale is not None:
-                out[k] *= scale[k].to(acc)
+                out[k].mul_(scale[k].to(out.dtype))
         else:
-            out[k] = _mm(x, m[k] if m.dtype == x.dtype else m[k].to(x.dtype), acc)
-    return out
+            mm_into(x, m[k] if m.dtype == x.dtype else m[k].to(x.dtype), out[k])
 
 
 def needs_split(x_dtype: torch.dtype, m_dtype: torch.dtype) -> bool:
     """16-bit activations with a float32 direction: split the direction (never a float32 GEMM)."""
     return x_dtype in HALF and m_dtype == torch.float32
+
+
+def chunk_rows(N: int, K: int, c: int, itemsize: int) -> int:
+    """Rows per chunk of P ([K, rows, c] of ``itemsize`` bytes): the fewest chunks whose buffer stays within
+    ``CHUNK_BYTES``, made equal and rounded up to a multiple of ``MIN_CHUNK_ROWS`` (never more rows than the
+    bound allows, unless one multiple is already over it). E.g. N 8192, K 3, c 4096, float32: 1280 rows (6 chunks
+    of 1280 and one of 512), where a plain ``CHUNK_BYTES // row`` gave 1365 rows and a last chunk of 2."""
+    unit = max(1, MIN_CHUNK_ROWS)
+    cap = max(unit, CHUNK_BYTES // max(1, K * c * itemsize) // unit * unit)
+    chunks = -(-max(N, 1) // cap)
+    rows = -(-N // chunks)
+    return min(cap, -(-rows // unit) * unit)
 
 
 def linear_dot_gemm(
@@ -120,12 +154,32 @@ def linear_dot_gemm(
     """``linear_dot`` (contract in ``reference.linear_dot``) as chunked GEMMs + the ``row_dot_tokens``
     epilogue; outputs [K, B] in the accumulation dtype. ``empty(shape, dtype, device)`` allocates the
     per-token values (default ``torch.empty``; the epilogue writes every element)."""
-    N, i, o, K = check_linear(a, g, v, seg, B, vb)
+    check_linear(a, g, v, seg, B, vb)
+    return linear_dot_gemm_kernel(a, g, v, seg, B, vb, row_dot_tokens, empty)
+
+
+def linear_dot_gemm_kernel(
+    a: Tensor | None,
+    g: Tensor,
+    v: Tensor | None,
+    seg: Seg,
+    B: int,
+    vb: Tensor | None,
+    row_dot_tokens: Callable[[Tensor, Tensor, Tensor], object],
+    empty: Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor] | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`linear_dot_gemm` without the argument checks (``contract.check_linear`` holds for them).
+
+    P lives in one buffer of at most ``CHUNK_BYTES`` (:func:`chunk_rows`), allocated once per call; each chunk's
+    GEMM writes into it (``out=``) and the epilogue reads it at once."""
+    N, o = g.shape
+    K = (v if v is not None else vb).shape[0]
     acc = acc_dtype(a, g, v, vb)
     if empty is None:
         empty = _torch_empty
     out_w = out_b = None
     if v is not None:
+        i = a.shape[1]
         tok = empty((K, N), acc, g.device)
         if N:
             x1, x2, m = (a, g, v.transpose(1, 2)) if i >= o else (g, a, v)  # m [K, r, c]
@@ -136,12 +190,14 @@ def linear_dot_gemm(
                 m = m.to(acc)
                 x1 = x1.to(acc)  # e.g. float32 activations with a bf16 direction: plain float32
             c = m.shape[2]
-            rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, K * c * (torch.finfo(acc).bits // 8)))
+            rows = chunk_rows(N, K, c, torch.finfo(acc).bits // 8)
+            buf = torch.empty(K, min(rows, N), c, dtype=acc, device=g.device)
             for n0 in range(0, N, rows):
                 n1 = min(N, n0 + rows)
-                p = matmul_acc(x1[n0:n1], m, acc, split)
+                p = buf[:, : n1 - n0]
+                matmul_into(x1[n0:n1], m, p, split)
                 row_dot_tokens(p, x2[n0:n1], tok[:, n0:n1])
-                del p
+            del buf
         out_w = segment_sum(tok, seg, B)
     if vb is not None:
         tok = empty((K, N), acc, g.device)

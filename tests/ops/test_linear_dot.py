@@ -118,39 +118,133 @@ def triton_ops():
 
 
 TILED = [
-    # N, i, o, K, B, segments: several 128-token tiles and column bands; r = max(i, o) even (256) or not
+    # N, i, o, K, B, segments: several 128-token tiles and column bands; r = max(i, o) a multiple of every
+    # BLOCK_K (256), or not (200: a peeled partial step), or below one BLOCK_K (24)
     (300, 200, 160, 2, 3, "uniform"),
     (257, 96, 256, 1, 2, "packed"),
     (130, 256, 64, 3, 1, "contiguous"),
+    (70, 24, 20, 1, 2, "uniform"),
 ]
+#: per dot mode (``_common.half_split_mode``): the (activations, direction) dtypes that give it
+MODE_DTYPES = {
+    0: [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)],
+    1: [(torch.bfloat16, torch.float32)],
+    2: [(torch.float16, torch.float32)],
+    3: [(torch.float32, torch.float32)],
+}
 
 
-@pytest.mark.parametrize("route_config", ["fused/large", "fused/large_s4", "fused/small", "gemm"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def _config_cases():
+    from geffect_fast.ops.triton._common import LINEAR_CONFIGS
+
+    return [
+        pytest.param(name, act, vdt, id=f"{name}-{str(act)[6:]}-{str(vdt)[6:]}")
+        for name, c in LINEAR_CONFIGS.items()
+        for mode in c.modes
+        for act, vdt in MODE_DTYPES[mode]
+    ]
+
+
+@pytest.mark.parametrize("tma", ["off", "force"], ids=["pointer-loads", "tma-descriptors"])
+@pytest.mark.parametrize("config,act,vdt", _config_cases())
 @pytest.mark.parametrize("N,i,o,K,B,kind", TILED)
-def test_triton_routes_and_configs(triton_ops, monkeypatch, route_config, dtype, N, i, o, K, B, kind):
+def test_triton_fused_every_config(triton_ops, monkeypatch, tma, config, act, vdt, N, i, o, K, B, kind):
+    """Every config of the one table, in each dot mode it serves, with pointer loads (the last partial BLOCK_K
+    step peeled off) and with TMA descriptors (out-of-range reads as zeros), against the reference."""
     mod, _common, dev = triton_ops
-    route, _, config = route_config.partition("/")
-    monkeypatch.setattr(_common, "LINEAR_ROUTE", route)
-    if config:
-        monkeypatch.setattr(_common, "linear_config", lambda *args: config)
+    # TMA where the strides allow it (16-byte rows of x1, M and x2), never in the IEEE float32 mode
+    aligned = max(i, o) * act.itemsize % 16 == 0 and min(i, o) * act.itemsize % 16 == 0
+    hopper = dev.type == "cpu" or _common.arch_of(dev) >= 9  # the interpreter runs sm_90's configs
+    tma_ok = tma == "force" and aligned and act != torch.float32 and hopper
+    if not tma_ok and _common.LINEAR_CONFIGS[config].tma_only:
+        pytest.skip(f"{config} is launched with TMA descriptors only")
+    monkeypatch.setattr(mod, "LINEAR_TMA", tma)
+    monkeypatch.setattr(_common, "linear_config", lambda *args: config)
+    ran = []
+    launch = mod._launch_fused
+    monkeypatch.setattr(mod, "_launch_fused", lambda *a, **k: ran.append(launch(*a, **k)))
+    a, g, v, vb, gen = _inputs(N, i, o, K, act, N + i + o, vdtype=vdt)
+    seg = segments(N, B, kind, gen)
+    want_w, want_b = ref.linear_dot(a.double(), g.double(), v.double(), seg, B, vb.double())
+    got_w, got_b = mod.linear_dot(a.to(dev), g.to(dev), v.to(dev), to(seg, dev), B, vb.to(dev))
+    assert ran == [f"{config} {'tma' if tma_ok else 'ptr'}"], ran
+    if act == vdt:
+        assert_matches(got_w, want_w, act, config)
+    else:
+        assert rel_err(got_w, want_w) <= SPLIT_TOL[act], (config, rel_err(got_w, want_w))
+    assert_matches(got_b, want_b, torch.float32 if act != vdt else act, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,i,o,K,B,kind", TILED[:3])
+def test_triton_gemm_route(triton_ops, monkeypatch, dtype, N, i, o, K, B, kind):
+    mod, _common, dev = triton_ops
+    monkeypatch.setattr(_common, "LINEAR_ROUTE", "gemm")
     a, g, v, vb, gen = _inputs(N, i, o, K, dtype, N + i + o)
     seg = segments(N, B, kind, gen)
     want_w, want_b = ref.linear_dot(a, g, v, seg, B, vb)
     got_w, got_b = mod.linear_dot(a.to(dev), g.to(dev), v.to(dev), to(seg, dev), B, vb.to(dev))
-    assert_matches(got_w, want_w, dtype, route_config)
-    assert_matches(got_b, want_b, dtype, route_config)
+    assert_matches(got_w, want_w, dtype, "gemm")
+    assert_matches(got_b, want_b, dtype, "gemm")
 
 
-def test_triton_linear_config_heuristic():
+def test_triton_tma_falls_back_to_pointer_loads_where_strides_do_not_allow_it(triton_ops, monkeypatch):
+    """Rows of 33 bf16 values (66 bytes) and a non-unit inner stride cannot be TMA tiles: pointer loads run."""
+    mod, _common, dev = triton_ops
+    if dev.type == "cuda":
+        pytest.skip("checks the launcher's choice on the interpreter")
+    monkeypatch.setattr(mod, "LINEAR_TMA", "force")
+    a, g, v, _, _ = _inputs(40, 33, 16, 1, torch.bfloat16, 1)
+    m = v.transpose(1, 2)
+    tok = torch.empty(1, 40)
+    assert mod._launch_fused(a, m, g, tok, config="small").endswith(" ptr")
+    want = ref.linear_dot(a, g, v, 1, 40)[0]
+    assert_matches(tok, want, torch.bfloat16)
+    a2 = torch.randn(40, 64, 2).to(torch.bfloat16)[:, :, 0]  # inner stride 2
+    v2 = torch.randn(1, 16, 64).to(torch.bfloat16)
+    assert mod._launch_fused(a2, v2.transpose(1, 2), g, tok, config="small").endswith(" ptr")
+    assert_matches(tok, ref.linear_dot(a2, g, v2, 1, 40)[0], torch.bfloat16)
+    a3 = torch.randn(40, 64).to(torch.bfloat16)
+    assert mod._launch_fused(a3, v2.transpose(1, 2), g, tok, config="small").endswith(" tma")
+    assert_matches(tok, ref.linear_dot(a3, g, v2, 1, 40)[0], torch.bfloat16)
+    g3 = torch.randn(40, 17).to(torch.bfloat16)  # x2 rows of 34 bytes
+    v3 = torch.randn(1, 17, 64).to(torch.bfloat16)
+    assert mod._launch_fused(a3, v3.transpose(1, 2), g3, tok, config="small").endswith(" ptr")
+    assert_matches(tok, ref.linear_dot(a3, g3, v3, 1, 40)[0], torch.bfloat16)
+    with pytest.raises(ValueError, match="not launched"):  # the 128×256 tile needs TMA
+        mod._launch_fused(a3, v3.transpose(1, 2), g3, tok, config="wide")
+
+
+def test_triton_linear_config_heuristic(monkeypatch):
     from geffect_fast.ops.triton import _common
 
-    cpu = torch.device("cpu")
-    assert _common.linear_config(8192, 4096, 1, cpu) == "large"  # 2048 tiles for 132 SMs
+    cpu = torch.device("cpu")  # configs as on an sm_90 card with 132 SMs
+    assert _common.linear_config(8192, 4096, 1, cpu) == "wide"  # 1024 tiles of 128×256
+    assert _common.linear_config(8192, 4096, 1, cpu, mode=1) == "split_wide"
+    assert _common.linear_config(8192, 4096, 1, cpu, mode=3) == "fp32_large"  # no wide fp32 tile
+    assert _common.linear_config(2048, 2048, 1, cpu) == "large"  # 128 wide tiles: too few; 256 of 128×128: enough
     assert _common.linear_config(256, 1024, 1, cpu) == "small"  # 16 tiles of 128×128: too few
-    assert set(_common.LINEAR_CONFIGS) >= {"large", "small"}
-    big = _common.LINEAR_CONFIGS["large"]
-    assert (big.BLOCK_M, big.BLOCK_N, big.BLOCK_K, big.num_warps) == (128, 128, 64, 8)
+    assert _common.linear_config(256, 1024, 1, cpu, mode=2) == "split_small"
+    monkeypatch.setattr(_common, "arch_of", lambda dev: 8)  # an sm_80 card: no 128×256 tiles
+    assert _common.linear_config(8192, 4096, 1, cpu) == "large"
+    assert "wide" not in _common.linear_configs(0, 8) and "wide" in _common.linear_configs(0, 9)
+    for mode in range(4):
+        for arch in (8, 9):
+            table = _common.linear_configs(mode, arch)
+            assert table and all(mode in c.modes for c in table.values())
+            want_bk = {0: 64, 1: _common.SPLIT_BLOCK_K, 2: _common.SPLIT_BLOCK_K, 3: _common.FP32_BLOCK_K}[mode]
+            assert all(c.BLOCK_K == want_bk for c in table.values())
+            assert "wide" not in "".join(_common.linear_configs(mode, arch, tma=False))  # 128×256: TMA only
+    big = _common.LINEAR_CONFIGS["wide"]
+    assert (big.BLOCK_M, big.BLOCK_N, big.BLOCK_K, big.num_warps) == (128, 256, 64, 8)
+
+
+def test_triton_config_not_launched_on_this_arch_is_refused(triton_ops, monkeypatch):
+    mod, _common, dev = triton_ops
+    monkeypatch.setattr(_common, "arch_of", lambda dev: 8)
+    a, g, v, _, _ = _inputs(40, 64, 16, 1, torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="not launched"):
+        mod._launch_fused(a.to(dev), v.transpose(1, 2).to(dev), g.to(dev), torch.empty(1, 40, device=dev), "wide")
 
 
 def test_triton_autotune_on_a_gpu(monkeypatch):

@@ -57,3 +57,40 @@ def test_seg_values_checked_once():
     contract.check_seg_values(7, 5)  # uniform segments cannot be out of range
     out = contract.segment_sum(torch.ones(1, 4), torch.tensor([0, 0, 1, 1]), 2)
     assert_matches(out, torch.tensor([[2.0, 2.0]]), torch.float32, "segment_sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,i,o,K", [(3, 7, 33, 5, 1), (2, 11, 5, 19, 3), (2, 40, 72, 48, 2)])
+def test_unchecked_kernels_with_uniform_segments_equal_the_checked_ops_with_ids(backend, dtype, B, T, i, o, K):
+    """What the engine calls at every tap: each backend's ``<op>_kernel`` (no argument checks) with uniform
+    segments (an int T) gives what its checked op gives with the equivalent ids, on fresh random inputs."""
+    name, ops, dev = backend
+    kern = ops.unchecked
+    assert kern is not ops
+    for op in ("linear_dot", "embedding_dot", "norm_dot"):
+        assert getattr(kern, op) is not getattr(ops, op), f"{name} has no unchecked {op}"
+        assert getattr(kern, op).__name__ == f"{op}_kernel"
+    gen = torch.Generator().manual_seed(B * T + i + K)
+    N = B * T
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(dev)
+
+    a, g, V, vb = rnd(N, i), rnd(N, o), rnd(K, o, i), rnd(K, o)
+    ids_seg = torch.arange(B).repeat_interleave(T).to(dev)
+    for got, want in zip(kern.linear_dot(a, g, V, T, B, vb), ops.linear_dot(a, g, V, ids_seg, B, vb)):
+        assert_matches(got, want, dtype, f"{name} linear_dot_kernel")
+    assert kern.linear_dot(a, g, V, T, B)[1] is None
+    got = kern.linear_dot(None, g, None, T, B, vb)
+    assert got[0] is None
+    assert_matches(got[1], ops.linear_dot(None, g, None, ids_seg, B, vb)[1], dtype, f"{name} bias only")
+    ids = torch.randint(0, 17, (N,), generator=gen).to(dev)
+    E = rnd(K, 17, o)
+    got = kern.embedding_dot(ids, g, E, T, B, 3)
+    assert_matches(got, ops.embedding_dot(ids, g, E, ids_seg, B, 3), dtype, f"{name} embedding_dot_kernel")
+    x = rnd(N, o)
+    for got, want in zip(kern.norm_dot(x, g, vb, vb, T, B), ops.norm_dot(x, g, vb, vb, ids_seg, B)):
+        assert_matches(got, want, dtype, f"{name} norm_dot_kernel")
+    got = kern.norm_dot(x, g, None, vb, T, B)
+    assert got[0] is None
+    assert_matches(got[1], ops.norm_dot(x, g, None, vb, ids_seg, B)[1], dtype, f"{name} norm bias only")

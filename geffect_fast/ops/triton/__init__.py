@@ -42,8 +42,15 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in DTYPES
 
 
+#: the ops, each in its own file; linear_dot, embedding_dot and norm_dot also as ``<op>_kernel`` (no checks)
+_OPS = ("linear_dot", "embedding_dot", "norm_dot", "segment_outer", "row_dot")
+_KERNELS = ("linear_dot_kernel", "embedding_dot_kernel", "norm_dot_kernel")
+
+
 def get_op(name: str):
-    """The kernel wrapper ``name`` (imports triton on first use)."""
-    if name not in ("linear_dot", "embedding_dot", "norm_dot", "segment_outer", "row_dot"):
-        raise AttributeError(name)
-    return getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    """The kernel wrapper ``name``, an op or an ``<op>_kernel`` (imports triton on first use)."""
+    if name in _OPS:
+        return getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    if name in _KERNELS:
+        return getattr(importlib.import_module(f"{__name__}.{name.removesuffix('_kernel')}"), name)
+    raise AttributeError(name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,7 +40,11 @@ def on_device(t: torch.Tensor):
 @dataclass(frozen=True)
 class LinearConfig:
     """Tile of the fused ``linear_dot`` kernel: BLOCK_M tokens × BLOCK_N epilogue features, BLOCK_K of the
-    contracted dim per step; GROUP_M token tiles share each column band (grouped order, for L2 reuse)."""
+    contracted dim per step; GROUP_M token tiles share each column band (grouped order, for L2 reuse).
+    ``modes``: the dot modes (:func:`half_split_mode`) it serves; ``archs``: the compute-capability majors it is
+    launched on (8: sm_80-class, 9: sm_90); ``tma_only``: launched only with TMA descriptors (whose loads need
+    no per-element addresses: with pointer loads the 128×256 tiles run out of registers); ``programs_per_sm``:
+    the persistent grid's programs per SM."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -48,28 +52,83 @@ class LinearConfig:
     GROUP_M: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    programs_per_sm: int = 1
+    modes: tuple[int, ...] = (0,)
+    archs: tuple[int, ...] = (8, 9)
+    tma_only: bool = False
 
     def kwargs(self) -> dict[str, int]:
-        return asdict(self)
+        """The kernel's tile constexprs and launch options."""
+        d = asdict(self)
+        for k in ("programs_per_sm", "modes", "archs", "tma_only"):
+            d.pop(k)
+        return d
+
+    def label(self) -> str:
+        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} w{self.num_warps} s{self.num_stages}"
 
 
-#: every config ``auto`` can pick on a GPU (benchmarks/gpu_static.py compiles each for sm_90a and sm_80, in
-#: every dot mode); "large_s4" is reached by autotuning only
-LINEAR_CONFIGS: dict[str, LinearConfig] = {
-    "large": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=3),
-    "large_s4": LinearConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
-    "small": LinearConfig(64, 128, 64, GROUP_M=8, num_warps=4, num_stages=4),
-}
-#: BLOCK_K of the split and IEEE dot modes (1-3): their float32 direction tile goes through registers (the hi/lo
-#: split) before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
+#: BLOCK_K of the split dot modes (1, 2): their float32 direction tile goes through registers (the hi/lo split)
+#: before shared memory, and at 64 the 128×128 tile spills on sm_80 (ptxas: 255 registers, 184 bytes)
 SPLIT_BLOCK_K = 32
+#: BLOCK_K of the IEEE float32 mode (3): its dots are FMAs on register operands; at 32 the peeled 64×128 tile
+#: spills on sm_80 (ptxas: 255 registers, 136 bytes)
+FP32_BLOCK_K = 16
+
+#: THE table of the fused kernel's configs: the launcher takes a config from here and nowhere else, and
+#: benchmarks/gpu_static.py compiles each of them for sm_90a and sm_80 in every dot mode it serves, marking as
+#: launched those :func:`linear_configs` gives for that arch. Per dot mode a "wide" (128×256, sm_90 with TMA
+#: only: its 128 float32 accumulators per thread leave no registers for per-element addresses), a "large"
+#: (128×128) and a "small" (64×128, small batches) tile; ``GEFFECT_FAST_AUTOTUNE=1`` times those of the
+#: pointer path once per shape instead of the heuristic's pick.
+LINEAR_CONFIGS: dict[str, LinearConfig] = {
+    # 16-bit activations and direction of one dtype (mode 0): plain tensor-core dots
+    "wide": LinearConfig(128, 256, 64, num_warps=8, num_stages=3, programs_per_sm=1, archs=(9,), tma_only=True),
+    "large": LinearConfig(128, 128, 64, num_warps=8, num_stages=3, programs_per_sm=2),
+    "small": LinearConfig(64, 128, 64, num_warps=8, num_stages=4, programs_per_sm=2),
+    # a float32 direction on 16-bit activations (modes 1, 2): hi + lo, two tensor-core dots per step
+    "split_wide": LinearConfig(
+        128, 256, SPLIT_BLOCK_K, num_warps=8, num_stages=3, modes=(1, 2), archs=(9,), tma_only=True
+    ),
+    "split_large": LinearConfig(128, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=2, modes=(1, 2)),
+    "split_small": LinearConfig(64, 128, SPLIT_BLOCK_K, num_warps=8, num_stages=4, programs_per_sm=2, modes=(1, 2)),
+    # float32 (IEEE dots; also mixed dtypes after upcasting): mode 3, pointer loads only (see uses_tma)
+    "fp32_large": LinearConfig(128, 128, FP32_BLOCK_K, num_warps=8, num_stages=3, programs_per_sm=1, modes=(3,)),
+    "fp32_small": LinearConfig(64, 128, FP32_BLOCK_K, num_warps=4, num_stages=4, programs_per_sm=2, modes=(3,)),
+}
+#: the prefix of each mode's configs in LINEAR_CONFIGS ("" for mode 0)
+_MODE_PREFIX = {0: "", 1: "split_", 2: "split_", 3: "fp32_"}
 
 
-def linear_configs(mode: int) -> dict[str, LinearConfig]:
-    """LINEAR_CONFIGS as the fused kernel uses them in dot ``mode`` (see :func:`half_split_mode`)."""
-    if mode == 0:
-        return LINEAR_CONFIGS
-    return {name: replace(c, BLOCK_K=SPLIT_BLOCK_K) for name, c in LINEAR_CONFIGS.items()}
+def arch_of(device: torch.device) -> int:
+    """The compute-capability major a launch on ``device`` compiles for: the GPU's, or 9 (an H100-class card)
+    on the CPU under the interpreter, so the interpreter runs the configs a Hopper GPU would."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0]
+    return 9
+
+
+def uses_tma(mode: int, arch: int) -> bool:
+    """Whether the fused kernel loads its tiles through TMA descriptors in dot ``mode`` on compute-capability
+    major ``arch`` (where the tensors' strides allow it; the launcher checks them): on sm_90 and later, except in
+    the IEEE float32 mode, whose FMA dots gain nothing from it (and spill from shared-memory operands)."""
+    return arch >= 9 and mode != 3
+
+
+def linear_configs(mode: int, arch: int | None = None, tma: bool | None = None) -> dict[str, LinearConfig]:
+    """The configs of LINEAR_CONFIGS the fused kernel can launch in dot ``mode`` (see :func:`half_split_mode`)
+    on compute-capability major ``arch`` (None: on any; architectures past 9 take sm_90's configs, before 8
+    sm_80's), with TMA descriptors (``tma`` True) or pointer loads (False; None: either)."""
+    out = {}
+    for name, c in LINEAR_CONFIGS.items():
+        if mode not in c.modes:
+            continue
+        if arch is not None and min(max(arch, 8), 9) not in c.archs:
+            continue
+        if tma is False and c.tma_only:
+            continue
+        out[name] = c
+    return out
 
 
 #: streaming multiprocessors assumed when no GPU can be asked (an H100 SXM has 132)
@@ -82,11 +141,20 @@ def sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
-def linear_config(N: int, C: int, K: int, device: torch.device) -> str:
-    """Name of the fused kernel's config for N tokens, C epilogue features and K directions: 128×128 tiles
-    when they give every SM a tile, else 64-token tiles (small batches)."""
-    tiles = -(-N // 128) * -(-C // 128) * K
-    return "large" if tiles >= sm_count(device) else "small"
+def linear_config(N: int, C: int, K: int, device: torch.device, mode: int = 0, tma: bool | None = None) -> str:
+    """Name of the fused kernel's config for N tokens, C epilogue features, K directions and dot ``mode`` (with
+    TMA descriptors or not; None: as :func:`uses_tma` says for the device): the widest tile of the mode on this
+    arch (128×256 on sm_90 with TMA, else 128×128) when its tiles give every SM one, else 128×128 if those do,
+    else 64-token tiles (small batches)."""
+    arch = arch_of(device)
+    sms = sm_count(device)
+    prefix = _MODE_PREFIX[mode]
+    avail = linear_configs(mode, arch, uses_tma(mode, arch) if tma is None else tma)
+    for name in ("wide", "large"):
+        c = LINEAR_CONFIGS.get(prefix + name)
+        if prefix + name in avail and -(-N // c.BLOCK_M) * -(-C // c.BLOCK_N) * K >= sms:
+            return prefix + name
+    return prefix + "small"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,16 @@ def _embedding_dot_kernel(
 
 def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
     """Triton implementation of :func:`geffect_fast.ops.reference.embedding_dot` (float32 output)."""
-    N, d, K, _ = check_embedding(ids, g, v, seg, B)
+    check_embedding(ids, g, v, seg, B)
+    return embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
+
+
+def embedding_dot_kernel(
+    ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None
+) -> Tensor:
+    """:func:`embedding_dot` without the argument checks (``contract.check_embedding`` holds for them)."""
+    N, d = g.shape
+    K = v.shape[0]
     tok = torch.empty(K, N, dtype=torch.float32, device=g.device)
     if N:
         cfg = _common.rows_config(N, d, K)

@@ -54,7 +54,16 @@ def norm_dot(
     xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
 ) -> tuple[Tensor | None, Tensor | None]:
     """Triton implementation of :func:`geffect_fast.ops.reference.norm_dot` (float32 outputs)."""
-    N, d, K = check_norm(xhat, g, vw, vb, seg, B)
+    check_norm(xhat, g, vw, vb, seg, B)
+    return norm_dot_kernel(xhat, g, vw, vb, seg, B)
+
+
+def norm_dot_kernel(
+    xhat: Tensor, g: Tensor, vw: Tensor | None, vb: Tensor | None, seg: Seg, B: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`norm_dot` without the argument checks (``contract.check_norm`` holds for them)."""
+    N, d = g.shape
+    K = (vw if vw is not None else vb).shape[0]
     tw = None if vw is None else torch.empty(K, N, dtype=torch.float32, device=g.device)
     tb = None if vb is None else torch.empty(K, N, dtype=torch.float32, device=g.device)
     if N:

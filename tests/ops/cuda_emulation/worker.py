@@ -149,6 +149,41 @@ def ops_case(dtype, K, kind):
     return fn
 
 
+def kernels_case(dtype, K):
+    """The unchecked kernels the engine calls at every tap (uniform segments, an int T) against the checked ops
+    with the equivalent ids and the reference; linear_dot's P in several chunks."""
+
+    def fn(name):
+        gen = torch.Generator().manual_seed(K + 7)
+        B, T = 3, 11
+        N = B * T
+        ids_seg = torch.arange(B).repeat_interleave(T)
+        a, g = torch.randn(N, 40, generator=gen).to(dtype), torch.randn(N, 24, generator=gen).to(dtype)
+        v, vb = torch.randn(K, 24, 40, generator=gen).to(dtype), torch.randn(K, 24, generator=gen).to(dtype)
+        old = gemm.CHUNK_BYTES, gemm.MIN_CHUNK_ROWS
+        gemm.CHUNK_BYTES, gemm.MIN_CHUNK_ROWS = 1, 8  # 5 chunks of P: 8, 8, 8, 8 and 1 rows
+        try:
+            got = cuda.linear_dot_kernel(a, g, v, T, B, vb)
+            checked = cuda.linear_dot(a, g, v, ids_seg, B, vb)
+        finally:
+            gemm.CHUNK_BYTES, gemm.MIN_CHUNK_ROWS = old
+        for o, c, w, part in zip(got, checked, ref.linear_dot(a, g, v, ids_seg, B, vb), "wb"):
+            check(f"{name}/linear_{part}", o, w, dtype)
+            check(f"{name}/linear_{part}_vs_checked", o, c, dtype)
+        ids = torch.randint(0, 9, (N,), generator=gen)
+        E = torch.randn(K, 9, 24, generator=gen).to(dtype)
+        got = cuda.embedding_dot_kernel(ids, g, E, T, B, 2)
+        check(f"{name}/embedding", got, ref.embedding_dot(ids, g, E, ids_seg, B, 2), dtype)
+        check(f"{name}/embedding_vs_checked", got, cuda.embedding_dot(ids, g, E, ids_seg, B, 2), dtype)
+        x = torch.randn(N, 24, generator=gen).to(dtype)
+        got = cuda.norm_dot_kernel(x, g, vb, vb, T, B)
+        for o, c, w, part in zip(got, cuda.norm_dot(x, g, vb, vb, ids_seg, B), ref.norm_dot(x, g, vb, vb, ids_seg, B), "wb"):
+            check(f"{name}/norm_{part}", o, w, dtype)
+            check(f"{name}/norm_{part}_vs_checked", o, c, dtype)
+
+    return fn
+
+
 def device_guard(name):
     """A launch on device 1 with device 0 current leaves 0 current, also when the launcher raises."""
     ext = cuda._ext
@@ -211,6 +246,8 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for kind in ("uniform", "ragged"):
             run(f"ops/{dtype}/{kind}", ops_case(dtype, 2 * cap + 1, kind))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        run(f"kernels/{dtype}", kernels_case(dtype, 2 * cap + 1))
     run("device_guard", device_guard)
     run("offsets_past_2_pow_31", offsets_past_2_pow_31)
     print(json.dumps(results))
