@@ -26,7 +26,7 @@ import torch
 
 from .. import data, objectives
 from . import catalog, pipeline, report
-from .common import ThreadBudget, atomic_output, cache_dir, save_cached, threads_for_load
+from .common import ThreadBudget, atomic_output, cache_dir, cpu_kind, cpu_name, save_cached, threads_for_load
 
 
 @dataclass
@@ -239,7 +239,8 @@ def _meta(cfg: DemoConfig, tok, sets: dict, acc: dict, cached: bool, threads: Th
         "direction": "gradient of the objective (the paper's G-effect)",
         "groups": cfg.groups,
         "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch thread"
+        "machine": f"{cpu_name()} ({platform.machine()}, {cpu_kind()} kernels), {os.cpu_count()} cores "
+        f"({threads.n} torch thread"
         f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "
         f"torch {torch.__version__}",
         "config": asdict(cfg),

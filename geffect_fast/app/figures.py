@@ -10,9 +10,9 @@ Conventions, the same in every figure:
   values span less than a factor 1/:data:`LINEAR_SHARE`, else symmetric-log with the linear band (±1% of the
   largest value, rounded down to a power of ten) shaded — near-zero groups flipping sign stay near the zero line;
 - **one colour per objective** across all figures (:func:`objective_colours`; categorical) and one per layer group
-  (:func:`group_colours`; a dark-to-light sequence from the embedding to the head), so a colour never means an
-  objective in one figure and a group in the next; heatmaps are blue where a set gets what it wants (unlearning
-  e < 0, retention e ≥ 0) and red where it does not;
+  (:func:`group_colours`: a dark-to-light sequence from the embedding to the head, with alternating line styles),
+  so a colour never means an objective in one figure and a group in the next; heatmaps are blue where a set gets
+  what it wants (unlearning e < 0, retention e ≥ 0) and red where it does not;
 - before a figure is saved its labels are read back (:func:`figure_problems`): too few or too many tick labels,
   fractional steps, a value axis without a label, or text drawn over other text is a bug, not a figure.
 """
@@ -71,14 +71,25 @@ def objective_colours(names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _group_order(groups: Sequence[str]) -> list[str]:
+    return list(THIRDS) if set(groups) <= set(THIRDS) else list(groups)  # depth groups keep theirs when some are empty
+
+
 def group_colours(groups: Sequence[str]) -> dict[str, Any]:
-    """A colour per layer group: a dark-to-light sequence (viridis) in the groups' order, embedding to head."""
+    """A colour per layer group: a dark-to-light sequence (plasma) in the groups' order, embedding to head."""
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"]
-    order = list(THIRDS) if set(groups) <= set(THIRDS) else list(groups)  # depth groups keep theirs when some are empty
+    cmap = colormaps["plasma"]
+    order = _group_order(groups)
     n = max(1, len(order) - 1)
-    return {g: cmap(0.9 * order.index(g) / n) for g in groups}
+    return {g: cmap(0.88 * order.index(g) / n) for g in groups}
+
+
+def group_styles(groups: Sequence[str]) -> dict[str, str]:
+    """A line style per layer group, alternating along the depth, so that neighbouring groups (close in colour)
+    stay apart."""
+    order = _group_order(groups)
+    return {g: ("-", "--", "-.", ":")[order.index(g) % 4] for g in groups}
 
 
 # -- axes ----------------------------------------------------------------------------------------------------------
@@ -344,7 +355,7 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
             how = "layer × step heatmap, one row per objective; blue = what the set wants, red = against it"
         else:
             fig = _curves(plt, series, objs, groups, mode, last_step)
-            how = "one row per objective, one colour per group from the embedding (dark) to the head (light)"
+            how = "one row per objective; a colour and line style per group, embedding (dark) to head (light)"
         save(fig, out / name)
         plt.close(fig)
         what = "summed over steps 1…s" if mode == "cumulative" else "of each step"
@@ -364,7 +375,8 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
                 "geffects_per_unit.png",
                 "The objectives on one scale: each step's G-effect divided by the size of its direction, e/‖v‖ — "
                 "how fast the NLL changes per unit of parameter distance moved along v, whatever the size of the "
-                "objective's gradient. Unlearning (left) wants it negative, retention (right) non-negative.",
+                "objective's gradient — summed over steps 1…s. Unlearning (left) wants it negative, retention "
+                "(right) non-negative.",
             )
         )
     if any(r.get("loss") is not None for r in recs):
@@ -396,7 +408,7 @@ def _step_values(lst: Sequence[dict[str, Any]], group: str, mode: str) -> tuple[
 
 
 def _curves(plt, series, objs, groups, mode, last_step):
-    colours = group_colours(groups)
+    colours, styles = group_colours(groups), group_styles(groups)
     fig, axes = plt.subplots(
         len(objs),
         2,
@@ -415,7 +427,15 @@ def _curves(plt, series, objs, groups, mode, last_step):
             for g in groups:
                 steps, vals = _step_values(lst, g, mode)
                 column += vals
-                ax.plot(steps, vals, color=colours[g], lw=1.6, label=g, marker="o" if len(steps) <= 3 else None)
+                ax.plot(
+                    steps,
+                    vals,
+                    color=colours[g],
+                    ls=styles[g],
+                    lw=1.6,
+                    label=g,
+                    marker="o" if len(steps) <= 3 else None,
+                )
             ax.axhline(0, color="0.45", lw=0.9)
             ax.tick_params(labelsize=8)
             if i == 0:
@@ -506,21 +526,25 @@ def _edges(steps: Sequence[int]) -> list[float]:
 
 
 def _per_unit(plt, series, objs, last_step):
+    """The objectives on one scale: Σ over steps 1…s of e/‖v‖, from 0 at step 0, one line per objective."""
     colours = objective_colours(objs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), squeeze=False, layout="constrained")
     for j, risk in enumerate(RISKS):
         ax = axes[0][j]
         vals = []
         for obj in objs:
-            lst = series[obj].get(risk, [])
-            pts = [(r["step"], per_unit(r)) for r in lst if per_unit(r) is not None]
-            if pts:
-                ax.plot(*zip(*pts), lw=1.8, marker="o", ms=2.5, label=obj, color=colours[obj])
-                vals += [v for _, v in pts]
+            lst = [r for r in series[obj].get(risk, []) if per_unit(r) is not None]
+            if lst:
+                acc, ys = 0.0, [0.0]
+                for r in lst:
+                    acc += per_unit(r)
+                    ys.append(acc)
+                ax.plot([0, *(r["step"] for r in lst)], ys, lw=1.8, marker="o", ms=2.5, label=obj, color=colours[obj])
+                vals += ys
         ax.axhline(0, color="0.45", lw=0.9)
         band = value_axis(ax, vals, "y")
-        ax.set_title(TITLES[risk] + (f"\n{band_note(band)}" if band else "") + " ÷ ‖v‖", fontsize=10)
-        ax.set_ylabel(f"e / ‖v‖ [{UNIT_PER_UNIT}]", fontsize=9)
+        ax.set_title(f"{TITLES[risk]} ÷ ‖v‖, cumulative" + (f"\n{band_note(band)}" if band else ""), fontsize=10)
+        ax.set_ylabel(f"Σ e/‖v‖ [{UNIT_PER_UNIT}]", fontsize=9)
         step_axis(ax, last_step)
         ax.set_xlabel("unlearning step")
         ax.tick_params(labelsize=8)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 
 from .. import data, objectives
 from . import catalog, figures, pipeline, report
-from .common import atomic_output, cache_dir, load_model, peak_rss_gb, save_cached
+from .common import atomic_output, cache_dir, cpu_kind, cpu_name, load_model, peak_rss_gb, save_cached
 from .records import common_scale, per_unit, series, value_of
 
 
@@ -388,15 +387,10 @@ def _n_blocks(model) -> int:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (
+        f"{cpu_name()} ({cpu_kind()} kernels), {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
 
 
 # -- the findings --------------------------------------------------------------------------------------------------
