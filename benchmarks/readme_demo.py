@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in KEEP:
         if (out / name).is_file():
             shutil.copy(out / name, RESULTS / name)
+    shutil.rmtree(out if args.render else out.parent, ignore_errors=True)  # the scratch folder (and its cache)
     if args.cpu_kinds:
         kinds_dir = RESULTS / "cpu_kinds"
         kinds_dir.mkdir(exist_ok=True)

@@ -126,6 +126,11 @@ def test_reproduce_end_to_end_on_the_demo_model(tmp_path, monkeypatch, capsys):
     assert f"forget05: the last 5 % of authors ({meta['n_forget']} QA)" in md and meta["n_forget"] == 5
     err = capsys.readouterr()
     assert "findings.md" in err.out
+    # `geffect-fast report` re-renders a reproduce folder's findings from its records (verdicts recomputed)
+    (out / "findings.md").unlink()
+    assert main(["report", str(out)]) == 0 and "findings.md" in capsys.readouterr().out
+    assert (out / "findings.md").read_text().split("## Per objective")[1] == md.split("## Per objective")[1]
+    assert json.loads((out / "meta.json").read_text())["findings"] == meta["findings"]
     assert main(["reproduce", "--model", "demo", "--objectives", "GA,XYZ", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown objective" in err and err.count(",") >= len(reproduce.OBJECTIVES) - 1  # lists all ten

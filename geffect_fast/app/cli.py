@@ -553,7 +553,13 @@ def _report(args) -> int:
     if not run.is_dir():
         raise CLIError(f"{run} is not a folder")
     paths = report.render(run)
-    print(f"rendered {', '.join(sorted(p.name for p in paths.values()))} in {run}/")
+    names = sorted(p.name for p in paths.values())
+    meta = run / "meta.json"
+    if meta.is_file() and "outcomes" in json.loads(meta.read_text()):  # a reproduce folder: its findings too
+        from .reproduce import render_findings
+
+        names.append(render_findings(run).name)
+    print(f"rendered {', '.join(names)} in {run}/")
     return 0
 
 

@@ -380,6 +380,24 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
     return Path(out)
 
 
+def render_findings(folder: str | Path) -> Path:
+    """Re-render a reproduce folder's findings.md and findings_*.png from its geffects.jsonl and meta.json (the
+    verdicts recomputed by today's rules; ``geffect-fast report DIR`` calls it for a reproduce folder)."""
+    from .records import load_records
+
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    records = load_records(folder / "geffects.jsonl")
+    cfg = ReproConfig(**{**meta["config"], "objectives": tuple(meta["config"]["objectives"])})
+    acc = meta.get("answer_accuracy_before", {}).get("forget", {}).get("token")
+    meta["findings"] = findings(records, meta["outcomes"], learned=acc)
+    meta["common_scale"] = common_scale(records)
+    images = figures.findings_plots(records, meta["outcomes"], folder)
+    (folder / "findings.md").write_text(findings_markdown(meta, meta["findings"], meta["outcomes"], cfg, images))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return folder / "findings.md"
+
+
 def _n_blocks(model) -> int:
     from ..groups import find_layout
 
@@ -517,7 +535,7 @@ def _finding_retention(run: _Run) -> tuple[int, int, str]:
     for n in run.names:
         E, d = run.cum(n, "retain"), run.d_nll(n, "retain")
         holds += E < 0 and d > 0
-        rows.append(f"{n} E {_fmt(E)}, ΔNLL {d:+.3f}")
+        rows.append(f"{n} Σ{run.e} {_fmt(E)}, ΔNLL {d:+.3f}")
     numbers = f"{holds}/{len(run.names)} objectives with E_retain < 0 and a rising retain NLL: " + "; ".join(rows)
     return holds, len(run.names), numbers
 
