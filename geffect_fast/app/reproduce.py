@@ -34,7 +34,16 @@ import torch
 
 from .. import data, objectives
 from . import catalog, figures, pipeline, report
-from .common import atomic_output, cache_dir, cpu_kind, cpu_name, load_model, peak_rss_gb, save_cached
+from .common import (
+    atomic_output,
+    cache_dir,
+    cpu_kind,
+    cpu_name,
+    load_model,
+    peak_rss_gb,
+    save_cached,
+    threads_for_load,
+)
 from .records import common_scale, per_unit, series, value_of
 
 
@@ -142,7 +151,7 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[str, float], bool]:
+def _smollm2_finetuned(cfg: ReproConfig, splits, echo, threads=None) -> tuple[Any, Any, dict[str, float], bool]:
     """SmolLM2 fine-tuned on the synthetic authors (cached); (model, tokenizer, accuracy on the full set, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,6 +175,8 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     def tick(loss):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
+        if threads is not None:
+            threads.adjust()
 
     pipeline.finetune(model, full, cfg.ft_epochs, cfg.ft_lr, cfg.ft_batch, cfg.seed, on_batch=tick)
     bar.close()
@@ -178,18 +189,18 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     return model, tok, pipeline.answer_accuracy(model, full), False
 
 
-def _load(cfg: ReproConfig, echo) -> tuple[Any, Any, dict, dict, dict]:
+def _load(cfg: ReproConfig, echo, threads=None) -> tuple[Any, Any, dict, dict, dict]:
     """(model, tokenizer, splits, accuracy on the fine-tuning set, the fine-tune as run: its data, epochs, lr, batch
     and whether it came from the cache)."""
     if cfg.model == "demo":
         from .demo import QUICK, DemoConfig, finetuned
 
         dcfg = QUICK if cfg.quick else DemoConfig()
-        model, tok, splits, acc, cached = finetuned(dcfg, echo)
+        model, tok, splits, acc, cached = finetuned(dcfg, echo, threads)
         ft = dict(n_authors=dcfg.n_authors, qa_per_author=dcfg.qa_per_author, epochs=dcfg.epochs, lr=dcfg.lr)
         return model, tok, splits, acc, {**ft, "batch": dcfg.batch_size, "cached": cached}
     splits = data.synthetic_authors(cfg.n_authors, cfg.qa_per_author, cfg.seed)
-    model, tok, acc, cached = _smollm2_finetuned(cfg, splits, echo)
+    model, tok, acc, cached = _smollm2_finetuned(cfg, splits, echo, threads)
     ft = dict(n_authors=cfg.n_authors, qa_per_author=cfg.qa_per_author, epochs=cfg.ft_epochs, lr=cfg.ft_lr)
     return model, tok, splits, acc, {**ft, "batch": cfg.ft_batch, "cached": cached}
 
@@ -210,10 +221,10 @@ class _Protocol:
     """One run of the protocol: the fine-tuned reference model, the encoded sets, and the unlearning of each
     objective from it (:meth:`unlearn`), with what it measured."""
 
-    def __init__(self, cfg: ReproConfig, echo):
+    def __init__(self, cfg: ReproConfig, echo, threads=None):
         self.cfg, self.echo = cfg, echo
         t0 = time.perf_counter()
-        model, tok, splits, self.ft_acc, self.finetune = _load(cfg, echo)
+        model, tok, splits, self.ft_acc, self.finetune = _load(cfg, echo, threads)
         self.stages = {"load + fine-tune": time.perf_counter() - t0}
         echo(f"answer accuracy after fine-tuning (teacher-forced): tokens {self.ft_acc['token']:.1%}")
         self.forget_recs = splits["forget05"]
@@ -360,9 +371,10 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
     cfg = cfg or config()
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    with atomic_output(out, force) as tmp:
-        p = _Protocol(cfg, echo)
+    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
+        p = _Protocol(cfg, echo, threads)
         for name in cfg.objectives:
+            threads.adjust()  # as the demo: torch's threads sized to the cores free now
             p.unlearn(name)
         cost = p.smoothing_cost()
         verdicts = findings(p.records, p.outcomes, learned=p.acc0["forget"]["token"])
