@@ -110,3 +110,17 @@ def test_readme_lists_every_test_extra():
 def test_geffect_reproduce_output_is_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().split()
     assert "geffect_demo/" in ignored and "geffect_reproduce/" in ignored
+
+
+def test_readme_findings_are_the_committed_runs_verdicts():
+    """The README's table of the paper's five findings says what the committed reproduce runs decided."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### The paper's five findings", 1)[1].split("| # |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    for col, model in ((3, "demo"), (4, "smollm2")):
+        meta = json.loads((ROOT / "benchmarks" / "results" / f"reproduce_{model}" / "meta.json").read_text())
+        want = {str(f["id"]): (f["claim"], f["verdict"]) for f in meta["findings"]}
+        got = {r[0].strip(): (r[1].strip(), r[col - 1].strip()) for r in rows}
+        assert got == want, (model, got, want)

@@ -419,7 +419,7 @@ def _n_blocks(model) -> int:
 def _machine() -> str:
     return (
         f"{cpu_name()} ({cpu_kind()} kernels), {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
+        f"({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)} at the end)"
     )
 
 
