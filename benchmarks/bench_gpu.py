@@ -483,8 +483,11 @@ class Writer:
     def write(self) -> None:
         from benchmarks._common import write_csv
 
-        for name, rows in (("ops_gpu.csv", self.lin + self.rws), ("e2e_gpu.csv", self.e2e), ("batch_gpu.csv",
-                                                                                              self.sweep)):
+        for name, rows in (
+            ("ops_gpu.csv", self.lin + self.rws),
+            ("e2e_gpu.csv", self.e2e),
+            ("batch_gpu.csv", self.sweep),
+        ):
             if rows:
                 keys = list(dict.fromkeys(k for r in rows for k in r))
                 tmp = self.out / f".{name}.tmp"

@@ -121,8 +121,17 @@ def _linear_variant(name, c, mode, label, xdt, mdt, layout, path, arch, launched
         kernel="linear_dot._linear_dot_kernel",
         config=f"{name} {c.label()} {label} {layout} {path}",
         types=types,
-        constexprs=dict(MODE=mode, UPCAST=False, EVEN_R=even, TMA=tma, M_T=m_t, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N,
-                        BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M),  # fmt: skip
+        constexprs=dict(
+            MODE=mode,
+            UPCAST=False,
+            EVEN_R=even,
+            TMA=tma,
+            M_T=m_t,
+            BLOCK_M=c.BLOCK_M,
+            BLOCK_N=c.BLOCK_N,
+            BLOCK_K=c.BLOCK_K,
+            GROUP_M=c.GROUP_M,
+        ),  # fmt: skip
         num_warps=c.num_warps,
         num_stages=c.num_stages,
         ones=ones,

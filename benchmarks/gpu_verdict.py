@@ -99,8 +99,10 @@ def e2e_lines(rows: list[dict], why: str) -> list[str]:
     for r in got:
         v = _num(r, "ours_over_plain")
         agree = _num(r, "agree_vs_reference")
-        cells.append(f"{r['case'].split(' K')[0]} {v:.2f}x {_mark(v <= E2E_MAX)}" + (f" agree {agree:.0e}" if agree
-                                                                                           is not None else ""))
+        cells.append(
+            f"{r['case'].split(' K')[0]} {v:.2f}x {_mark(v <= E2E_MAX)}"
+            + (f" agree {agree:.0e}" if agree is not None else "")
+        )
     params = _num(got[0], "params")
     size = "?" if not params else f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
     return [f"measure/plain fwd+bwd, Llama {size} bf16 K=1 (<= {E2E_MAX}x): " + "; ".join(cells)]

@@ -420,3 +420,38 @@ def _describe(batch: Any) -> str:
         return f"a {type(batch).__name__}"
     parts = [f"{k}: keys {', '.join(map(str, v))}" for k, v in batch.items() if isinstance(v, Mapping)]
     return "; ".join(parts) if parts else f"keys {', '.join(map(str, batch))}"
+
+
+#: the retain regularisers a name may carry as a suffix: ``"npo+kl"`` is ``get("npo", retain="kl")``
+RETAIN_SUFFIXES = ("kl", "gd")
+
+
+def resolve(objective: Any, **hparams: Any) -> Any:
+    """What every function that takes an objective calls first: a name becomes the built-in objective — ``"npo"``,
+    ``"NPO"``, an alias (``"grad_ascent"``), or a name with its retain regulariser, ``"npo+kl"`` / ``"ga+gd"``
+    (= ``get(name, retain=...)``), with ``hparams`` passed on; an :class:`Objective` or any callable
+    ``(model, batch, ref_model) -> loss`` is returned as it is (``hparams`` then must be empty).
+
+    >>> resolve("npo+kl")
+    Objective('npo', {'beta': 0.5}, retain='kl', retain_weight=1.0)
+    """
+    if isinstance(objective, str):
+        base, plus, suffix = objective.strip().partition("+")
+        if plus:
+            if suffix.strip().lower() not in RETAIN_SUFFIXES:
+                raise KeyError(
+                    f"unknown objective {objective!r}: a '+' suffix names the retain regulariser, "
+                    f"one of {', '.join(RETAIN_SUFFIXES)} (e.g. 'npo+kl')"
+                )
+            if "retain" in hparams:
+                raise TypeError(f"objective {objective!r} names its retain term; do not pass retain= as well")
+            hparams = {**hparams, "retain": suffix.strip().lower()}
+        return get(base.strip(), **hparams)
+    if not callable(objective):
+        raise TypeError(
+            f"an objective is a name ({', '.join(REGISTRY)}; '+kl'/'+gd' adds a retain term) or a callable "
+            f"(model, batch, ref_model) -> loss, got {type(objective).__name__}"
+        )
+    if hparams:
+        raise TypeError(f"hyper-parameters {sorted(hparams)} apply to objectives given by name, not to {objective!r}")
+    return objective

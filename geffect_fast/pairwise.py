@@ -44,7 +44,7 @@ from .engine import (
     unwrap,
 )
 from .loss import check_batch, packed_samples, sample_nll
-from .objectives import Objective, split_batch
+from .objectives import Objective, resolve, split_batch
 
 #: how a pair of uses is contracted: "auto" (the cheaper by the cost model), "ghost" or "materialise"
 METHODS = ("auto", "ghost", "materialise")
@@ -86,7 +86,7 @@ def trainable_or_raise(mm: ModuleMap, what: str) -> list[str]:
 
 def measure_pairwise(
     model: nn.Module,
-    objective: Objective,
+    objective: Objective | str,
     objective_batch: Any,
     risks: Mapping[str, Mapping[str, Tensor]],
     groups: groups_mod.GroupSpec = "block",
@@ -101,6 +101,13 @@ def measure_pairwise(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use auto, ghost or materialise")
+    objective = resolve(objective)
+    if not callable(getattr(objective, "per_sample", None)):
+        raise TypeError(
+            "measure_pairwise needs each forget sample's share of the objective: a built-in objective (a name "
+            "such as 'npo', or objectives.get(...)) or one with a per_sample(model, batch, ref_model) method, "
+            f"not {objective!r}"
+        )
     model = unwrap(model)
     refuse_sharded(model, "measure_pairwise")
     mm = module_map(model)

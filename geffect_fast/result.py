@@ -138,6 +138,40 @@ class Result:
             )
         return "\n".join(lines).rstrip() + "\n"
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: one compact table per direction — a row per group, a column per risk set, then the
+        total and the risk value R — with the reduction and any uncovered parameters said below."""
+        from html import escape
+
+        def cell(x: float, fmt: str) -> str:
+            return f"<td style='text-align:right;font-variant-numeric:tabular-nums'>{x:{fmt}}</td>"
+
+        head = "".join(f"<th style='text-align:right'>{escape(r)}</th>" for r in self.risks)
+        parts = []
+        for k, d in enumerate(self.directions):
+            rows = [
+                f"<tr><td>{escape(g)}</td>"
+                + "".join(cell(float(self.group_totals[r][k, gi]), ".4e") for r in self.risks)
+                + "</tr>"
+                for gi, g in enumerate(self.groups)
+            ]
+            rows.append(
+                "<tr style='border-top:1px solid'><td><b>total</b></td>"
+                + "".join(cell(float(self.group_totals[r][k].sum()), ".4e") for r in self.risks)
+                + "</tr>"
+            )
+            rows.append("<tr><td>risk R</td>" + "".join(cell(self.losses[r], ".4f") for r in self.risks) + "</tr>")
+            parts.append(
+                f"<table><caption style='text-align:left'>G-effect ⟨∇R, v⟩, direction <b>{escape(d)}</b> "
+                f"(reduction {escape(self.reduction)})</caption><tr><th>group</th>{head}</tr>{''.join(rows)}</table>"
+            )
+        if self.uncovered:
+            parts.append(
+                f"<p>{len(self.uncovered)} parameter(s) no adapter covers are in group {UNCOVERED!r}, computed by "
+                "ordinary autograd (aggregate only, no per-instance values)</p>"
+            )
+        return "<div>" + "".join(parts) + "</div>"
+
     def __repr__(self) -> str:
         return (
             f"Result(directions={list(self.directions)}, risks={list(self.risks)}, groups={len(self.groups)}, "

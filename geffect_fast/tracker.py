@@ -56,8 +56,9 @@ are refused (use :func:`geffect_fast.measure` with ``Direction.from_grads`` in t
 and ``probe_batch_size`` under a process group (single-process options for now).
 
 Records (kept in ``tracker.records`` and, with ``log=``, appended to a JSONL file): ``step``,
-``objective`` (``name``, default the direction kind; or a compare name), ``kind`` ("gradient", "update" or
-"compare"), ``risk``, ``total``,
+``objective`` (``name``: a label, or the objective being trained — ``name=gf.objectives.get("npo")`` or
+``name="npo"`` labels the records "npo"; default the direction kind; or a compare name), ``kind`` ("gradient",
+"update" or "compare"), ``risk``, ``total``,
 ``groups``, ``cumulative`` (sum of ``total`` over the measured steps), ``lr``, ``loss`` (R at θ_before),
 ``train_loss``, ``predicted_dR``, ``predicted_dR_2nd``, ``measured_dR``, ``prediction`` (what predicted_dR
 = −lr·e predicts: "optimiser step" for the update direction, "plain SGD step" of size lr along v otherwise — with
@@ -83,7 +84,7 @@ from .api import measure
 from .directions import Direction
 from .engine import unwrap
 from .loss import IGNORE_INDEX, packed_samples, pool_size, reduction_weights, risk, risk_parts, sample_counts
-from .objectives import Objective
+from .objectives import Objective, objective_name, resolve
 from .result import Result
 from .state import preserved
 
@@ -96,6 +97,16 @@ def _scalar(x: Any) -> float | None:
     if x is None:
         return None
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
+
+
+def _label(name: str | Objective | None, direction: str) -> str:
+    """The taken direction's name in the records: ``name`` as given, the name of an objective passed as ``name``
+    (``Tracker(..., name=npo)`` labels the records "NPO"), else the direction kind."""
+    if name is None:
+        return direction
+    if isinstance(name, str):
+        return name
+    return objective_name(name)
 
 
 class Tracker:
@@ -111,11 +122,11 @@ class Tracker:
         reduction: str = "token_mean",
         backend: str = "auto",
         mode: str = "eval",
-        compare: Mapping[str, Objective] | None = None,
+        compare: Mapping[str, Objective | str] | None = None,
         compare_batch: Any = None,
         ref_model: nn.Module | None = None,
         curvature: bool = False,
-        name: str | None = None,
+        name: str | Objective | None = None,
         process_group: Any = "auto",
         timeout: float = 600.0,
         smooth: bool = False,
@@ -139,7 +150,7 @@ class Tracker:
         self.reduction = reduction
         self.backend = backend
         self.mode = mode
-        self.compare = dict(compare or {})
+        self.compare = {k: resolve(obj) for k, obj in (compare or {}).items()}
         self.compare_batch = compare_batch
         self.ref_model = ref_model
         self.curvature = curvature
@@ -154,7 +165,7 @@ class Tracker:
         self._n_smoothed = 0
         self._grouping: groups_mod.Grouping | None = None
         #: the name the taken direction has in the records (default: "gradient" or "update")
-        self.name = name or direction
+        self.name = _label(name, direction)
         if self.name in self.compare:
             raise ValueError(f"compare names must differ from the tracked direction's name {self.name!r}")
         self.n_steps = 0

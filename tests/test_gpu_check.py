@@ -30,6 +30,8 @@ def _bench_module(name: str):
     sys.modules[spec.name] = mod  # dataclasses look their module up here
     spec.loader.exec_module(mod)
     return mod
+
+
 SCRIPT = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")]
 STEPS = ["build", "tests", "ops", "e2e", "host", "factored", "suite", "memory"]
 

@@ -59,7 +59,9 @@ def test_packed_samples_are_the_samples(setup, reduction):
     grouping = assign(model, "block", [n for n, _ in model.named_parameters()])
     e, _ = oracle(model, V, plain, grouping.of, len(grouping), reduction)
     assert_close_per_group(rp.instances["r"], e, 1e-9, "oracle")
-    assert float(gf.risk(model, packed, reduction).detach()) == pytest.approx(float(gf.risk(model, plain, reduction).detach()))
+    assert float(gf.risk(model, packed, reduction).detach()) == pytest.approx(
+        float(gf.risk(model, plain, reduction).detach())
+    )
 
 
 def test_two_packed_rows_with_padding(setup):
@@ -122,7 +124,9 @@ def test_encode_qa_packs_and_the_collators_keys_reach_the_model():
     plain = data.encode_qa(recs, tok)
     assert b["input_ids"].shape == (1, int(plain["attention_mask"].sum()))
     assert int(packed_samples(b).max()) == 2 and "attention_mask" not in b
-    feats = [{"input_ids": ids.tolist(), "labels": lab.tolist()} for ids, lab in zip(plain["input_ids"], plain["labels"])]
+    feats = [
+        {"input_ids": ids.tolist(), "labels": lab.tolist()} for ids, lab in zip(plain["input_ids"], plain["labels"])
+    ]
     col = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(feats)
     seen = {}
 

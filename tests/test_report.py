@@ -12,7 +12,9 @@ matplotlib.use("Agg")
 from matplotlib.collections import QuadMesh  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from geffect_fast.app import figures as F  # noqa: E402
 from geffect_fast.app import report  # noqa: E402
+from geffect_fast.app.records import series  # noqa: E402
 
 FIVE = ("embed", "block.0", "block.1", "final_norm", "lm_head")
 
@@ -68,6 +70,7 @@ def figures(monkeypatch):
         seen[getattr(fname, "name", str(fname))] = self
         out = real(self, fname, *a, **{**k, "dpi": 40})  # the labels are the same at any dpi; tests run faster
         self.canvas.draw()  # read back below, as drawn when saved
+        self.test_renderer = self.canvas.get_renderer()  # (closing the figure takes its canvas away)
         return out
 
     monkeypatch.setattr(Figure, "savefig", savefig)
@@ -96,7 +99,19 @@ def _number(text):
     return True
 
 
+def _overlaps(boxes):
+    return [
+        (a, b)
+        for i, (a, p) in enumerate(boxes)
+        for b, q in boxes[i + 1 :]
+        if min(p.x1, q.x1) - max(p.x0, q.x0) > 0.5 and min(p.y1, q.y1) - max(p.y0, q.y0) > 0.5
+    ]
+
+
 def _check_readable(fig, name):
+    """Two to seven readable tick labels per numeric axis, whole steps on step axes, a label (with its unit, in
+    brackets) on every value axis, and no text drawn over other text."""
+    renderer = fig.test_renderer
     for n, ax in enumerate(fig.axes):
         colorbar = ax.get_label() == "<colorbar>"
         for axis in ("x", "y"):
@@ -105,8 +120,19 @@ def _check_readable(fig, name):
                 continue
             numeric = [t for t in texts if _number(t)]
             assert len(numeric) >= 2 or (texts and not numeric), f"{name}: axes {n} {axis} shows tick labels {texts}"
-            if not colorbar and report.is_step_label(ax.get_xlabel() if axis == "x" else ax.get_ylabel()):
+            assert len(numeric) <= 7, f"{name}: axes {n} {axis} shows {len(numeric)} tick labels {texts}"
+            label = ax.get_xlabel() if axis == "x" else ax.get_ylabel()
+            if not colorbar and F.is_step_label(label):
                 assert all(t.lstrip("−-").isdigit() for t in texts), f"{name}: fractional steps {texts}"
+            elif numeric and not colorbar:
+                assert "[" in label and "]" in label, f"{name}: axes {n} {axis} label {label!r} has no unit"
+            ticks = [
+                t for t in (ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()) if t.get_text() in texts
+            ]
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks]
+            assert not _overlaps(boxes), f"{name}: axes {n} {axis} tick labels overlap: {_overlaps(boxes)}"
+        notes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts if t.get_visible() and t.get_text()]
+        assert not _overlaps(notes), f"{name}: axes {n}: labels overlap: {_overlaps(notes)}"
 
 
 @pytest.mark.parametrize(
@@ -131,8 +157,8 @@ def test_every_plot_has_readable_ticks_and_whole_steps(tmp_path, figures, case):
 
 
 def test_step_axes_are_told_from_values_at_a_step():
-    assert report.is_step_label("unlearning step") and report.is_step_label("unlearning step (0: before unlearning)")
-    assert report.is_step_label("Steps") and not report.is_step_label("per-instance unlearning G-effect at step 12")
+    assert F.is_step_label("unlearning step") and F.is_step_label("unlearning step (0: before unlearning)")
+    assert F.is_step_label("Steps") and not F.is_step_label("per-instance unlearning G-effect at step 12")
 
 
 @pytest.mark.parametrize("spread", [1.0, 1e-3, 1e4])
@@ -144,7 +170,7 @@ def test_npo_weight_plot_has_readable_ticks(tmp_path, spread):
     rng = random.Random(0)
     g = [-(10.0 ** rng.uniform(-4, 0)) * spread for _ in range(40)] + [0.01 * spread, 0.002 * spread]
     meta = {"npo_scatter": {"geffect": g, "weights": [rng.uniform(0.2, 1.0) for _ in g], "step": 12}}
-    made = report.meta_plots(meta, tmp_path)
+    made = F.meta_plots(meta, tmp_path)
     assert [n for n, _ in made] == ["npo_weights.png"] and (tmp_path / "npo_weights.png").is_file()
     plt.close("all")
 
@@ -247,13 +273,13 @@ def test_a_clear_winner_is_named_and_the_ratio_sign_explained():
 
 def test_tradeoff_standard_error_is_the_jackknife_over_steps():
     recs = _records(objs=("GA",), steps=5, seed=1)
-    by = report._series(recs)["GA"]
+    by = series(recs)["GA"]
     u = [r["total"] for r in by["unlearn"]]
     r = [x["total"] for x in by["retain"]]
     loo = [(sum(r) - r[i]) / -(sum(u) - u[i]) for i in range(5)]
     m = sum(loo) / 5
     assert report.tradeoff_se(by) == pytest.approx(math.sqrt(4 / 5 * sum((x - m) ** 2 for x in loo)), rel=1e-12)
-    assert report.tradeoff_se(report._series(_records(objs=("GA",), steps=2))["GA"]) is None
+    assert report.tradeoff_se(series(_records(objs=("GA",), steps=2))["GA"]) is None
 
 
 def _steps(obj, retain, unlearn=-1.0):
@@ -270,13 +296,13 @@ def test_a_consistent_advantage_is_not_a_tie_even_when_steps_vary_a_lot():
     standard error is large, but the paired jackknife of the difference is 0: A wins."""
     x = [0.5, -0.9, 0.3, -0.7, 0.1, -0.6, 0.4, -0.8]
     recs = _steps("A", [v + 0.05 for v in x]) + _steps("B", x)
-    by = report._series(recs)
+    by = series(recs)
     assert report.tradeoff_se(by["A"]) > 0.1  # unpaired: the two would overlap
     assert report.tradeoff_diff_se(by["A"], by["B"]) == pytest.approx(0.0, abs=1e-12)
     assert _tradeoff_line(recs).startswith("Best trade-off: **A**")
     # the paired jackknife itself: leave step s out of both, then the usual jackknife of the differences
     y = [0.2, -0.1, 0.4, 0.0, -0.3]
-    by = report._series(_steps("A", x[:5]) + _steps("B", y))
+    by = series(_steps("A", x[:5]) + _steps("B", y))
     d = [(sum(x[:5]) - x[i]) / 4 - (sum(y) - y[i]) / 4 for i in range(5)]
     m = sum(d) / 5
     assert report.tradeoff_diff_se(by["A"], by["B"]) == pytest.approx(math.sqrt(4 / 5 * sum((v - m) ** 2 for v in d)))
@@ -300,7 +326,7 @@ def test_gradient_runs_say_predicted_dR_is_plain_sgd():
 
 
 def test_numbers_are_short():
-    assert [report._num(x) for x in (0, 1000, -1e3, 0.25, -6.1e4, 1e-4, 1e5)] == [
+    assert [F.num(x) for x in (0, 1000, -1e3, 0.25, -6.1e4, 1e-4, 1e5)] == [
         "0",
         "1e3",
         "−1e3",
@@ -309,3 +335,128 @@ def test_numbers_are_short():
         "1e−4",
         "1e5",
     ]
+
+
+PROTOCOL = ("GA", "GD", "GA+KL", "NPO", "NPO+KL", "WGA", "TNPO", "WTNPO", "RMU", "IdkPO")
+THIRDS = ("embed", "shallow", "middle", "deep", "lm")
+
+
+def _findings_run(steps=6, spread=1.0):
+    """Records and outcomes of the ten protocol objectives as ``geffect-fast reproduce`` writes them, GA and NPO
+    ending at almost the same point of the trade-off plot (their names once printed over each other: "NPAO")."""
+    recs = _records(objs=PROTOCOL, groups=THIRDS, steps=steps)
+    for r in recs:
+        r["smoothed_total"], r["smoothed_groups"] = 0.6 * r["total"], {g: 0.6 * v for g, v in r["groups"].items()}
+    outcomes = {}
+    for i, n in enumerate(PROTOCOL):
+        df = 0.5 + (0.001 if n == "NPO" else 0.1 * i) * spread
+        dr = 0.03 * (1 + (0 if n == "NPO" else i)) * spread
+        curve = {
+            "unlearn": [2.0 + df * s / steps for s in range(steps + 1)],
+            "retain": [1.0 + dr * s / steps for s in range(steps + 1)],
+        }
+        outcomes[n] = {
+            "nll_before": {"unlearn": 2.0, "retain": 1.0},
+            "nll_after": {"unlearn": 2.0 + df, "retain": 1.0 + dr},
+            "nll_curve": curve,
+        }
+    return recs, outcomes
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-3, 300.0])
+def test_reproduce_figures_pass_the_same_read_back(tmp_path, figures, spread):
+    """The findings' four figures (geffect-fast reproduce) are held to the same checks as a run's: readable ticks,
+    labelled value axes with units, whole steps, and point names that do not overlap."""
+    from geffect_fast.app import figures as F
+
+    recs, outcomes = _findings_run(spread=spread)
+    made = F.findings_plots(recs, outcomes, tmp_path)
+    assert [n for n, _ in made] == [
+        "findings_depth.png",
+        "findings_geffects.png",
+        "findings_nll.png",
+        "findings_tradeoff.png",
+    ]
+    for name, fig in figures.items():
+        _check_readable(fig, name)
+    names = [t.get_text() for t in figures["findings_tradeoff.png"].axes[0].texts]
+    assert sorted(names) == sorted(PROTOCOL)
+
+
+def test_one_colour_per_objective_across_figures(tmp_path, figures):
+    recs = _records(objs=("NPO", "GA", "WGA"), per_instance=lambda rng: -rng.random())
+    for r in recs:
+        r["direction_norm"] = 2.0
+    report.plots(recs, tmp_path)
+    want = F.objective_colours(["GA", "NPO", "WGA", "Custom"])
+    assert want["GA"] == F.objective_colours(["WGA", "GA"])["GA"]  # the colour does not depend on who else ran
+    for name in ("nll.png", "geffects_per_unit.png"):
+        lines = {ln.get_label(): ln.get_color() for ax in figures[name].axes for ln in ax.get_lines()}
+        for obj in ("GA", "NPO", "WGA"):
+            assert matplotlib.colors.to_rgba(lines[obj]) == want[obj], (name, obj)
+    boxes = [p for p in figures["per_instance.png"].axes[0].patches if type(p).__name__ == "PathPatch"]
+    assert [tuple(round(c, 6) for c in b.get_facecolor()[:3]) for b in boxes] == [
+        tuple(round(c, 6) for c in want[o][:3]) for o in ("NPO", "GA", "WGA")
+    ]
+    # layer groups take a sequence of their own, never an objective's colour
+    groups = F.group_colours(FIVE)
+    assert not set(map(tuple, groups.values())) & set(map(tuple, want.values()))
+
+
+def _scaled(obj, u, r, norms):
+    """Records of one objective with per-step unlearning/retaining totals and direction norms."""
+    return [
+        {"objective": obj, "step": s, "risk": risk, "total": v, "groups": {"embed": v}, "direction_norm": n}
+        for s, (a, b, n) in enumerate(zip(u, r, norms), 1)
+        for risk, v in (("unlearn", a), ("retain", b))
+    ]
+
+
+def test_objectives_compare_on_the_common_scale():
+    """Raw G-effects scale with each objective's gradient: GA (large gradient) shows −11 where WGA shows −0.6, yet
+    per unit of step WGA unlearns more. The ranking and the trade-off use e/‖v‖; without norms, the raw values."""
+    ga = _scaled("GA", [-10.0, -1.0], [1.0, -1.0], [10.0, 1.0])  # per unit: u −1, −1; r +0.1, −1 -> ρ = −0.45
+    wga = _scaled("WGA", [-0.3, -0.3], [-0.06, -0.06], [0.1, 0.1])  # per unit: u −3, −3; r −0.6, −0.6 -> ρ = −0.2
+    facts = report.findings(ga + wga)
+    ranking = next(f for f in facts if f.startswith("On the common scale"))
+    assert (
+        ranking.index("WGA −6") < ranking.index("GA −2")
+        if "−" in ranking
+        else ranking.index("WGA -6") < ranking.index("GA -2")
+    )
+    assert _tradeoff_line(ga + wga).startswith("Best trade-off: **WGA**")  # −0.2 beats −0.45
+    assert "on the common scale" in _tradeoff_line(ga + wga)
+    assert any("e/‖v‖ -2" in f or "e/‖v‖ −2" in f for f in facts if f.startswith("**GA**"))
+    raw = [{k: v for k, v in r.items() if k != "direction_norm"} for r in ga + wga]
+    assert _tradeoff_line(raw).startswith("Best trade-off: **GA**")  # raw: GA 0 vs WGA −0.2
+    assert not any(f.startswith("On the common scale") for f in report.findings(raw))
+    rows = {(r["objective"], r["risk"]): r for r in report.summary_rows(ga + wga)}
+    assert rows[("GA", "unlearn")]["cumulative"] == -11.0 and rows[("GA", "unlearn")]["cumulative_per_unit"] == -2.0
+    assert rows[("WGA", "unlearn")]["cumulative_per_unit"] == pytest.approx(-6.0)
+    assert all(r["cumulative_per_unit"] is None for r in report.summary_rows(raw))
+
+
+def test_html_colours_say_good_or_bad_per_set(tmp_path):
+    """Unlearning wants e < 0 (green), retention e ≥ 0 (a negative retaining G-effect is red)."""
+    recs = _scaled("GA", [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5], [1.0, 1.0, 1.0])
+    recs += _scaled("NPO", [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], [1.0, 1.0, 1.0])
+    rows = report.summary_rows(recs)
+    page = report._html({}, rows, report.findings(recs), [], tmp_path)
+    cells = {}
+    for tr in page.split("<tr>")[1:]:
+        tds = tr.split("<td")
+        if len(tds) > 4:
+            obj, risk = tds[1].split(">")[1].split("<")[0], tds[2].split(">")[1].split("<")[0]
+            cells[(obj, risk)] = (tds[3].split(">")[0], tds[4].split(">")[0])
+    assert cells[("GA", "unlearn")] == (" class='num good'", " class='num good'")
+    assert cells[("GA", "retain")] == (" class='num bad'", " class='num bad'")
+    assert cells[("NPO", "unlearn")] == (" class='num bad'", " class='num bad'")
+    assert cells[("NPO", "retain")] == (" class='num good'", " class='num good'")
+    assert report.wanted("unlearn", "−0.3") and not report.wanted("retain", "-0.3") and report.wanted("retain", "+0")
+
+
+def test_symlog_axes_keep_at_most_seven_ticks():
+    for band, lo, hi in ((1e-3, -50.0, 40.0), (1e-6, -1e6, 0.0), (1e-2, 0.0, 3.0), (1e-8, -1e4, 1e4)):
+        ticks = F.symlog_ticks(band, lo, hi)
+        assert 0.0 in ticks and 2 <= len(ticks) <= 7, (band, lo, hi, ticks)
+        assert all(lo <= t <= hi for t in ticks)

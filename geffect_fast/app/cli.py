@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .._version import __version__
+from . import catalog
 from .common import (
     CLIError,
     Terminated,
@@ -64,13 +65,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"geffect-fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_run(sub)
+    _add_reproduce(sub)
+    _add_report(sub)
+    return p
 
+
+def _objectives_help() -> str:
+    """The library's objectives, as the registry lists them (through the torch-free catalog)."""
+    names = ", ".join(catalog.LIBRARY)
+    return (
+        f"{catalog.count(len(catalog.LIBRARY))} objectives: {names}; a suffix +kl or +gd adds a retain term "
+        "(e.g. npo+kl)"
+    )
+
+
+def _add_demo(sub) -> None:
     d = sub.add_parser(
         "demo",
         help="fine-tune a small Llama on synthetic authors, unlearn, report (offline)",
         description="Fine-tune a small Llama until it knows 1000 QA about 100 fictitious authors (cached after "
-        "the first run), unlearn forget05 with each objective while tracking G-effects per layer group and per "
-        "instance, and write a report (report.html) into DIR.",
+        "the first run), unlearn forget05 (the 5% of authors to forget) with each objective while tracking "
+        "G-effects per layer group and per instance, and write a report (report.html) into DIR.",
         formatter_class=_Help,
     )
     d.add_argument("--out", metavar="DIR", default="geffect_demo", help="output folder")
@@ -81,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--objectives",
+        "--objective",
         metavar="NAME,...",
         default=None,
-        help="comma-separated objectives (default: ga,npo,wga,tnpo,wtnpo,rmu,idkpo; --quick ga,npo,rmu)",
+        help=f"comma-separated objectives (default: {','.join(catalog.DEMO)}; --quick {','.join(catalog.DEMO_QUICK)})"
+        f"; {_objectives_help()}",
     )
     d.add_argument(
         "--groups",
@@ -92,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         help="layer groups: block, paper, thirds (the paper's shallow/middle/deep thirds at any depth) or module",
     )
 
+
+def _add_run(sub) -> None:
     r = sub.add_parser(
         "run",
         help="track G-effects of objectives on your model and TOFU-format data",
@@ -107,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--forget", required=True, metavar="F", help="forget records (JSON/JSONL with question, answer)")
     r.add_argument("--retain", required=True, metavar="R", help="retain records (JSON/JSONL with question, answer)")
     r.add_argument(
-        "--objective", required=True, metavar="NAME[,NAME...]", help="objective name(s), comma-separated (e.g. ga,npo)"
+        "--objectives",
+        "--objective",
+        required=True,
+        metavar="NAME,...",
+        help=f"objective name(s), comma-separated (e.g. ga,npo); {_objectives_help()}",
     )
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, unless --force)")
     r.add_argument("--steps", type=int, default=10, metavar="N", help="unlearning steps per objective")
@@ -159,12 +184,16 @@ def _parser() -> argparse.ArgumentParser:
         help="rows of a probe set per pass (bounds peak memory; pooled exactly)",
     )
 
+
+def _add_reproduce(sub) -> None:
+    n = catalog.count(len(catalog.PROTOCOL))
     rp = sub.add_parser(
         "reproduce",
         help="test the paper's five findings on a real model (SmolLM2-135M)",
-        description="Fine-tune on synthetic fictitious authors, unlearn forget05 with the ten objectives at the "
-        "official defaults while tracking unsmoothed and smoothed G-effects per depth third, NLL and answer "
-        "accuracy, and decide each of the paper's five findings (findings.md, plots, a run folder) in DIR.",
+        description=f"Fine-tune on synthetic fictitious authors, unlearn forget05 with the {n} objectives of the "
+        "paper's protocol at the official defaults while tracking unsmoothed and smoothed G-effects per depth "
+        "third, NLL and answer accuracy, and decide each of the paper's five findings (findings.md, plots, a run "
+        "folder) in DIR.",
         formatter_class=_Help,
     )
     rp.add_argument("--model", default="smollm2", choices=("smollm2", "demo"), help="the model to unlearn")
@@ -174,8 +203,17 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--steps", type=int, default=None, metavar="N", help="unlearning steps per objective (default: 6; --quick 3)"
     )
-    rp.add_argument("--objectives", default=None, metavar="NAME,...", help="comma-separated subset (default: all ten)")
+    rp.add_argument(
+        "--objectives",
+        "--objective",
+        default=None,
+        metavar="NAME,...",
+        help=f"comma-separated subset of the {n}: {', '.join(catalog.PROTOCOL)} (default: all {n}; --quick "
+        f"{','.join(catalog.PROTOCOL_QUICK)})",
+    )
 
+
+def _add_report(sub) -> None:
     rep = sub.add_parser(
         "report",
         help="re-render a run folder's report from its geffects.jsonl",
@@ -184,13 +222,48 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Help,
     )
     rep.add_argument("dir", metavar="DIR", help="a run folder (holds geffects.jsonl)")
-    return p
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--lr -1e-5`` as ``--lr=-1e-5``: argparse takes a token that starts with "-" for an option unless it looks
+    like a plain negative integer or decimal, so ``-1e-5`` after a space was a usage dump while ``--lr=-1e-5``
+    reached the option's own check. Every option of any command that takes one value is joined with a following
+    token that parses as a number."""
+    takes_value = set()
+    actions = list(parser._actions)
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                actions += sp._actions
+    for a in actions:
+        if a.option_strings and a.nargs is None:
+            takes_value.update(a.option_strings)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_negative_values(parser, raw))
+    args.argv = raw
     if args.command is None:
         parser.print_help()
         return 2
@@ -225,15 +298,19 @@ def _demo(args) -> int:
 
     cfg = QUICK if args.quick else DemoConfig()
     if args.steps is not None:
-        if args.steps < 1:
-            raise CLIError("--steps must be >= 1")
-        cfg = replace(cfg, steps=args.steps)
+        cfg = replace(cfg, steps=_at_least_one("--steps", args.steps))
     if args.objectives:
         cfg = replace(cfg, objectives=tuple(_objective_names(args.objectives)))
     if args.groups is not None:
         cfg = replace(cfg, groups=_groups(args.groups))
     run_demo(args.out, cfg, force=args.force)
     return 0
+
+
+def _at_least_one(flag: str, value: int) -> int:
+    if value < 1:
+        raise CLIError(f"{flag} must be >= 1")
+    return value
 
 
 def _groups(spec: str) -> str:
@@ -251,59 +328,117 @@ def _reproduce(args) -> int:
 
     cfg = reproduce.config(args.model, quick=args.quick)
     if args.steps is not None:
-        if args.steps < 1:
-            raise CLIError("--steps must be >= 1")
-        cfg = replace(cfg, steps=args.steps)
+        cfg = replace(cfg, steps=_at_least_one("--steps", args.steps))
     if args.objectives:
-        names = [s.strip() for s in args.objectives.split(",") if s.strip()]
-        unknown = [n for n in names if n not in reproduce.OBJECTIVES]
-        if unknown or not names:
-            raise CLIError(f"unknown objective(s) {unknown}; choose from {', '.join(reproduce.OBJECTIVES)}")
+        try:
+            names = catalog.parse_names(args.objectives, catalog.PROTOCOL)
+        except KeyError as e:
+            raise CLIError(e.args[0]) from None
+        if not names:
+            raise CLIError(f"no objective given; choose from {', '.join(catalog.PROTOCOL)}")
         cfg = replace(cfg, objectives=tuple(names))
     reproduce.run(args.out, cfg, force=args.force, command=" ".join(["geffect-fast", *args.argv]))
     return 0
 
 
 def _objective_names(spec: str) -> list[str]:
+    """The names of ``--objectives``, each one the library resolves (``npo``, ``NPO``, ``npo+kl``), lower-cased."""
     from .. import objectives
 
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = [n.lower() for n in catalog.parse_names(spec)]
     if not names:
         raise CLIError("no objective given")
     for n in names:
         try:
-            objectives.get(n)
-        except KeyError:
-            raise CLIError(f"unknown objective {n!r}; known: {', '.join(objectives.names())}") from None
+            objectives.resolve(n)
+        except (KeyError, TypeError) as e:
+            raise CLIError(
+                f"unknown objective {n!r}; known: {', '.join(objectives.names())} (+kl or +gd adds a retain term)"
+                if isinstance(e, KeyError)
+                else str(e)
+            ) from None
     return names
+
+
+def _check_run_args(args) -> list[str]:
+    """Everything cheap about ``run``'s arguments, before anything big loads; returns the objective names."""
+    from .. import data
+    from ..groups import SCHEMES
+
+    names = _objective_names(args.objectives)
+    if args.groups not in ("auto", *SCHEMES):
+        raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(('auto', *SCHEMES))}")
+    if args.prompt not in (*data.PROMPTS, "chat"):
+        raise CLIError(f"unknown --prompt {args.prompt!r}; use one of {', '.join([*data.PROMPTS, 'chat'])}")
+    for flag in ("steps", "every", "batch_size", "probe_size", "probe_batch"):
+        _at_least_one("--" + flag.replace("_", "-"), getattr(args, flag))
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    check_device(args.device)
+    check_output_folder(args.out, args.force)
+    return names
+
+
+def _run_batches(args, tok, forget_recs, retain_recs) -> dict:
+    """forget, retain, idk (refusals to the forget questions) and the probes, encoded and on the device."""
+    from .. import data
+
+    def enc(recs):
+        b = data.encode_qa(recs, tok, prompt=args.prompt, max_length=args.max_length)
+        return {k: v.to(args.device) for k, v in b.items()}
+
+    forget, retain = enc(forget_recs), enc(retain_recs)
+    idk_recs = [{**r, "answer": r.get("idk", data.REFUSALS[i % len(data.REFUSALS)])} for i, r in enumerate(forget_recs)]
+    probes = {"unlearn": _head(forget, args.probe_size), "retain": _head(retain, args.probe_size)}
+    return {"forget": forget, "retain": retain, "idk": enc(idk_recs), "probes": probes}
+
+
+def _unlearn_each(args, names, ref, batches, groups, threads) -> list[dict]:
+    """Each objective unlearns its own trainable copy of ``ref``; the records of all of them."""
+    from .. import objectives
+    from . import pipeline
+
+    records = []
+    for name in names:
+        shown = catalog.display(name)
+        m = pipeline.trainable_copy(ref)
+        tracker: dict = {}
+        tr = pipeline.unlearn(
+            m,
+            objectives.resolve(name),
+            batches["forget"],
+            batches["retain"],
+            args.steps,
+            args.lr,
+            ref_model=ref,
+            idk=batches["idk"],
+            probes=batches["probes"],
+            batch_size=args.batch_size,
+            every=args.every,
+            groups=groups,
+            direction=args.direction,
+            per_instance=args.per_instance,
+            name=shown,
+            mode="train" if args.grad_ckpt else "eval",
+            on_tracker=lambda t, box=tracker: box.update(t=t),
+            progress=_step_progress(shown, tracker, threads),
+            smooth=args.smooth,
+            probe_batch_size=args.probe_batch,
+        )
+        records += tr.records
+        print(f"{shown} cumulative G-effect: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
+        tracker.clear()
+        del m, tr  # the tracker holds the model: free both before the next copy
+    return records
 
 
 def _run(args) -> int:
     import torch
 
-    from .. import data, objectives
-    from ..groups import SCHEMES
+    from .. import data
     from . import pipeline, report
 
-    # validate everything cheap before loading anything big
-    names = _objective_names(args.objective)
-    if args.groups not in ("auto", *SCHEMES):
-        raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(('auto', *SCHEMES))}")
-    if args.prompt not in (*data.PROMPTS, "chat"):
-        raise CLIError(f"unknown --prompt {args.prompt!r}; use one of {', '.join([*data.PROMPTS, 'chat'])}")
-    for flag, v in (
-        ("--steps", args.steps),
-        ("--every", args.every),
-        ("--batch-size", args.batch_size),
-        ("--probe-size", args.probe_size),
-        ("--probe-batch", args.probe_batch),
-    ):
-        if v < 1:
-            raise CLIError(f"{flag} must be >= 1")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
-    check_device(args.device)
-    check_output_folder(args.out, args.force)
+    names = _check_run_args(args)  # everything cheap before loading anything big
     forget_recs = data.load_records(args.forget)
     retain_recs = data.load_records(args.retain)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -314,68 +449,26 @@ def _run(args) -> int:
             model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else (
                 model.gradient_checkpointing_enable()
             )
-
-        def enc(recs):
-            b = data.encode_qa(recs, tok, prompt=args.prompt, max_length=args.max_length)
-            return {k: v.to(args.device) for k, v in b.items()}
-
-        forget, retain = enc(forget_recs), enc(retain_recs)
-        idk_recs = [
-            {**r, "answer": r.get("idk", data.REFUSALS[i % len(data.REFUSALS)])} for i, r in enumerate(forget_recs)
-        ]
-        idk = enc(idk_recs)
-        probes = {"unlearn": _head(forget, args.probe_size), "retain": _head(retain, args.probe_size)}
+        batches = _run_batches(args, tok, forget_recs, retain_recs)
         groups, groups_note = _resolve_groups(args.groups, model)
         print(
             f"{len(names)} objective(s) x {args.steps} steps on {len(forget_recs)} forget / {len(retain_recs)} retain "
-            f"records; G-effects every {args.every} step(s) on {probes['unlearn']['input_ids'].shape[0]} + "
-            f"{probes['retain']['input_ids'].shape[0]} probe samples, groups {groups_note}",
+            f"records; G-effects every {args.every} step(s) on {batches['probes']['unlearn']['input_ids'].shape[0]} + "
+            f"{batches['probes']['retain']['input_ids'].shape[0]} probe samples, groups {groups_note}",
             flush=True,
         )
         # the reference is the loaded model itself, frozen; each objective unlearns a trainable copy of it (one
         # copy of the weights fewer than keeping the loaded model beside its reference)
         ref = pipeline.frozen_copy(model, inplace=True)
         del model
-        records = []
-        for name in names:
-            m = pipeline.trainable_copy(ref)
-            tracker: dict = {}
-            tr = pipeline.unlearn(
-                m,
-                objectives.get(name),
-                forget,
-                retain,
-                args.steps,
-                args.lr,
-                ref_model=ref,
-                idk=idk,
-                probes=probes,
-                batch_size=args.batch_size,
-                every=args.every,
-                groups=groups,
-                direction=args.direction,
-                per_instance=args.per_instance,
-                name=name.upper(),
-                mode="train" if args.grad_ckpt else "eval",
-                on_tracker=lambda t, box=tracker: box.update(t=t),
-                progress=_step_progress(name.upper(), tracker, threads),
-                smooth=args.smooth,
-                probe_batch_size=args.probe_batch,
-            )
-            records += tr.records
-            print(
-                f"{name.upper()} cumulative G-effect: "
-                + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items())
-            )
-            tracker.clear()
-            del m, tr  # the tracker holds the model: free both before the next copy
+        records = _unlearn_each(args, names, ref, batches, groups, threads)
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         meta = {
             "model": args.model,
             "data": f"forget {args.forget} ({len(forget_recs)}), retain {args.retain} ({len(retain_recs)})",
-            "objectives": ", ".join(n.upper() for n in names),
+            "objectives": ", ".join(catalog.display(n) for n in names),
             "steps": args.steps,
             "lr": args.lr,
             "direction": DIRECTION_NOTE[args.direction],
@@ -460,7 +553,13 @@ def _report(args) -> int:
     if not run.is_dir():
         raise CLIError(f"{run} is not a folder")
     paths = report.render(run)
-    print(f"rendered {', '.join(sorted(p.name for p in paths.values()))} in {run}/")
+    names = sorted(p.name for p in paths.values())
+    meta = run / "meta.json"
+    if meta.is_file() and "outcomes" in json.loads(meta.read_text()):  # a reproduce folder: its findings too
+        from .reproduce import render_findings
+
+        names.append(render_findings(run).name)
+    print(f"rendered {', '.join(names)} in {run}/")
     return 0
 
 

@@ -142,6 +142,30 @@ def load_model(spec: str, dtype, device):
     return model.to(device).eval(), tok
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor or machine string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_kind() -> str:
+    """The instruction set torch's CPU kernels use here (e.g. AVX512, AVX2, DEFAULT; ATEN_CPU_CAPABILITY lowers it):
+    results round differently from one to another."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # pragma: no cover - torch < 2.1
+        return "unknown"
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident set size so far, in GB (Linux/macOS getrusage)."""
     import resource

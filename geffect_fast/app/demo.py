@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 
 from .. import data, objectives
-from . import pipeline, report
-from .common import ThreadBudget, atomic_output, cache_dir, save_cached, threads_for_load
+from . import catalog, pipeline, report
+from .common import ThreadBudget, atomic_output, cache_dir, cpu_kind, cpu_name, save_cached, threads_for_load
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DemoConfig:
     batch_size: int = 32
     seed: int = 0
     # unlearning
-    objectives: tuple[str, ...] = ("ga", "npo", "wga", "tnpo", "wtnpo", "rmu", "idkpo")
+    objectives: tuple[str, ...] = catalog.DEMO
     steps: int = 12
     unlearn_lr: float = 3e-4
     unlearn_batch: int = 16
@@ -82,7 +82,7 @@ QUICK = DemoConfig(
     intermediate=64,
     vocab=512,
     epochs=3,
-    objectives=("ga", "npo", "rmu"),
+    objectives=catalog.DEMO_QUICK,
     steps=3,
     retain_probe=10,
     rmu_layer=1,
@@ -179,6 +179,74 @@ def npo_scatter(model, npo, forget, ref, records) -> dict:
     return {"weights": w, "geffect": e, "step": last["step"]}
 
 
+def _demo_objective(cfg: DemoConfig, name: str):
+    base = name.partition("+")[0].strip().lower()
+    return objectives.resolve(name, layer=cfg.rmu_layer) if base == "rmu" else objectives.resolve(name)
+
+
+def unlearn_each(cfg: DemoConfig, model, ref, sets: dict, threads: ThreadBudget, echo) -> tuple[list, dict | None]:
+    """Each objective of ``cfg`` unlearns its own copy of ``model`` for ``cfg.steps`` steps (G-effects of every
+    step, per group and per instance); returns the records and NPO's weights-vs-G-effect scatter (None without
+    NPO)."""
+    records, scatter = [], None
+    for name in cfg.objectives:
+        shown = catalog.display(name)
+        obj = _demo_objective(cfg, name)
+        m = copy.deepcopy(model)
+        threads.adjust()
+        bar = _progress(cfg.steps, f"unlearn {shown}")
+        tr = pipeline.unlearn(
+            m,
+            obj,
+            sets["forget"],
+            sets["retain"],
+            cfg.steps,
+            cfg.unlearn_lr,
+            ref_model=ref,
+            idk=sets["idk"],
+            batch_size=cfg.unlearn_batch,
+            seed=cfg.seed,
+            progress=lambda s, n, bar=bar: bar.update(1),
+            direction="gradient",
+            per_instance=True,
+            name=shown,
+            groups=cfg.groups,
+        )
+        bar.close()
+        records += tr.records
+        if shown == "NPO":
+            scatter = npo_scatter(m, obj, sets["forget"], ref, tr.records)
+        last = {r["risk"]: r for r in tr.records if r["step"] == cfg.steps}
+        echo(
+            f"{shown:<6} cumulative G-effect: unlearning {tr.cumulative[(shown, 'unlearn')]:+.3e}, "
+            f"retaining {tr.cumulative[(shown, 'retain')]:+.3e}; forget NLL "
+            f"{last['unlearn']['loss'] + last['unlearn']['measured_dR']:.3f}, retain NLL "
+            f"{last['retain']['loss'] + last['retain']['measured_dR']:.3f}"
+        )
+    return records, scatter
+
+
+def _meta(cfg: DemoConfig, tok, sets: dict, acc: dict, cached: bool, threads: ThreadBudget, load: float) -> dict:
+    """The run's meta.json (what the report's setup section says)."""
+    return {
+        "model": f"Llama {cfg.layers}x{cfg.hidden} from scratch, vocab {len(tok)} "
+        f"(fine-tuned {'earlier, cached' if cached else 'now'})",
+        "data": f"synthetic authors: {cfg.n_authors} x {cfg.qa_per_author} QA; {cfg.forget_split} "
+        f"({len(sets['forget_recs'])} QA) forgotten, {len(sets['retain_recs'])} retain QA as probe",
+        "objectives": ", ".join(catalog.display(o) for o in cfg.objectives),
+        "steps": cfg.steps,
+        "lr": cfg.unlearn_lr,
+        "direction": "gradient of the objective (the paper's G-effect)",
+        "groups": cfg.groups,
+        "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
+        "machine": f"{cpu_name()} ({platform.machine()}, {cpu_kind()} kernels), {os.cpu_count()} cores "
+        f"({threads.n} torch thread"
+        f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "
+        f"torch {torch.__version__}",
+        "config": asdict(cfg),
+    }
+
+
 def run_demo(
     out: str | Path, cfg: DemoConfig | None = None, force: bool = False, echo: Callable[[str], None] = print
 ) -> Path:
@@ -190,72 +258,26 @@ def run_demo(
         model, tok, splits, acc, cached = finetuned(cfg, echo, threads)
         forget_recs = splits[cfg.forget_split]
         retain_recs = splits[f"retain{100 - int(cfg.forget_split[-2:])}"][: cfg.retain_probe]
-        forget = data.encode_qa(forget_recs, tok)
-        retain = data.encode_qa(retain_recs, tok)
-        idk = data.encode_qa(data.idk_records(forget_recs), tok)
+        sets = {
+            "forget_recs": forget_recs,
+            "retain_recs": retain_recs,
+            "forget": data.encode_qa(forget_recs, tok),
+            "retain": data.encode_qa(retain_recs, tok),
+            "idk": data.encode_qa(data.idk_records(forget_recs), tok),
+        }
         ref = pipeline.frozen_copy(model)
-        harmful = most_harmful(model, forget, retain, forget_recs)
+        harmful = most_harmful(model, sets["forget"], sets["retain"], forget_recs)
         echo(
             "forget samples whose GA gradient raises the retain NLL most (pairwise G-effects): "
             + "; ".join(f"{h['question']!r} ({h['retain_g_effect']:+.2e})" for h in harmful[:3])
             if harmful
             else "no forget sample's GA gradient raises the retain NLL (pairwise G-effects all >= 0)"
         )
-        records = []
-        scatter = None
-        for name in cfg.objectives:
-            obj = objectives.get(name, layer=cfg.rmu_layer) if name == "rmu" else objectives.get(name)
-            m = copy.deepcopy(model)
-            threads.adjust()
-            bar = _progress(cfg.steps, f"unlearn {name}")
-            tr = pipeline.unlearn(
-                m,
-                obj,
-                forget,
-                retain,
-                cfg.steps,
-                cfg.unlearn_lr,
-                ref_model=ref,
-                idk=idk,
-                batch_size=cfg.unlearn_batch,
-                seed=cfg.seed,
-                progress=lambda s, n, bar=bar: bar.update(1),
-                direction="gradient",
-                per_instance=True,
-                name=name.upper(),
-                groups=cfg.groups,
-            )
-            bar.close()
-            records += tr.records
-            if name == "npo":
-                scatter = npo_scatter(m, obj, forget, ref, tr.records)
-            last = {r["risk"]: r for r in tr.records if r["step"] == cfg.steps}
-            echo(
-                f"{name.upper():<6} cumulative G-effect: unlearning {tr.cumulative[(name.upper(), 'unlearn')]:+.3e}, "
-                f"retaining {tr.cumulative[(name.upper(), 'retain')]:+.3e}; forget NLL "
-                f"{last['unlearn']['loss'] + last['unlearn']['measured_dR']:.3f}, retain NLL "
-                f"{last['retain']['loss'] + last['retain']['measured_dR']:.3f}"
-            )
+        records, scatter = unlearn_each(cfg, model, ref, sets, threads, echo)
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        meta = {
-            "model": f"Llama {cfg.layers}x{cfg.hidden} from scratch, vocab {len(tok)} "
-            f"(fine-tuned {'earlier, cached' if cached else 'now'})",
-            "data": f"synthetic authors: {cfg.n_authors} x {cfg.qa_per_author} QA; {cfg.forget_split} "
-            f"({len(forget_recs)} QA) forgotten, {len(retain_recs)} retain QA as probe",
-            "objectives": ", ".join(o.upper() for o in cfg.objectives),
-            "steps": cfg.steps,
-            "lr": cfg.unlearn_lr,
-            "direction": "gradient of the objective (the paper's G-effect)",
-            "groups": cfg.groups,
-            "answer_accuracy": f"tokens {acc['token']:.1%}, whole answers {acc['exact']:.1%}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({threads.n} torch thread"
-            f"{'s' * (threads.n != 1)} at the end; 1-minute load average {load:.1f} at the start), "
-            f"torch {torch.__version__}",
-            "config": asdict(cfg),
-            "most_harmful": harmful,
-        }
+        meta = {**_meta(cfg, tok, sets, acc, cached, threads, load), "most_harmful": harmful}
         if scatter is not None:
             meta["npo_scatter"] = scatter
         meta["wall_time_s"] = round(time.perf_counter() - t0, 1)

@@ -8,6 +8,7 @@ works on its own with any HF causal LM and batches from :mod:`geffect_fast.data`
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,8 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import IGNORE_INDEX, forward_logits, risk
-from ..objectives import Objective
+from ..objectives import Objective, resolve
 from ..tracker import Tracker
+
+#: the op backend the commands measure with on a CPU. The native CPU kernels (``auto``'s choice for embedding_dot
+#: and norm_dot) split a batch's tokens over OpenMP threads and add the per-thread parts of each sample, so the last
+#: bits of a G-effect follow the thread count — which the commands size to the free cores — and the order threads
+#: finish in; the reference ops give the same bits at any thread count (a test runs the quick demo at 1 and 2
+#: threads) and cost no more at the sizes the commands measure (the demo's 100-sample probe pass: 2.5–2.7 s
+#: reference against 2.8–3.1 s auto, at a load of 4.5 on 2 cores)
+CPU_BACKEND = "reference"
 
 
 def release_memory() -> None:
@@ -116,7 +125,7 @@ def _n_batches(data: Mapping[str, Tensor], size: int) -> int:
 
 def unlearn(
     model: nn.Module,
-    objective: Objective,
+    objective: Objective | str,
     forget: Mapping[str, Tensor],
     retain: Mapping[str, Tensor],
     steps: int,
@@ -130,12 +139,20 @@ def unlearn(
     on_tracker: Callable[[Tracker], None] | None = None,
     **tracker_kwargs: Any,
 ) -> Tracker:
-    """Unlearn ``forget`` with ``objective`` for ``steps`` AdamW steps (retain data where the objective uses
-    it), tracking G-effects on ``probes`` (default: the forget and retain sets) at each step. Returns the
-    tracker: its records hold per-step, per-group and cumulative G-effects and the forget/retain risk
-    before each step (``loss``) with the measured change. ``on_tracker(tracker)`` is called once it exists."""
+    """Unlearn ``forget`` with ``objective`` (an objective, or its name: ``"npo"``, ``"npo+kl"``) for ``steps``
+    AdamW steps (retain data where the objective uses it), tracking G-effects on ``probes`` (default: the forget
+    and retain sets) at each step. Returns the tracker: its records hold per-step, per-group and cumulative
+    G-effects and the forget/retain risk before each step (``loss``) with the measured change, and
+    ``direction_norm`` = ‖v‖ of the measured direction (the gradient's, or the update's v = Δθ/lr), which puts the
+    G-effects of different objectives on one scale: e/‖v‖ is the rate at which R changes per unit of parameter
+    distance moved along v. ``on_tracker(tracker)`` is called once it exists. On a CPU the tracker measures with
+    :data:`CPU_BACKEND` unless ``backend=`` says otherwise."""
+    objective = resolve(objective)
+    if "backend" not in tracker_kwargs:
+        tracker_kwargs["backend"] = CPU_BACKEND if next(model.parameters()).device.type == "cpu" else "auto"
     probes = probes or {"unlearn": forget, "retain": retain}
     tracker = Tracker(model, probes, ref_model=ref_model, **tracker_kwargs)
+    update = tracker_kwargs.get("direction", "gradient") == "update"
     if on_tracker is not None:
         on_tracker(tracker)
     g = torch.Generator().manual_seed(seed)
@@ -150,14 +167,65 @@ def unlearn(
         loss = objective(model, inputs, ref_model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        n_records = len(tracker.records)
+        norm = None if update else grad_norm(model)
         with tracker.step(opt, loss=loss):
             opt.step()
+        if update:
+            norm = adamw_update_norm(opt)
+        for rec in tracker.records[n_records:]:
+            if rec["kind"] != "compare":
+                rec["direction_norm"] = norm
         del loss
         release_memory()
         if progress is not None:
             progress(step + 1, steps)
     model.eval()
     return tracker
+
+
+_ROW = 8192
+
+
+def _row_sums_sq(t: Tensor) -> list[float]:
+    """Σ x² of ``t`` in float64 as partial sums over fixed rows of _ROW elements: each row is summed by one thread,
+    so the partial sums — unlike ``t.square().sum()``, whose split follows the thread count — are the same at any
+    thread count (the demo's results must not depend on how many cores were free)."""
+    x = t.detach().reshape(-1).double().square()
+    x = torch.nn.functional.pad(x, (0, (-x.numel()) % _ROW))
+    return x.view(-1, _ROW).sum(1).tolist()
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(math.fsum(v for t in tensors for v in _row_sums_sq(t)))
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module) -> float:
+    """‖v‖ of the gradient direction: the 2-norm of every trainable parameter's ``.grad`` together (the vector the
+    tracker measures with ``direction="gradient"``); the same bits at any thread count."""
+    return _norm(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)
+
+
+@torch.no_grad()
+def adamw_update_norm(opt: torch.optim.Optimizer) -> float:
+    """‖v‖ of the update direction v = (θ_before − θ_after)/lr of the AdamW step just taken, from the optimiser's
+    state: v = m̂ / (√v̂ + ε) with m̂ = m/(1 − β₁ᵗ), v̂ = v/(1 − β₂ᵗ) (torch's AdamW without amsgrad; weight decay
+    adds wd·θ_before, and :func:`unlearn` uses none)."""
+    parts: list[float] = []
+    for group in opt.param_groups:
+        if group.get("amsgrad") or group.get("weight_decay", 0.0):
+            raise ValueError("adamw_update_norm covers AdamW without amsgrad and weight decay (what unlearn uses)")
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st or "exp_avg" not in st:
+                continue
+            t = float(st["step"])
+            m_hat = st["exp_avg"].double() / (1 - b1**t)
+            denom = (st["exp_avg_sq"].double() / (1 - b2**t)).sqrt() + group["eps"]
+            parts += _row_sums_sq(m_hat / denom)
+    return math.sqrt(math.fsum(parts))
 
 
 def frozen_copy(model: nn.Module, inplace: bool = False) -> nn.Module:

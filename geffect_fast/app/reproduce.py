@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,30 +33,46 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .. import data, objectives
-from . import pipeline, report
-from .common import atomic_output, cache_dir, load_model, peak_rss_gb, save_cached
+from . import catalog, figures, pipeline, report
+from .common import (
+    atomic_output,
+    cache_dir,
+    cpu_kind,
+    cpu_name,
+    load_model,
+    peak_rss_gb,
+    save_cached,
+    threads_for_load,
+)
+from .records import common_scale, per_unit, series, value_of
 
-#: the ten objectives of the paper's protocol, as named in the records
+
+def _protocol_objective(cfg: Any, name: str) -> objectives.Objective:
+    """A protocol objective by its record name ("GA+KL" is ``resolve("ga+kl")``; RMU at the configured layer)."""
+    if name == "RMU":
+        return objectives.resolve("rmu", layer=cfg.rmu_layer)
+    return objectives.resolve(name.lower())
+
+
+#: the paper's protocol, as named in the records: name -> objective for a config
 OBJECTIVES: dict[str, Callable[[Any], objectives.Objective]] = {
-    "GA": lambda cfg: objectives.get("ga"),
-    "GD": lambda cfg: objectives.get("gd"),
-    "GA+KL": lambda cfg: objectives.get("ga", retain="kl"),
-    "NPO": lambda cfg: objectives.get("npo"),
-    "NPO+KL": lambda cfg: objectives.get("npo", retain="kl"),
-    "WGA": lambda cfg: objectives.get("wga"),
-    "TNPO": lambda cfg: objectives.get("tnpo"),
-    "WTNPO": lambda cfg: objectives.get("wtnpo"),
-    "RMU": lambda cfg: objectives.get("rmu", layer=cfg.rmu_layer),
-    "IdkPO": lambda cfg: objectives.get("idkpo"),
+    n: (lambda cfg, n=n: _protocol_objective(cfg, n)) for n in catalog.PROTOCOL
 }
 DEPTHS = ("shallow", "middle", "deep")
 WEIGHTED = ("NPO", "WGA", "TNPO", "WTNPO")
+#: below this share of the forget set's answer tokens predicted right (teacher-forced) after fine-tuning, the model
+#: never learned what it is asked to forget, and no finding is decided
+LEARNED_MIN = 0.8
 
 #: ours beside the official protocol (forget2.py, config/forget.yaml, data_module*.py, dataloader_ge.py)
 PROTOCOL: list[tuple[str, str, str]] = [
     ("model", "{model_name} ({blocks} blocks, float32)", "Llama-2-7B-chat, Phi-1.5"),
     ("data", "synthetic fictitious authors, {n_authors} × {qa_per_author} QA", "TOFU, 200 authors × 20 QA"),
-    ("fine-tune", "AdamW lr {ft_lr}, {ft_epochs} epochs, batch {ft_batch}", "AdamW lr 1e-5, 5 epochs, batch 16"),
+    (
+        "fine-tune",
+        "AdamW lr {ft_lr}, {ft_epochs} epoch{ft_epochs_s}, batch {ft_batch}{ft_cached}",
+        "AdamW lr 1e-5, 5 epochs, batch 16",
+    ),
     ("forget set", "forget05: the last 5 % of authors ({n_forget} QA)", "forget05: 200 QA"),
     (
         "retain data",
@@ -69,14 +84,18 @@ PROTOCOL: list[tuple[str, str, str]] = [
         "AdamW lr {lr}, constant, {steps} steps, batch {batch_size}, fp32",
         "paged AdamW lr 1e-5, 1 epoch warm-up then linear decay, 5 epochs (62 steps), batch 4×4, bf16",
     ),
-    ("prompt", "llama2 format, truncation at the end, padding to the longest", "same format, padded to 500"),
+    (
+        "prompt",
+        "{prompt} format, cut at {max_length} tokens from the end, padding to the longest",
+        "llama2 format, padded to 500",
+    ),
     ("objectives", "official defaults (objectives.py table); RMU on hidden state {rmu_layer}", "same; rmu_<layer>"),
     (
         "G-effects",
         "every step, at θ before it; unsmoothed and smoothed (ḡ ← 0.6ḡ + 0.4g over steps)",
         "smoothed over the mini-batches of one pass at each saved checkpoint (every 5 steps)",
     ),
-    ("groups", "thirds: embed/shallow/middle/deep(/lm) (blocks 0–9/10–19/20–29 of 30)", "embed/0–9/10–19/≥20/lm"),
+    ("groups", "thirds: embed/shallow/middle/deep(/lm) (blocks {thirds} of {blocks})", "embed/0–9/10–19/≥20/lm"),
 ]
 
 
@@ -96,7 +115,7 @@ class ReproConfig:
     retain_probe: int = 10
     probe_batch: int = 10
     rmu_layer: int = 10
-    objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    objectives: tuple[str, ...] = catalog.PROTOCOL
     cost_steps: int = 2  #: GA steps timed without smoothing, for the cost of the smoothed pass
     seed: int = 0
     quick: bool = False
@@ -119,7 +138,7 @@ def config(model: str = "smollm2", quick: bool = False) -> ReproConfig:
         cfg = replace(cfg, rmu_layer=2)
     if quick:
         cfg = replace(cfg, quick=True, n_authors=20, qa_per_author=5, ft_epochs=1, steps=3, cost_steps=1)
-        cfg = replace(cfg, objectives=("GA", "GD", "NPO", "RMU"), retain_probe=5, probe_batch=5, batch_size=5)
+        cfg = replace(cfg, objectives=catalog.PROTOCOL_QUICK, retain_probe=5, probe_batch=5, batch_size=5)
         if model == "demo":
             cfg = replace(cfg, rmu_layer=1)
     return cfg
@@ -132,7 +151,7 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[str, float], bool]:
+def _smollm2_finetuned(cfg: ReproConfig, splits, echo, threads=None) -> tuple[Any, Any, dict[str, float], bool]:
     """SmolLM2 fine-tuned on the synthetic authors (cached); (model, tokenizer, accuracy on the full set, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,6 +175,8 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     def tick(loss):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
+        if threads is not None:
+            threads.adjust()
 
     pipeline.finetune(model, full, cfg.ft_epochs, cfg.ft_lr, cfg.ft_batch, cfg.seed, on_batch=tick)
     bar.close()
@@ -168,16 +189,20 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo) -> tuple[Any, Any, dict[s
     return model, tok, pipeline.answer_accuracy(model, full), False
 
 
-def _load(cfg: ReproConfig, echo):
+def _load(cfg: ReproConfig, echo, threads=None) -> tuple[Any, Any, dict, dict, dict]:
+    """(model, tokenizer, splits, accuracy on the fine-tuning set, the fine-tune as run: its data, epochs, lr, batch
+    and whether it came from the cache)."""
     if cfg.model == "demo":
         from .demo import QUICK, DemoConfig, finetuned
 
         dcfg = QUICK if cfg.quick else DemoConfig()
-        model, tok, splits, acc, cached = finetuned(dcfg, echo)
-        return model, tok, splits, acc, cached
+        model, tok, splits, acc, cached = finetuned(dcfg, echo, threads)
+        ft = dict(n_authors=dcfg.n_authors, qa_per_author=dcfg.qa_per_author, epochs=dcfg.epochs, lr=dcfg.lr)
+        return model, tok, splits, acc, {**ft, "batch": dcfg.batch_size, "cached": cached}
     splits = data.synthetic_authors(cfg.n_authors, cfg.qa_per_author, cfg.seed)
-    model, tok, acc, cached = _smollm2_finetuned(cfg, splits, echo)
-    return model, tok, splits, acc, cached
+    model, tok, acc, cached = _smollm2_finetuned(cfg, splits, echo, threads)
+    ft = dict(n_authors=cfg.n_authors, qa_per_author=cfg.qa_per_author, epochs=cfg.ft_epochs, lr=cfg.ft_lr)
+    return model, tok, splits, acc, {**ft, "batch": cfg.ft_batch, "cached": cached}
 
 
 @torch.no_grad()
@@ -192,149 +217,197 @@ def _nll(model, batch) -> float:
         model.train(was)
 
 
-def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, command: str = "", echo=print) -> Path:
-    """Run the protocol into ``out`` (refused if it exists, unless ``force``); returns the folder."""
+class _Protocol:
+    """One run of the protocol: the fine-tuned reference model, the encoded sets, and the unlearning of each
+    objective from it (:meth:`unlearn`), with what it measured."""
 
-    cfg = cfg or config()
-    t0 = time.perf_counter()
-    load0 = os.getloadavg()
-    stages: dict[str, float] = {}
-    with atomic_output(out, force) as tmp:
-        model, tok, splits, ft_acc, cached = _load(cfg, echo)
-        stages["load + fine-tune"] = time.perf_counter() - t0
-        echo(f"answer accuracy after fine-tuning (teacher-forced): tokens {ft_acc['token']:.1%}")
-        forget_recs = splits["forget05"]
-        retain_all = splits["retain95"]
-        probe_recs, retain_recs = retain_all[: cfg.retain_probe], retain_all[cfg.retain_probe :]
+    def __init__(self, cfg: ReproConfig, echo, threads=None):
+        self.cfg, self.echo = cfg, echo
+        t0 = time.perf_counter()
+        model, tok, splits, self.ft_acc, self.finetune = _load(cfg, echo, threads)
+        self.stages = {"load + fine-tune": time.perf_counter() - t0}
+        echo(f"answer accuracy after fine-tuning (teacher-forced): tokens {self.ft_acc['token']:.1%}")
+        self.forget_recs = splits["forget05"]
+        self.probe_recs = splits["retain95"][: cfg.retain_probe]
 
         def enc(recs):
             return data.encode_qa(recs, tok, prompt=cfg.prompt, max_length=cfg.max_length)
 
-        forget, retain, probe = enc(forget_recs), enc(retain_recs), enc(probe_recs)
-        idk = enc(data.idk_records(forget_recs))
-        probes = {"unlearn": forget, "retain": probe}
-        ref = pipeline.frozen_copy(model, inplace=True)
+        self.forget, self.probe = enc(self.forget_recs), enc(self.probe_recs)
+        self.retain = enc(splits["retain95"][cfg.retain_probe :])
+        self.idk = enc(data.idk_records(self.forget_recs))
+        self.ref = pipeline.frozen_copy(model, inplace=True)
         del model
-        acc0 = {"forget": pipeline.answer_accuracy(ref, forget), "retain": pipeline.answer_accuracy(ref, probe)}
-        records: list[dict[str, Any]] = []
-        outcomes: dict[str, dict[str, Any]] = {}
-        tracking_s: dict[str, list[float]] = {}
-        state_bytes = 0
-        # R after each step is the next step's R before it: no separate forward for the measured change
-        track = dict(groups="thirds", direction="gradient", probe_batch_size=cfg.probe_batch, measure_change=False)
+        self.acc0 = {
+            "forget": pipeline.answer_accuracy(self.ref, self.forget),
+            "retain": pipeline.answer_accuracy(self.ref, self.probe),
+        }
+        self.records: list[dict[str, Any]] = []
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.step_seconds: dict[str, list[float]] = {}
+        self.state_bytes = 0
 
-        def unlearned(name: str, steps: int, smooth: bool, progress=None):
-            """A trainable copy of the reference unlearned by ``name`` for ``steps`` steps, and its tracker."""
-            m = pipeline.trainable_copy(ref)
-            tr = pipeline.unlearn(
-                m,
-                OBJECTIVES[name](cfg),
-                forget,
-                retain,
-                steps,
-                cfg.lr,
-                ref_model=ref,
-                idk=idk,
-                probes=probes,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                progress=progress,
-                name=name,
-                smooth=smooth,
-                **track,
-            )
-            return m, tr
+    def unlearned(self, name: str, steps: int, smooth: bool, progress=None):
+        """A trainable copy of the reference unlearned by ``name`` for ``steps`` steps, and its tracker."""
+        cfg = self.cfg
+        m = pipeline.trainable_copy(self.ref)
+        tr = pipeline.unlearn(
+            m,
+            OBJECTIVES[name](cfg),
+            self.forget,
+            self.retain,
+            steps,
+            cfg.lr,
+            ref_model=self.ref,
+            idk=self.idk,
+            probes={"unlearn": self.forget, "retain": self.probe},
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            progress=progress,
+            name=name,
+            smooth=smooth,
+            groups="thirds",
+            direction="gradient",
+            probe_batch_size=cfg.probe_batch,
+            measure_change=False,  # R after each step is the next step's R before it
+        )
+        return m, tr
 
-        for name in cfg.objectives:
-            bar = _bar(cfg.steps, f"unlearn {name}")
-            t1 = time.perf_counter()
-            m, tr = unlearned(name, cfg.steps, True, progress=lambda s, n, bar=bar: bar.update(1))
-            bar.close()
-            stages[f"unlearn {name}"] = time.perf_counter() - t1
-            tracking_s[name] = list(tr.step_seconds)
-            state_bytes = max(state_bytes, tr.smoothed_state_bytes)
-            records += tr.records
-            series = {r: [x for x in tr.records if x["risk"] == r] for r in ("unlearn", "retain")}
-            final = {"unlearn": _nll(m, forget), "retain": _nll(m, probe)}
-            outcomes[name] = {
-                "cumulative": {
-                    **{r: sum(x["total"] for x in series[r]) for r in series},
-                    **{f"smoothed_{r}": sum(x["smoothed_total"] for x in series[r]) for r in series},
-                },
-                "nll_before": {r: series[r][0]["loss"] for r in series},
-                "nll_after": final,
-                #: NLL at θ_0 … θ_steps: R before each step, then after the last
-                "nll_curve": {r: [x["loss"] for x in series[r]] + [final[r]] for r in series},
-                "acc_after": {
-                    "forget": pipeline.answer_accuracy(m, forget),
-                    "retain": pipeline.answer_accuracy(m, probe),
-                },
-                "seconds": round(stages[f"unlearn {name}"], 1),
-            }
-            o = outcomes[name]
-            echo(
-                f"{name:<7} forget NLL {o['nll_before']['unlearn']:.3f} -> {o['nll_after']['unlearn']:.3f}, retain NLL "
-                f"{o['nll_before']['retain']:.3f} -> {o['nll_after']['retain']:.3f}; answer accuracy forget "
-                f"{o['acc_after']['forget']['token']:.0%}, retain {o['acc_after']['retain']['token']:.0%} "
-                f"({o['seconds']:.0f}s)"
-            )
-            del m, tr
-            gc.collect()
-        # the cost of the smoothed pass: the same objective's first steps, tracked without smoothing
-        cost = None
-        if cfg.cost_steps > 0:
-            name = cfg.objectives[0]
-            m, tr = unlearned(name, cfg.cost_steps, False)
-            unsmoothed_s = list(tr.step_seconds)
-            del m, tr
-            gc.collect()
-            n_params = sum(p.numel() for p in ref.parameters())
-            cost = {
-                "objective": name,
-                "unsmoothed_s_per_step": statistics.median(unsmoothed_s),
-                "smoothed_s_per_step": statistics.median(tracking_s[name][: cfg.cost_steps]),
-                "state_gb": state_bytes / 2**30,
-                "parameters": n_params,
-                "per_instance": False,
-            }
-        verdicts = findings(records, outcomes)
-        wall = time.perf_counter() - t0
-        meta = {
+    def unlearn(self, name: str) -> None:
+        """Unlearn with ``name`` (smoothed tracking), keeping its records and its outcome."""
+        bar = _bar(self.cfg.steps, f"unlearn {name}")
+        t1 = time.perf_counter()
+        m, tr = self.unlearned(name, self.cfg.steps, True, progress=lambda s, n: bar.update(1))
+        bar.close()
+        self.stages[f"unlearn {name}"] = time.perf_counter() - t1
+        self.step_seconds[name] = list(tr.step_seconds)
+        self.state_bytes = max(self.state_bytes, tr.smoothed_state_bytes)
+        self.records += tr.records
+        o = self.outcomes[name] = self._outcome(m, tr.records, self.stages[f"unlearn {name}"])
+        self.echo(
+            f"{name:<7} forget NLL {o['nll_before']['unlearn']:.3f} -> {o['nll_after']['unlearn']:.3f}, retain NLL "
+            f"{o['nll_before']['retain']:.3f} -> {o['nll_after']['retain']:.3f}; answer accuracy forget "
+            f"{o['acc_after']['forget']['token']:.0%}, retain {o['acc_after']['retain']['token']:.0%} "
+            f"({o['seconds']:.0f}s)"
+        )
+        del m, tr
+        gc.collect()
+
+    def _outcome(self, m, recs, seconds: float) -> dict[str, Any]:
+        series = {r: [x for x in recs if x["risk"] == r] for r in ("unlearn", "retain")}
+        final = {"unlearn": _nll(m, self.forget), "retain": _nll(m, self.probe)}
+        units = {r: [per_unit(x) for x in series[r]] for r in series}
+        return {
+            "cumulative": {
+                **{r: sum(x["total"] for x in series[r]) for r in series},
+                **{f"{r}_per_unit": None if None in units[r] else sum(units[r]) for r in series},
+                **{f"smoothed_{r}": sum(x["smoothed_total"] for x in series[r]) for r in series},
+            },
+            "nll_before": {r: series[r][0]["loss"] for r in series},
+            "nll_after": final,
+            #: NLL at θ_0 … θ_steps: R before each step, then after the last
+            "nll_curve": {r: [x["loss"] for x in series[r]] + [final[r]] for r in series},
+            "acc_after": {
+                "forget": pipeline.answer_accuracy(m, self.forget),
+                "retain": pipeline.answer_accuracy(m, self.probe),
+            },
+            "seconds": round(seconds, 1),
+        }
+
+    def smoothing_cost(self) -> dict[str, Any] | None:
+        """The cost of the smoothed pass: the first objective's first steps again, tracked without smoothing."""
+        cfg = self.cfg
+        if cfg.cost_steps <= 0:
+            return None
+        name = cfg.objectives[0]
+        m, tr = self.unlearned(name, cfg.cost_steps, False)
+        unsmoothed_s = list(tr.step_seconds)
+        del m, tr
+        gc.collect()
+        return {
+            "objective": name,
+            "unsmoothed_s_per_step": statistics.median(unsmoothed_s),
+            "smoothed_s_per_step": statistics.median(self.step_seconds[name][: cfg.cost_steps]),
+            "state_gb": self.state_bytes / 2**30,
+            "parameters": sum(p.numel() for p in self.ref.parameters()),
+            "per_instance": False,
+        }
+
+    def meta(self, command: str, load0, wall: float, cost, verdicts) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
             "command": command or "geffect-fast reproduce",
             "model": "SmolLM2-135M-Instruct (GGUF de-quantised)" if cfg.model == "smollm2" else "the demo's Llama",
-            "blocks": _n_blocks(ref),
+            "blocks": _n_blocks(self.ref),
             "machine": _machine(),
             "load_average_start": [round(x, 2) for x in load0],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
-            "finetune_cached": cached,
-            "answer_accuracy_finetuned": ft_acc,
-            "answer_accuracy_before": acc0,
+            "finetune": self.finetune,
+            "n_forget": len(self.forget_recs),
+            "n_probe": len(self.probe_recs),
+            "common_scale": common_scale(self.records),
+            "finetune_cached": self.finetune["cached"],
+            "answer_accuracy_finetuned": self.ft_acc,
+            "answer_accuracy_before": self.acc0,
             "config": asdict(cfg),
-            "stages_s": {k: round(v, 1) for k, v in stages.items()},
+            "stages_s": {k: round(v, 1) for k, v in self.stages.items()},
             "wall_time_s": round(wall, 1),
             "peak_rss_gb": round(peak_rss_gb(), 2),
             "smoothing_cost": cost,
-            "outcomes": outcomes,
+            "outcomes": self.outcomes,
             "findings": verdicts,
             "objectives": ", ".join(cfg.objectives),
             "steps": cfg.steps,
             "lr": cfg.lr,
             "direction": "gradient of the objective (the paper's G-effect), unsmoothed and smoothed",
             "groups": "thirds",
-            "data": f"synthetic authors: {cfg.n_authors} × {cfg.qa_per_author} QA; forget05 ({len(forget_recs)} QA); "
-            f"{len(probe_recs)} held-out retain QA as the retaining probe",
+            "data": f"synthetic authors: {self.finetune['n_authors']} × {self.finetune['qa_per_author']} QA; "
+            f"forget05 ({len(self.forget_recs)} QA); {len(self.probe_recs)} held-out retain QA as the retaining probe",
         }
+
+
+def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, command: str = "", echo=print) -> Path:
+    """Run the protocol into ``out`` (refused if it exists, unless ``force``); returns the folder."""
+    cfg = cfg or config()
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
+        p = _Protocol(cfg, echo, threads)
+        for name in cfg.objectives:
+            threads.adjust()  # as the demo: torch's threads sized to the cores free now
+            p.unlearn(name)
+        cost = p.smoothing_cost()
+        verdicts = findings(p.records, p.outcomes, learned=p.acc0["forget"]["token"])
+        meta = p.meta(command, load0, time.perf_counter() - t0, cost, verdicts)
         with open(tmp / "geffects.jsonl", "w") as f:
-            for r in records:
+            for r in p.records:
                 f.write(json.dumps(r) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        images = findings_plots(records, outcomes, tmp)
-        (tmp / "findings.md").write_text(findings_markdown(meta, verdicts, outcomes, cfg, images))
+        images = figures.findings_plots(p.records, p.outcomes, tmp)
+        (tmp / "findings.md").write_text(findings_markdown(meta, verdicts, p.outcomes, cfg, images))
         report.render(tmp)
     echo(f"wrote {out}/findings.md in {time.perf_counter() - t0:.0f}s (peak RSS {peak_rss_gb():.2f} GB)")
     for v in verdicts:
         echo(f"  ({v['id']}) {v['claim']}: {v['verdict']} — {v['numbers']}")
     return Path(out)
+
+
+def render_findings(folder: str | Path) -> Path:
+    """Re-render a reproduce folder's findings.md and findings_*.png from its geffects.jsonl and meta.json (the
+    verdicts recomputed by today's rules; ``geffect-fast report DIR`` calls it for a reproduce folder)."""
+    from .records import load_records
+
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    records = load_records(folder / "geffects.jsonl")
+    cfg = ReproConfig(**{**meta["config"], "objectives": tuple(meta["config"]["objectives"])})
+    acc = meta.get("answer_accuracy_before", {}).get("forget", {}).get("token")
+    meta["findings"] = findings(records, meta["outcomes"], learned=acc)
+    meta["common_scale"] = common_scale(records)
+    images = figures.findings_plots(records, meta["outcomes"], folder)
+    (folder / "findings.md").write_text(findings_markdown(meta, meta["findings"], meta["outcomes"], cfg, images))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return folder / "findings.md"
 
 
 def _n_blocks(model) -> int:
@@ -344,30 +417,13 @@ def _n_blocks(model) -> int:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (
+        f"{cpu_name()} ({cpu_kind()} kernels), {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)} at the end)"
+    )
 
 
 # -- the findings --------------------------------------------------------------------------------------------------
-def _series(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Mapping[str, Any]]]]:
-    out: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
-    for r in records:
-        if r.get("kind", "gradient") == "compare":
-            continue
-        out.setdefault(r["objective"], {}).setdefault(r["risk"], []).append(r)
-    for by in out.values():
-        for lst in by.values():
-            lst.sort(key=lambda r: r["step"])
-    return out
-
-
 def _verdict(n_holds: int, n: int) -> str:
     """Reproduced when the claim holds in every case, not reproduced in none, mixed otherwise."""
     return "reproduced" if n_holds == n else "not reproduced" if n_holds == 0 else "mixed"
@@ -377,254 +433,254 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if x == x else "n/a"
 
 
-def findings(records: Sequence[Mapping[str, Any]], outcomes: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's five findings, each decided from the run: ``reproduced`` when the stated test holds in every
-    case, ``not reproduced`` in none, ``mixed`` otherwise; with the numbers that decide it and the rule.
+#: each finding: (claim, the objectives it needs — all of them, or "any" of them —, the rule)
+CLAIMS: dict[int, tuple[str, tuple[str, ...], str, str]] = {
+    1: (
+        "unlearning affects shallow layers most",
+        tuple(n for n in catalog.PROTOCOL if n != "RMU"),
+        "any",
+        "Σ_t |e_t,g| of the unlearning G-effect is largest in the shallow third, per objective (RMU, whose target sits "
+        "at a fixed depth, excluded); reproduced if for all",
+    ),
+    2: (
+        "every objective compromises retention",
+        catalog.PROTOCOL,
+        "any",
+        "cumulative retaining G-effect E_retain < 0 and measured retain ΔNLL > 0, for every objective",
+    ),
+    3: (
+        "excessive unlearning is harmful",
+        ("GA",),
+        "all",
+        "for GA, the mean per-step |retaining G-effect| and the per-step rise of the retain NLL are larger in the "
+        "last third of the steps than in the first (both > 1: reproduced)",
+    ),
+    4: (
+        "risk weighting (NPO/WGA/TNPO/WTNPO) helps",
+        ("GA", *WEIGHTED),
+        "GA and any",
+        "retention cost per unit of unlearning κ (G-effects and NLL) below GA's in both, per weighted objective; "
+        "reproduced if for all",
+    ),
+    5: (
+        "regularisation matters; KL retains better than GD",
+        ("GA", "GD", "GA+KL"),
+        "all",
+        "κ (G-effects and NLL) of the regularised objective below the unregularised one's (GD and GA+KL vs GA, NPO+KL "
+        "vs NPO when run) and of GA+KL below GD's; reproduced if every comparison holds",
+    ),
+}
 
-    e_t: a step's unsmoothed G-effect (total or per group), ē_t the smoothed one; E = Σ_t e_t the cumulative one;
-    ΔNLL = NLL after − before. Retention cost per unit of unlearning: κ_G = E_retain / E_unlearn (G-effects; both
-    negative when the objective unlearns and harms) and κ_NLL = ΔNLL_retain / ΔNLL_forget (measured); smaller is
-    better, and an objective that does not raise the forget NLL has no finite κ_NLL (counted as not better).
-    """
-    S = _series(records)
-    names = [n for n in outcomes if n in S]
-    out: list[dict[str, Any]] = []
 
-    def mag(lst, g, smoothed=False):
-        key = "smoothed_groups" if smoothed else "groups"
-        return sum(abs(r[key].get(g, 0.0)) for r in lst if r.get(key) is not None)
+def _missing(i: int, ran: Sequence[str]) -> list[str] | None:
+    """The objectives finding ``i`` needs that were not run (None when it can be decided)."""
+    _, needs, how, _ = CLAIMS[i]
+    if how == "all":
+        lacking = [n for n in needs if n not in ran]
+        return lacking or None
+    if how == "GA and any":
+        lacking = [] if "GA" in ran else ["GA"]
+        if not any(n in ran for n in needs[1:]):
+            lacking.append(" or ".join(needs[1:]))
+        return lacking or None
+    return None if any(n in ran for n in needs) else [" or ".join(needs)]
 
-    # (1) shallow layers are affected most: Σ_t |e_t,g| on the forget set is largest for g = shallow
-    cands = [n for n in names if n != "RMU"]
-    rows, holds, holds_s = [], 0, 0
-    for n in cands:
-        lst = S[n]["unlearn"]
-        m = {g: mag(lst, g) for g in DEPTHS}
-        ms = {g: mag(lst, g, True) for g in DEPTHS}
-        top, top_s = max(m, key=m.get), max(ms, key=ms.get)
-        holds += top == "shallow"
-        holds_s += top_s == "shallow"
-        rows.append(f"{n} {top} ({'/'.join(_fmt(m[g]) for g in DEPTHS)})")
-    out.append(
-        {
-            "id": 1,
-            "claim": "unlearning affects shallow layers most",
-            "verdict": _verdict(holds, len(cands)),
-            "numbers": f"shallow largest for {holds}/{len(cands)} objectives (smoothed: {holds_s}/{len(cands)}); "
-            "largest group (Σ|e| shallow/middle/deep): " + "; ".join(rows),
-            "rule": "Σ_t |e_t,g| of the unlearning G-effect is largest in the shallow third, per objective (RMU, whose "
-            "target sits at a fixed depth, excluded); reproduced if for all",
-        }
-    )
 
-    # (2) every objective compromises retention: E_retain < 0 and the retain NLL rises
-    rows, holds = [], 0
-    for n in names:
-        E = sum(r["total"] for r in S[n]["retain"])
-        d = outcomes[n]["nll_after"]["retain"] - outcomes[n]["nll_before"]["retain"]
-        ok = E < 0 and d > 0
-        holds += ok
-        rows.append(f"{n} E {_fmt(E)}, ΔNLL {d:+.3f}")
-    out.append(
-        {
-            "id": 2,
-            "claim": "every objective compromises retention",
-            "verdict": _verdict(holds, len(names)),
-            "numbers": f"{holds}/{len(names)} objectives with E_retain < 0 and a rising retain NLL: " + "; ".join(rows),
-            "rule": "cumulative retaining G-effect E_retain < 0 and measured retain ΔNLL > 0, for every objective",
-        }
-    )
+class _Run:
+    """What the findings read off a run: per objective its records by risk and its outcome; ``value(r)`` is a
+    step's G-effect on the scale objectives compare on (e/‖v‖ when the records carry ‖v‖, else e)."""
 
-    # (3) excessive unlearning is harmful: GA's damage to retention per step grows as unlearning goes on
-    def late_early(n):
-        ret = S[n]["retain"]
-        k = max(1, len(ret) // 3)
-        g_early = statistics.fmean(abs(r["total"]) for r in ret[:k])
-        g_late = statistics.fmean(abs(r["total"]) for r in ret[-k:])
-        curve = outcomes[n]["nll_curve"]["retain"]
-        d = [b - a for a, b in zip(curve, curve[1:])]  # the retain NLL's change at each step
-        d_early, d_late = statistics.fmean(d[:k]), statistics.fmean(d[-k:])
-        return g_late / g_early if g_early else float("nan"), (d_late / d_early if d_early > 0 else float("nan"))
+    def __init__(self, records, outcomes):
+        self.S = series(records)
+        self.outcomes = outcomes
+        self.names = [n for n in outcomes if n in self.S]
+        self.scaled = common_scale(records)
+        self.value = value_of(self.scaled)
+        self.e = "e/‖v‖" if self.scaled else "e"
 
-    rows = []
-    for n in names:
-        rg, rd = late_early(n)
-        rows.append(f"{n} {_fmt(rg)}/{_fmt(rd)}")
-    ga = late_early("GA") if "GA" in S else (float("nan"), float("nan"))
-    checks = [ga[0] > 1, ga[1] > 1]
-    out.append(
-        {
-            "id": 3,
-            "claim": "excessive unlearning is harmful",
-            "verdict": _verdict(sum(checks), 2) if "GA" in S else "not tested",
-            "numbers": f"GA: late/early |e_retain| {_fmt(ga[0])}, late/early retain ΔNLL per step {_fmt(ga[1])}"
-            + (
-                f" (forget accuracy after: {outcomes['GA']['acc_after']['forget']['token']:.0%})"
-                if "GA" in outcomes
-                else ""
-            )
-            + "; all (G/NLL): "
-            + "; ".join(rows),
-            "rule": "for GA, the mean per-step |retaining G-effect| and the per-step rise of the retain NLL are larger "
-            "in the last third of the steps than in the first (both > 1: reproduced)",
-        }
-    )
+    def cum(self, n: str, risk: str) -> float:
+        return sum(self.value(r) for r in self.S[n][risk])
 
-    # (4) risk weighting helps: κ of NPO/WGA/TNPO/WTNPO below GA's, in G-effects and in NLL
-    def kappa(n):
-        Eu = sum(r["total"] for r in S[n]["unlearn"])
-        Er = sum(r["total"] for r in S[n]["retain"])
-        o = outcomes[n]
-        df = o["nll_after"]["unlearn"] - o["nll_before"]["unlearn"]
-        dr = o["nll_after"]["retain"] - o["nll_before"]["retain"]
+    def d_nll(self, n: str, risk: str) -> float:
+        o = self.outcomes[n]
+        return o["nll_after"][risk] - o["nll_before"][risk]
+
+    def kappa(self, n: str) -> tuple[float, float]:
+        """(κ_G, κ_NLL): retention cost per unit of unlearning; NaN where the objective does not unlearn."""
+        Eu, Er = self.cum(n, "unlearn"), self.cum(n, "retain")
+        df, dr = self.d_nll(n, "unlearn"), self.d_nll(n, "retain")
         return (Er / Eu if Eu < 0 else float("nan")), (dr / df if df > 0 else float("nan"))
 
-    def better(a, b):  # a's κ below b's (a NaN — no unlearning — is never better)
-        return a == a and (b != b or a < b)
 
-    if "GA" in S:
-        kg = kappa("GA")
-        ws = [w for w in WEIGHTED if w in S]
-        rows, n_ok = [], 0
-        for w in ws:
-            k = kappa(w)
-            ok = better(k[0], kg[0]) and better(k[1], kg[1])
-            n_ok += ok
-            rows.append(f"{w} {_fmt(k[0])}/{_fmt(k[1])}")
-        out.append(
-            {
-                "id": 4,
-                "claim": "risk weighting (NPO/WGA/TNPO/WTNPO) helps",
-                "verdict": _verdict(n_ok, len(ws)) if ws else "not tested",
-                "numbers": f"κ_G/κ_NLL: GA {_fmt(kg[0])}/{_fmt(kg[1])}; "
-                + "; ".join(rows)
-                + f" — {n_ok}/{len(ws)} below GA in both",
-                "rule": "retention cost per unit of unlearning κ (G-effects and NLL) below GA's in both, per weighted "
-                "objective; reproduced if for all",
-            }
-        )
+def _better(a: float, b: float) -> bool:
+    """a's κ below b's (a NaN — no unlearning — is never better)."""
+    return a == a and (b != b or a < b)
 
-    # (5) regularisation matters, KL better than GD for retention
+
+def _finding_depth(run: _Run) -> tuple[int, int, str]:
+    """(1) Σ_t |e_t,g| on the forget set is largest for g = shallow (raw per-group values: one objective's groups
+    compare among themselves)."""
+
+    def mag(lst, g, key="groups"):
+        return sum(abs(r[key].get(g, 0.0)) for r in lst if r.get(key) is not None)
+
+    cands = [n for n in run.names if n != "RMU"]
+    rows, holds, holds_s = [], 0, 0
+    for n in cands:
+        lst = run.S[n]["unlearn"]
+        m = {g: mag(lst, g) for g in DEPTHS}
+        ms = {g: mag(lst, g, "smoothed_groups") for g in DEPTHS}
+        top = max(m, key=m.get)
+        holds += top == "shallow"
+        holds_s += max(ms, key=ms.get) == "shallow"
+        rows.append(f"{n} {top} ({'/'.join(_fmt(m[g]) for g in DEPTHS)})")
+    numbers = (
+        f"shallow largest for {holds}/{len(cands)} objectives (smoothed: {holds_s}/{len(cands)}); "
+        "largest group (Σ|e| shallow/middle/deep): " + "; ".join(rows)
+    )
+    return holds, len(cands), numbers
+
+
+def _finding_retention(run: _Run) -> tuple[int, int, str]:
+    """(2) every objective compromises retention: E_retain < 0 and the retain NLL rises."""
+    rows, holds = [], 0
+    for n in run.names:
+        E, d = run.cum(n, "retain"), run.d_nll(n, "retain")
+        holds += E < 0 and d > 0
+        rows.append(f"{n} Σ{run.e} {_fmt(E)}, ΔNLL {d:+.3f}")
+    numbers = f"{holds}/{len(run.names)} objectives with E_retain < 0 and a rising retain NLL: " + "; ".join(rows)
+    return holds, len(run.names), numbers
+
+
+def _late_early(run: _Run, n: str) -> tuple[float, float]:
+    """(late/early mean |retaining G-effect| per step, late/early retain NLL rise per step), thirds of the steps."""
+    ret = run.S[n]["retain"]
+    k = max(1, len(ret) // 3)
+    g_early = statistics.fmean(abs(run.value(r)) for r in ret[:k])
+    g_late = statistics.fmean(abs(run.value(r)) for r in ret[-k:])
+    curve = run.outcomes[n]["nll_curve"]["retain"]
+    d = [b - a for a, b in zip(curve, curve[1:])]  # the retain NLL's change at each step
+    d_early, d_late = statistics.fmean(d[:k]), statistics.fmean(d[-k:])
+    return g_late / g_early if g_early else float("nan"), (d_late / d_early if d_early > 0 else float("nan"))
+
+
+def _finding_excessive(run: _Run) -> tuple[int, int, str]:
+    """(3) excessive unlearning is harmful: GA's damage to retention per step grows as unlearning goes on."""
+    rows = [f"{n} {'/'.join(_fmt(x) for x in _late_early(run, n))}" for n in run.names]
+    ga = _late_early(run, "GA")
+    acc = run.outcomes["GA"].get("acc_after", {}).get("forget", {}).get("token")
+    numbers = (
+        f"GA: late/early |{run.e}_retain| {_fmt(ga[0])}, late/early retain ΔNLL per step {_fmt(ga[1])}"
+        + (f" (forget accuracy after: {acc:.0%})" if acc is not None else "")
+        + "; all (G/NLL): "
+        + "; ".join(rows)
+    )
+    return int(ga[0] > 1) + int(ga[1] > 1), 2, numbers
+
+
+def _finding_weighting(run: _Run) -> tuple[int, int, str]:
+    """(4) risk weighting helps: κ of NPO/WGA/TNPO/WTNPO below GA's, in G-effects and in NLL."""
+    kg = run.kappa("GA")
+    ws = [w for w in WEIGHTED if w in run.names]
+    rows, n_ok = [], 0
+    for w in ws:
+        k = run.kappa(w)
+        n_ok += _better(k[0], kg[0]) and _better(k[1], kg[1])
+        rows.append(f"{w} {_fmt(k[0])}/{_fmt(k[1])}")
+    numbers = f"κ_G/κ_NLL: GA {_fmt(kg[0])}/{_fmt(kg[1])}; " + "; ".join(rows) + f" — {n_ok}/{len(ws)} below GA in both"
+    return n_ok, len(ws), numbers
+
+
+def _finding_regularisation(run: _Run) -> tuple[int, int, str]:
+    """(5) regularisation matters, KL better than GD for retention."""
     wanted = (("GD", "GA"), ("GA+KL", "GA"), ("NPO+KL", "NPO"), ("GA+KL", "GD"))
-    pairs = [(a, b) for a, b in wanted if a in S and b in S]
-    if pairs:
-        rows, n_ok = [], 0
-        for a, b in pairs:
-            ka, kb = kappa(a), kappa(b)
-            ok = better(ka[0], kb[0]) and better(ka[1], kb[1])
-            n_ok += ok
-            rows.append(f"{a} {_fmt(ka[0])}/{_fmt(ka[1])} vs {b} {_fmt(kb[0])}/{_fmt(kb[1])}: {'yes' if ok else 'no'}")
-        out.append(
-            {
-                "id": 5,
-                "claim": "regularisation matters; KL retains better than GD",
-                "verdict": _verdict(n_ok, len(pairs)),
-                "numbers": "κ_G/κ_NLL: " + "; ".join(rows),
-                "rule": "κ (G-effects and NLL) of the regularised objective below the unregularised one's (GD and "
-                "GA+KL vs GA, NPO+KL vs NPO) and of GA+KL below GD's; reproduced if every comparison holds",
-            }
-        )
+    pairs = [(a, b) for a, b in wanted if a in run.names and b in run.names]
+    rows, n_ok = [], 0
+    for a, b in pairs:
+        ka, kb = run.kappa(a), run.kappa(b)
+        ok = _better(ka[0], kb[0]) and _better(ka[1], kb[1])
+        n_ok += ok
+        rows.append(f"{a} {_fmt(ka[0])}/{_fmt(ka[1])} vs {b} {_fmt(kb[0])}/{_fmt(kb[1])}: {'yes' if ok else 'no'}")
+    return n_ok, len(pairs), "κ_G/κ_NLL: " + "; ".join(rows)
+
+
+_DECIDE = {
+    1: _finding_depth,
+    2: _finding_retention,
+    3: _finding_excessive,
+    4: _finding_weighting,
+    5: _finding_regularisation,
+}
+
+
+def findings(
+    records: Sequence[Mapping[str, Any]], outcomes: Mapping[str, Mapping[str, Any]], learned: float | None = None
+) -> list[dict[str, Any]]:
+    """The paper's five findings, each decided from the run: ``reproduced`` when the stated test holds in every
+    case, ``not reproduced`` in none, ``mixed`` otherwise, with the numbers that decide it and the rule;
+    ``not tested`` when the objectives it needs were not run; ``inconclusive`` for all of them when ``learned`` —
+    the share of the forget set's answer tokens the fine-tuned model predicts — is below LEARNED_MIN (a model that
+    never learned the forget set cannot show what unlearning it does).
+
+    e_t: a step's G-effect (total or per group) on the common scale — e_t/‖v_t‖ when the records carry ‖v_t‖,
+    else the raw e_t —, ē_t the smoothed one; E = Σ_t e_t the cumulative one; ΔNLL = NLL after − before. Retention
+    cost per unit of unlearning: κ_G = E_retain / E_unlearn (G-effects; both negative when the objective unlearns
+    and harms) and κ_NLL = ΔNLL_retain / ΔNLL_forget (measured); smaller is better, and an objective that does not
+    raise the forget NLL has no finite κ_NLL (counted as not better).
+    """
+    run = _Run(records, outcomes)
+    out = []
+    for i, (claim, _needs, _how, rule) in CLAIMS.items():
+        lacking = _missing(i, run.names)
+        if lacking:
+            verdict, numbers = "not tested", f"needs {', '.join(lacking)}, which this run did not unlearn with"
+        else:
+            holds, n, numbers = _DECIDE[i](run)
+            verdict = _verdict(holds, n)
+            if learned is not None and learned < LEARNED_MIN:
+                verdict = "inconclusive"
+                numbers = (
+                    f"the fine-tuned model predicts {learned:.1%} of the forget set's answer tokens (< "
+                    f"{LEARNED_MIN:.0%}): it never learned what it is asked to forget. As measured: {numbers}"
+                )
+        out.append({"id": i, "claim": claim, "verdict": verdict, "numbers": numbers, "rule": rule})
     return out
 
 
 # -- output --------------------------------------------------------------------------------------------------------
-def findings_plots(
-    records: Sequence[Mapping[str, Any]], outcomes: Mapping[str, Mapping[str, Any]], out: Path
-) -> list[tuple[str, str]]:
-    """PNG figures for the findings; returns (file name, caption) pairs."""
-    import matplotlib
+def _thirds(blocks: int) -> str:
+    """Which blocks each depth third holds: "0–9/10–19/20–29" at 30 blocks, "0/none/1" at 2."""
+    from ..groups import thirds_bucket
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    S = _series(records)
-    names = [n for n in outcomes if n in S]
-    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    images = []
-
-    # 1: Σ_t |e_t,g| per depth, per objective (unlearning and retaining)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    width = 0.8 / len(DEPTHS)
-    for ax, risk in zip(axes, ("unlearn", "retain")):
-        for j, g in enumerate(DEPTHS):
-            vals = [sum(abs(r["groups"].get(g, 0.0)) for r in S[n][risk]) for n in names]
-            ax.bar([i + (j - 1) * width for i in range(len(names))], vals, width, label=g)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yscale("log")
-        ax.set_title(f"Σ over steps of |{report.TITLES[risk]}| per depth")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "findings_depth.png", dpi=110)
-    plt.close(fig)
-    images.append(("findings_depth.png", "Finding 1: G-effect magnitude per depth third, summed over the steps."))
-
-    # 2: unsmoothed and smoothed totals per step
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
-    for i, risk in enumerate(("unlearn", "retain")):
-        for j, key in enumerate(("total", "smoothed_total")):
-            ax = axes[i][j]
-            for n in names:
-                lst = S[n][risk]
-                ax.plot([r["step"] for r in lst], [r.get(key) for r in lst], marker="o", ms=3, label=n, c=colors[n])
-            ax.set_yscale("symlog", linthresh=1e-2)
-            ax.axhline(0, c="k", lw=0.5)
-            ax.set_title(f"{report.TITLES[risk]}, {'unsmoothed' if key == 'total' else 'smoothed (0.6/0.4)'}")
-            ax.set_xlabel("unlearning step")
-    axes[0][0].legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "findings_geffects.png", dpi=110)
-    plt.close(fig)
-    images.append(("findings_geffects.png", "G-effects per step: unsmoothed (left), official smoothing (right)."))
-
-    # 3: NLL curves
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for ax, risk in zip(axes, ("unlearn", "retain")):
-        for n in names:
-            ys = outcomes[n]["nll_curve"][risk]
-            ax.plot(range(len(ys)), ys, marker="o", ms=3, label=n, c=colors[n])
-        ax.set_title(f"{'forget' if risk == 'unlearn' else 'held-out retain'} NLL")
-        ax.set_xlabel("unlearning step")
-        ax.set_yscale("log")
-    axes[0].legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "findings_nll.png", dpi=110)
-    plt.close(fig)
-    images.append(("findings_nll.png", "Finding 3: forget and retain NLL along the run."))
-
-    # 4: trade-off
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for n in names:
-        o = outcomes[n]
-        df = o["nll_after"]["unlearn"] - o["nll_before"]["unlearn"]
-        dr = o["nll_after"]["retain"] - o["nll_before"]["retain"]
-        ax.scatter(df, dr, c=[colors[n]], s=40)
-        ax.annotate(n, (df, dr), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xlabel("forget NLL rise (unlearning)")
-    ax.set_ylabel("retain NLL rise (damage)")
-    ax.set_title("the trade-off after the run (lower right is better)")
-    fig.tight_layout()
-    fig.savefig(out / "findings_tradeoff.png", dpi=110)
-    plt.close(fig)
-    images.append(("findings_tradeoff.png", "Findings 2, 4, 5: what each objective unlearned against what it cost."))
-    return images
+    parts = []
+    for g in DEPTHS:
+        ids = [i for i in range(blocks) if thirds_bucket(f"block.{i}", blocks) == g]
+        parts.append("none" if not ids else str(ids[0]) if len(ids) == 1 else f"{ids[0]}–{ids[-1]}")
+    return "/".join(parts)
 
 
-def findings_markdown(
-    meta: Mapping[str, Any],
-    verdicts: Sequence[Mapping[str, Any]],
-    outcomes: Mapping[str, Mapping[str, Any]],
-    cfg: ReproConfig,
-    images: Sequence[tuple[str, str]],
-) -> str:
+def _protocol_rows(meta: Mapping[str, Any], cfg: ReproConfig) -> list[str]:
+    ft = meta.get("finetune") or {}
     fmt = {
         **asdict(cfg),
-        "n_forget": round(cfg.n_authors * cfg.qa_per_author * 0.05),
+        "n_authors": ft.get("n_authors", cfg.n_authors),
+        "qa_per_author": ft.get("qa_per_author", cfg.qa_per_author),
+        "ft_lr": ft.get("lr", cfg.ft_lr),
+        "ft_epochs": ft.get("epochs", cfg.ft_epochs),
+        "ft_epochs_s": "" if ft.get("epochs", cfg.ft_epochs) == 1 else "s",
+        "ft_batch": ft.get("batch", cfg.ft_batch),
+        "ft_cached": " (cached from an earlier run)" if meta.get("finetune_cached") else "",
+        "n_forget": meta.get("n_forget", round(cfg.n_authors * cfg.qa_per_author * 0.05)),
+        "retain_probe": meta.get("n_probe", cfg.retain_probe),
         "model_name": meta["model"],
         "blocks": meta["blocks"],
+        "thirds": _thirds(meta["blocks"]),
     }
-    lines = [
+    return [f"| {what} | {ours.format(**fmt)} | {official} |" for what, ours, official in PROTOCOL]
+
+
+def _header(meta: Mapping[str, Any]) -> list[str]:
+    return [
         f"# The paper's five findings on {meta['model']} ({meta['blocks']} blocks)",
         "",
         f"Command: `{meta['command']}`  ",
@@ -634,7 +690,11 @@ def findings_markdown(
         + ", ".join(f"{k} {v:.0f}s" for k, v in meta["stages_s"].items())
         + f"){' — fine-tuned model from the cache' if meta['finetune_cached'] else ''}  ",
         f"Peak memory (RSS): {meta['peak_rss_gb']:.2f} GB",
-        "",
+    ]
+
+
+def _findings_table(verdicts: Sequence[Mapping[str, Any]], scaled: bool) -> list[str]:
+    lines = [
         "## Findings",
         "",
         "| # | the paper's finding | here | deciding numbers | rule |",
@@ -643,49 +703,78 @@ def findings_markdown(
     for v in verdicts:
         cells = [str(v["id"]), v["claim"], f"**{v['verdict']}**", v["numbers"], v["rule"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    scale = (
+        "G-effects are compared on the common scale e/‖v‖ (each step's G-effect divided by the size ‖v‖ of its "
+        "direction, so that objectives with gradients of different sizes compare); the per-objective table also "
+        "gives the raw sums. "
+        if scaled
+        else ""
+    )
+    return lines + [
+        "",
+        f"Sign convention: a step −η·v changes R by ≈ −η·e; e < 0 on the forget set is unlearning, on the retain set "
+        f"damage. {scale}κ = retention cost per unit of unlearning (κ_G = E_retain/E_unlearn from cumulative "
+        "G-effects, κ_NLL = ΔNLL_retain/ΔNLL_forget measured); smaller is better.",
+    ]
+
+
+def _outcomes_table(meta: Mapping[str, Any], outcomes: Mapping[str, Mapping[str, Any]]) -> list[str]:
     acc0 = meta["answer_accuracy_before"]
-    lines += [
-        "",
-        "Sign convention: a step −η·v changes R by ≈ −η·e; e < 0 on the forget set is unlearning, on the retain set "
-        "damage. κ = retention cost per unit of unlearning (κ_G = E_retain/E_unlearn from cumulative G-effects, "
-        "κ_NLL = ΔNLL_retain/ΔNLL_forget measured); smaller is better.",
-        "",
+    first = next(iter(outcomes.values()))
+    lines = [
         "## Per objective",
         "",
-        f"Before unlearning: forget NLL {next(iter(outcomes.values()))['nll_before']['unlearn']:.3f}, retain NLL "
-        f"{next(iter(outcomes.values()))['nll_before']['retain']:.3f}; answer accuracy (teacher-forced tokens) forget "
+        f"Before unlearning: forget NLL {first['nll_before']['unlearn']:.3f}, retain NLL "
+        f"{first['nll_before']['retain']:.3f}; answer accuracy (teacher-forced tokens) forget "
         f"{acc0['forget']['token']:.1%}, retain {acc0['retain']['token']:.1%} (fine-tuned set: "
         f"{meta['answer_accuracy_finetuned']['token']:.1%}).",
         "",
         "| objective | forget NLL after | retain NLL after | forget acc after | retain acc after | E_unlearn | "
-        "E_retain | Ē_unlearn (smoothed) | Ē_retain (smoothed) | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "E_retain | Σ e/‖v‖ unlearn | Σ e/‖v‖ retain | Ē_unlearn (smoothed) | Ē_retain (smoothed) | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    nan = float("nan")
     for n, o in outcomes.items():
         e = o.get("cumulative", {})
+        unit = [_fmt(nan if e.get(f"{r}_per_unit") is None else e[f"{r}_per_unit"]) for r in ("unlearn", "retain")]
         lines.append(
             f"| {n} | {o['nll_after']['unlearn']:.3f} | {o['nll_after']['retain']:.3f} | "
             f"{o['acc_after']['forget']['token']:.1%} | {o['acc_after']['retain']['token']:.1%} | "
-            f"{_fmt(e.get('unlearn', float('nan')))} | {_fmt(e.get('retain', float('nan')))} | "
-            f"{_fmt(e.get('smoothed_unlearn', float('nan')))} | {_fmt(e.get('smoothed_retain', float('nan')))} | "
+            f"{_fmt(e.get('unlearn', nan))} | {_fmt(e.get('retain', nan))} | {unit[0]} | {unit[1]} | "
+            f"{_fmt(e.get('smoothed_unlearn', nan))} | {_fmt(e.get('smoothed_retain', nan))} | "
             f"{o['seconds']:.0f} |"
         )
-    cost = meta.get("smoothing_cost")
-    if cost:
-        lines += [
-            "",
-            "## What the smoothed G-effect costs",
-            "",
-            f"Tracking one step of {cost['objective']} (median over the steps timed): unsmoothed "
-            f"(the tap pass, `smooth=False`) {cost['unsmoothed_s_per_step']:.1f} s, smoothed "
-            f"(`smooth=True`: one ordinary backward per probe set for ∇R, the unsmoothed values taken from it) "
-            f"{cost['smoothed_s_per_step']:.1f} s; the smoothed state ḡ_R (2 probe sets) + ḡ_u (1 direction) holds "
-            f"{cost['state_gb']:.2f} GB = 3 × {cost['parameters'] / 1e6:.1f}M parameters × 4 bytes, plus one transient "
-            "∇R while it is formed.",
-        ]
+    return lines
+
+
+def _cost_lines(cost: Mapping[str, Any] | None) -> list[str]:
+    if not cost:
+        return []
+    return [
+        "",
+        "## What the smoothed G-effect costs",
+        "",
+        f"Tracking one step of {cost['objective']} (median over the steps timed): unsmoothed "
+        f"(the tap pass, `smooth=False`) {cost['unsmoothed_s_per_step']:.1f} s, smoothed "
+        f"(`smooth=True`: one ordinary backward per probe set for ∇R, the unsmoothed values taken from it) "
+        f"{cost['smoothed_s_per_step']:.1f} s; the smoothed state ḡ_R (2 probe sets) + ḡ_u (1 direction) holds "
+        f"{cost['state_gb']:.2f} GB = 3 × {cost['parameters'] / 1e6:.1f}M parameters × 4 bytes, plus one transient "
+        "∇R while it is formed.",
+    ]
+
+
+def findings_markdown(
+    meta: Mapping[str, Any],
+    verdicts: Sequence[Mapping[str, Any]],
+    outcomes: Mapping[str, Mapping[str, Any]],
+    cfg: ReproConfig,
+    images: Sequence[tuple[str, str]],
+) -> str:
+    lines = [*_header(meta), "", *_findings_table(verdicts, bool(meta.get("common_scale"))), ""]
+    lines += _outcomes_table(meta, outcomes)
+    lines += _cost_lines(meta.get("smoothing_cost"))
     lines += ["", "## Protocol: ours beside the official", "", "| | here | official |", "|---|---|---|"]
-    for what, ours, official in PROTOCOL:
-        lines.append(f"| {what} | {ours.format(**fmt)} | {official} |")
+    lines += _protocol_rows(meta, cfg)
     lines += [""]
     for name, caption in images:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]

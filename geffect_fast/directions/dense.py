@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import is_dtensor, local_part
-from ..objectives import ObjectiveFn, objective_loss, objective_name
+from ..objectives import ObjectiveFn, objective_loss, objective_name, resolve
 from ..state import preserved
 from .base import KINDS, DirectionBase
 
@@ -91,14 +91,15 @@ class Direction(DirectionBase):
     def from_objective(
         cls,
         model: nn.Module,
-        objective: ObjectiveFn,
+        objective: ObjectiveFn | str,
         batch: Any,
         ref_model: nn.Module | None = None,
         name: str | None = None,
         mode: str = "eval",
         factored: bool = False,
     ) -> DirectionBase:
-        """v = ∇θ L_u(batch) for ``objective(model, batch, ref_model) -> scalar loss``.
+        """v = ∇θ L_u(batch) for ``objective(model, batch, ref_model) -> scalar loss``, or an objective's name
+        (``"npo"``, ``"npo+kl"``: :func:`geffect_fast.objectives.resolve`).
 
         Taken over the parameters that require grad. The model's ``.grad``, flags, mode and RNG state are
         left as they were; ``mode`` ("eval" by default, so dropout does not randomise v) is used meanwhile.
@@ -108,6 +109,7 @@ class Direction(DirectionBase):
         from a backward with every covered weight frozen — v itself is never formed (``.dense()`` forms it), and
         ``measure()`` contracts it by its factors where that is cheaper.
         """
+        objective = resolve(objective)
         name = objective_name(objective, name)
         if factored:
             return KINDS["factored"].from_objective(model, objective, batch, ref_model, name, mode)

@@ -31,7 +31,7 @@ from ..capture import NotPerSampleError
 from ..engine import Collector, FactoredEntry, FactorUse, module_map, opened, plan_taps, unwrap
 from ..engine.run import backward
 from ..groups import Grouping
-from ..objectives import ObjectiveFn, objective_loss
+from ..objectives import ObjectiveFn, objective_loss, objective_name, resolve
 from .base import KINDS, DirectionBase
 
 
@@ -57,10 +57,10 @@ class FactoredDirection(DirectionBase):
     def from_objective(
         cls,
         model: nn.Module,
-        objective: ObjectiveFn,
+        objective: ObjectiveFn | str,
         batch: Any,
         ref_model: nn.Module | None = None,
-        name: str = "objective",
+        name: str | None = None,
         mode: str = "eval",
     ) -> FactoredDirection:
         """The factors of v = ∇θ L_u(batch) (``Direction.from_objective(..., factored=True)``).
@@ -69,6 +69,8 @@ class FactoredDirection(DirectionBase):
         its output gradient and input (ids, x̂), rows without gradient dropped; parameters the taps cannot
         factor (no adapter, or used outside their module) get their dense gradient from the same backward.
         The model's ``.grad``, flags, mode and RNG state are left as they were."""
+        objective = resolve(objective)
+        name = objective_name(objective, name)
         factors, dense, zero = _capture(model, objective, batch, ref_model, name, mode)
         if not factors and not dense:
             raise ValueError(f"objective {name!r} does not depend on the model's trainable parameters")

@@ -242,9 +242,7 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_i
     return embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
 
 
-def embedding_dot_kernel(
-    ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None
-) -> Tensor:
+def embedding_dot_kernel(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
     """:func:`embedding_dot` without the argument checks (``contract.check_embedding`` holds, one CUDA device)."""
     tok = _empty((v.shape[0], g.shape[0]), acc_dtype(g, v), g.device)
     _embedding_launch(ids, g, v, tok, padding_idx)

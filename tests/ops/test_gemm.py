@@ -75,7 +75,9 @@ class _Spy:
 
 
 @pytest.mark.parametrize("addmm_ok", [True, False], ids=["addmm-out_dtype", "mm-out_dtype-only"])
-@pytest.mark.parametrize("vdtype", [torch.bfloat16, torch.float32, torch.float16], ids=["same", "split-bf16", "split-fp16"])
+@pytest.mark.parametrize(
+    "vdtype", [torch.bfloat16, torch.float32, torch.float16], ids=["same", "split-bf16", "split-fp16"]
+)
 @pytest.mark.parametrize("N,i,o,K", [(83, 40, 24, 2), (70, 24, 56, 1)])
 def test_gemm_writes_p_into_one_buffer(monkeypatch, vdtype, N, i, o, K, addmm_ok):
     spy = _Spy(monkeypatch, addmm_ok)

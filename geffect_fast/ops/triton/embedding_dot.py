@@ -51,9 +51,7 @@ def embedding_dot(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_i
     return embedding_dot_kernel(ids, g, v, seg, B, padding_idx)
 
 
-def embedding_dot_kernel(
-    ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None
-) -> Tensor:
+def embedding_dot_kernel(ids: Tensor, g: Tensor, v: Tensor, seg: Seg, B: int, padding_idx: int | None = None) -> Tensor:
     """:func:`embedding_dot` without the argument checks (``contract.check_embedding`` holds for them)."""
     N, d = g.shape
     K = v.shape[0]

@@ -177,7 +177,9 @@ def kernels_case(dtype, K):
         check(f"{name}/embedding_vs_checked", got, cuda.embedding_dot(ids, g, E, ids_seg, B, 2), dtype)
         x = torch.randn(N, 24, generator=gen).to(dtype)
         got = cuda.norm_dot_kernel(x, g, vb, vb, T, B)
-        for o, c, w, part in zip(got, cuda.norm_dot(x, g, vb, vb, ids_seg, B), ref.norm_dot(x, g, vb, vb, ids_seg, B), "wb"):
+        for o, c, w, part in zip(
+            got, cuda.norm_dot(x, g, vb, vb, ids_seg, B), ref.norm_dot(x, g, vb, vb, ids_seg, B), "wb"
+        ):
             check(f"{name}/norm_{part}", o, w, dtype)
             check(f"{name}/norm_{part}_vs_checked", o, c, dtype)
 
