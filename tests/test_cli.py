@@ -450,7 +450,9 @@ def test_run_refuses_existing_output(hf_model_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(_run_args(hf_model_dir, out)) == 2
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert "exists and is not an output of geffect-fast" in capsys.readouterr().err  # --force would not help
+    assert main(_run_args(hf_model_dir, out, "--force")) == 2
+    assert "exists and is not an output of geffect-fast" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 

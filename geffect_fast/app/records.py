@@ -89,6 +89,95 @@ def record_problem(r: Any) -> str | None:
     return None
 
 
+class Maybe:
+    """A shape (see :func:`shape_problem`) that may also be null."""
+
+    def __init__(self, shape: Any):
+        self.shape = shape
+
+
+#: shapes of :func:`shape_problem`'s leaves: a finite number, an integer, text or a number
+NUMBER, INTEGER, SCALAR = "a finite number", "an integer", "text or a number"
+
+
+def shape_problem(value: Any, shape: Any, where: str) -> str | None:
+    """Why ``value`` (read from JSON) does not have ``shape`` (None if it does), naming the field by ``where``.
+
+    A shape is ``str``, ``bool``, :data:`NUMBER`, :data:`INTEGER`, :data:`SCALAR`, ``Maybe(shape)``,
+    ``[shape]`` (a list of them), or a dict of field -> shape (a field ending in "?" may be missing; the field
+    "*" stands for every field, each mapped to its shape)."""
+    if isinstance(shape, Maybe):
+        return None if value is None else shape_problem(value, shape.shape, where)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} must be a list, got {_shown(value)}"
+        return next((p for i, v in enumerate(value) if (p := shape_problem(v, shape[0], f"{where}[{i}]"))), None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} must be a JSON object, got {_shown(value)}"
+        for key, sub in shape.items():
+            name = key.rstrip("?")
+            keys = list(value) if key == "*" else [name] if name in value or key == name else []
+            for k in keys:
+                if k not in value:
+                    return f"field {where + '.' if where else ''}{k} is missing"
+                problem = shape_problem(value[k], sub, f"{where}.{k}" if where else k)
+                if problem:
+                    return problem
+        return None
+    ok = {
+        str: lambda v: isinstance(v, str),
+        bool: lambda v: isinstance(v, bool),
+        NUMBER: finite,
+        INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        SCALAR: lambda v: isinstance(v, str) or finite(v),
+    }[shape](value)
+    kind = {str: "text", bool: "true or false"}.get(shape, shape)
+    return None if ok else f"{where} must be {kind}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: the fields of a run's meta.json that the report reads (every one may be missing)
+REPORT_META = {
+    **{
+        f"{k}?": SCALAR
+        for k in ("model", "data", "objectives", "steps", "lr", "direction", "groups", "answer_accuracy")
+    },
+    **{f"{k}?": SCALAR for k in ("wall_time_s", "machine")},
+    "most_harmful?": [{"question": str, "answer": str, "retain_g_effect": NUMBER}],
+    "npo_scatter?": Maybe({"weights": [NUMBER], "geffect": [NUMBER], "step?": INTEGER}),
+}
+
+
+def read_meta(path: str | Path, shape: Any = None, required: bool = False) -> dict[str, Any]:
+    """A run's meta.json, checked as the records are: a JSON object whose fields have ``shape`` (default
+    :data:`REPORT_META`); {} when there is none and it is not ``required``. A ValueError names the file and the
+    field."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"no meta.json at {path}")
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {_shown(meta)}")
+    problem = shape_problem(meta, REPORT_META if shape is None else shape, "")
+    if problem is None and isinstance(meta.get("npo_scatter"), dict):
+        sc = meta["npo_scatter"]
+        if len(sc["weights"]) != len(sc["geffect"]):
+            problem = "npo_scatter.weights and npo_scatter.geffect must have one value per sample each"
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return meta
+
+
 def series(recs: Sequence[Record]) -> dict[str, dict[str, list[Record]]]:
     """objective -> risk -> its records sorted by step (the taken direction only, not 'compare' ones)."""
     out: dict[str, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))

@@ -9,9 +9,7 @@ Objectives are compared on the common scale e/‖v‖ when the records carry ‖
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import math
 import os
 import shutil
@@ -20,8 +18,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .common import note_written
 from .figures import meta_plots, plots
-from .records import RISKS, TITLES, UNIT_E, UNIT_PER_UNIT, common_scale, load_records, per_unit, series, value_of
+from .records import (
+    RISKS,
+    TITLES,
+    UNIT_E,
+    UNIT_PER_UNIT,
+    common_scale,
+    load_records,
+    per_unit,
+    read_meta,
+    series,
+    value_of,
+)
+from .text import md, md_unescape, write_csv
 
 #: the sign convention, first thing in every report (markdown: ** marks bold)
 SIGNS = (
@@ -79,7 +90,7 @@ def _objective_line(obj: str, by_risk: dict[str, list[dict[str, Any]]], scaled: 
                 groups[g] += v
         denom = sum(abs(v) for v in groups.values()) or 1.0
         top = sorted(groups.items(), key=lambda kv: -abs(kv[1]))[:2]
-        carry = ", ".join(f"{g} ({abs(v) / denom:.0%})" for g, v in top)
+        carry = ", ".join(f"{md(g)} ({abs(v) / denom:.0%})" for g, v in top)
         word = (
             ("unlearns (negative)" if sign < 0 else "does not unlearn (non-negative)")
             if risk == "unlearn"
@@ -90,7 +101,7 @@ def _objective_line(obj: str, by_risk: dict[str, list[dict[str, Any]]], scaled: 
     breaks = _retention_break(by_risk.get("retain", []))
     if breaks:
         parts.append(breaks)
-    return f"**{obj}**: " + "; ".join(parts) + "."
+    return f"**{md(obj)}**: " + "; ".join(parts) + "."
 
 
 def _ranking(S) -> str:
@@ -100,9 +111,9 @@ def _ranking(S) -> str:
     ret = sorted(cum["retain"].items(), key=lambda kv: -kv[1])
     bits = []
     if unl:
-        bits.append("unlearning, strongest first: " + ", ".join(f"{o} {v:+.3g}" for o, v in unl))
+        bits.append("unlearning, strongest first: " + ", ".join(f"{md(o)} {v:+.3g}" for o, v in unl))
     if ret:
-        bits.append("retaining, least damage first: " + ", ".join(f"{o} {v:+.3g}" for o, v in ret))
+        bits.append("retaining, least damage first: " + ", ".join(f"{md(o)} {v:+.3g}" for o, v in ret))
     return f"On the common scale (Σ over steps of e/‖v‖, in {UNIT_PER_UNIT}): " + "; ".join(bits) + "."
 
 
@@ -170,7 +181,7 @@ def _tradeoff(S, scores: dict[str, float], value: Callable, scaled: bool) -> str
         return d <= TIE_REL * max(abs(scores[a]), abs(scores[b]))
 
     def show(k: str) -> str:
-        return f"{k} {scores[k]:+.3g}" + (f" ± {se[k]:.2g}" if se[k] is not None else "")
+        return f"{md(k)} {scores[k]:+.3g}" + (f" ± {se[k]:.2g}" if se[k] is not None else "")
 
     order = sorted(scores, key=lambda k: -scores[k])
     best = order[0]
@@ -188,13 +199,13 @@ def _tradeoff(S, scores: dict[str, float], value: Callable, scaled: bool) -> str
     if ties:
         lead = (
             "No single best trade-off: "
-            + ", ".join(f"**{k}**" for k in [best, *ties])
+            + ", ".join(f"**{md(k)}**" for k in [best, *ties])
             + " are within noise of each other ("
             + ", ".join(show(k) for k in [best, *ties])
             + ")"
         )
     else:
-        lead = f"Best trade-off: **{best}** ({show(best)})"
+        lead = f"Best trade-off: **{md(best)}** ({show(best)})"
     tail = f"; the others: {', '.join(show(k) for k in rest)}" if rest else ""
     return f"{lead}{tail}. {meaning}; {noise}."
 
@@ -260,18 +271,6 @@ def summary_rows(recs: Records) -> list[dict[str, Any]]:
     return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
 # -- plots ------------------------------------------------------------------------------------------------
 NONE_HARMFUL = "None: every forget sample's GA gradient lowers (or keeps) the retain NLL (Σ_i E[i, j] ≥ 0 for all j)."
 
@@ -284,15 +283,13 @@ def _harmful_lines(meta: dict[str, Any]) -> list[tuple[str, str, float]]:
 def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """(Re-)render every report file of a run folder from its geffects.jsonl; returns name -> path.
 
-    Everything is checked and written in a temporary folder first, then moved in: a failure leaves the files
-    already there as they were."""
+    Everything is checked (the records, and meta.json by :func:`~geffect_fast.app.records.read_meta`) and written
+    in a temporary folder first, then moved in: a failure leaves the files already there as they were. A folder
+    this tool wrote (it holds :data:`~geffect_fast.app.common.MARKER`) has the files added to its marker."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     recs = load_records(run_dir / "geffects.jsonl")
-    meta_path = run_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_meta(run_dir / "meta.json")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
@@ -306,6 +303,7 @@ def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
         names = ["summary.csv", "report.md", "report.html", *(name for name, _ in images)]
         for name in names:
             os.replace(tmp / name, out / name)
+        note_written(out, names)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {name: out / name for name in names}
@@ -397,11 +395,11 @@ def _markdown(meta, rows, facts, images) -> str:
     lines = ["# G-effect report", "", SIGNS, ""]
     setup = _setup_lines(meta)
     if setup:
-        lines += ["## Setup", ""] + [f"- {s}" for s in setup] + [""]
+        lines += ["## Setup", ""] + [f"- {md(s)}" for s in setup] + [""]
     lines += ["## Findings", ""] + [f"- {f}" for f in facts] + ["", "## Cumulative G-effects", ""]
-    lines.append("| " + " | ".join(head) + " |")
+    lines.append("| " + " | ".join(md(c) for c in head) + " |")
     lines.append("|" + "---|" * len(head))
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in body]
     lines.append("")
     if any(r.get("cumulative_per_unit") is not None for r in rows):
         lines += [SCALE, ""]
@@ -416,7 +414,7 @@ def _markdown(meta, rows, facts, images) -> str:
             "| forget question | answer | Σ_i E[i, j] |",
             "|---|---|---:|",
         ]
-        lines += [f"| {q} | {a} | {v:+.3g} |" for q, a, v in harmful]
+        lines += [f"| {md(q)} | {md(a)} | {v:+.3g} |" for q, a, v in harmful]
         lines.append("")
     elif "most_harmful" in meta:
         lines += ["## Forget samples most harmful to retention", "", NONE_HARMFUL, ""]
@@ -424,7 +422,7 @@ def _markdown(meta, rows, facts, images) -> str:
     if note:
         lines += [note, ""]
     for name, cap in images:
-        lines += [f"![{cap}]({name})", "", f"*{cap}*", ""]
+        lines += [f"![{md(cap)}]({name})", "", f"*{md(cap)}*", ""]
     return "\n".join(lines)
 
 
@@ -439,8 +437,8 @@ ul.findings li{margin:.35em 0}.setup{color:#404859}
 
 
 def _html(meta, rows, facts, images, out: Path) -> str:
-    def md_bold(s: str) -> str:
-        parts = html.escape(s).split("**")
+    def md_bold(s: str) -> str:  # a finding's Markdown (** bold, backslash escapes) as HTML
+        parts = [html.escape(md_unescape(p)) for p in s.split("**")]
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
     head, body = _table(rows)

@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,11 +40,25 @@ from .common import (
     cpu_kind,
     cpu_name,
     load_model,
+    model_folder,
+    note_written,
     peak_rss_gb,
     save_cached,
     threads_for_load,
 )
-from .records import common_scale, per_unit, series, value_of
+from .records import (
+    INTEGER,
+    NUMBER,
+    REPORT_META,
+    Maybe,
+    common_scale,
+    load_records,
+    per_unit,
+    read_meta,
+    series,
+    value_of,
+)
+from .text import md, md_code
 
 
 def _protocol_objective(cfg: Any, name: str) -> objectives.Objective:
@@ -367,11 +381,13 @@ class _Protocol:
 
 
 def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, command: str = "", echo=print) -> Path:
-    """Run the protocol into ``out`` (refused if it exists, unless ``force``); returns the folder."""
+    """Run the protocol into ``out`` (refused if it exists, unless ``force`` and it is empty or an earlier output
+    of this tool); returns the folder."""
     cfg = cfg or config()
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    with atomic_output(out, force) as tmp, threads_for_load(echo) as threads:
+    inputs = [("the model's folder", model_folder(cfg.model))] if cfg.model == "smollm2" else []
+    with atomic_output(out, force, inputs, command) as tmp, threads_for_load(echo) as threads:
         p = _Protocol(cfg, echo, threads)
         for name in cfg.objectives:
             threads.adjust()  # as the demo: torch's threads sized to the cores free now
@@ -392,21 +408,95 @@ def run(out: str | Path, cfg: ReproConfig | None = None, force: bool = False, co
     return Path(out)
 
 
+_ACC = {"token": NUMBER, "exact?": NUMBER}
+_BY_RISK = {"unlearn": NUMBER, "retain": NUMBER}
+#: the fields of a reproduce folder's meta.json that :func:`render_findings` reads, and their shapes
+META = {
+    **REPORT_META,
+    "command": str,
+    "model": str,
+    "blocks": INTEGER,
+    "machine": str,
+    "load_average_start": [NUMBER],
+    "load_average_end": [NUMBER],
+    "wall_time_s": NUMBER,
+    "stages_s": {"*": NUMBER},
+    "finetune_cached": bool,
+    "peak_rss_gb": NUMBER,
+    "answer_accuracy_before": {"forget": _ACC, "retain": _ACC},
+    "answer_accuracy_finetuned": _ACC,
+    "finetune?": {
+        "n_authors?": INTEGER,
+        "qa_per_author?": INTEGER,
+        "epochs?": INTEGER,
+        "lr?": NUMBER,
+        "batch?": INTEGER,
+    },
+    "n_forget?": INTEGER,
+    "n_probe?": INTEGER,
+    "smoothing_cost?": Maybe(
+        {
+            "objective": str,
+            "unsmoothed_s_per_step": NUMBER,
+            "smoothed_s_per_step": NUMBER,
+            "state_gb": NUMBER,
+            "parameters": INTEGER,
+        }
+    ),
+    "config": {
+        f"{f.name}?": [str]
+        if f.name == "objectives"
+        else {int: INTEGER, float: NUMBER, str: str, bool: bool}[type(f.default)]
+        for f in fields(ReproConfig)
+    },
+    "outcomes": {
+        "*": {
+            "cumulative?": {"*": Maybe(NUMBER)},
+            "nll_before": _BY_RISK,
+            "nll_after": _BY_RISK,
+            "nll_curve": {"unlearn?": [NUMBER], "retain": [NUMBER]},
+            "acc_after": {"forget": _ACC, "retain": _ACC},
+            "seconds": NUMBER,
+        }
+    },
+}
+
+
+def load_meta(folder: str | Path) -> dict[str, Any]:
+    """A reproduce folder's meta.json, every field :func:`render_findings` reads checked (a ValueError naming
+    the file and the field)."""
+    path = Path(folder) / "meta.json"
+    meta = read_meta(path, META, required=True)
+    known = {f.name for f in fields(ReproConfig)}
+    unknown = sorted(set(meta["config"]) - known)
+    short = [n for n, o in meta["outcomes"].items() if len(o["nll_curve"]["retain"]) < 2]
+    problem = None
+    if unknown:
+        problem = f"config.{unknown[0]} is not a setting of reproduce (known: {', '.join(sorted(known))})"
+    elif not meta["outcomes"]:
+        problem = "outcomes must name at least one objective"
+    elif short:
+        problem = f"outcomes.{short[0]}.nll_curve.retain must hold at least 2 values (the NLL before and after)"
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return meta
+
+
 def render_findings(folder: str | Path) -> Path:
     """Re-render a reproduce folder's findings.md and findings_*.png from its geffects.jsonl and meta.json (the
-    verdicts recomputed by today's rules; ``geffect-fast report DIR`` calls it for a reproduce folder)."""
-    from .records import load_records
-
+    verdicts recomputed by today's rules; ``geffect-fast report DIR`` calls it for a reproduce folder). The meta
+    and the records are checked before anything is written."""
     folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = load_meta(folder)
     records = load_records(folder / "geffects.jsonl")
-    cfg = ReproConfig(**{**meta["config"], "objectives": tuple(meta["config"]["objectives"])})
+    cfg = ReproConfig(**{**meta["config"], "objectives": tuple(meta["config"].get("objectives", catalog.PROTOCOL))})
     acc = meta.get("answer_accuracy_before", {}).get("forget", {}).get("token")
     meta["findings"] = findings(records, meta["outcomes"], learned=acc)
     meta["common_scale"] = common_scale(records)
     images = figures.findings_plots(records, meta["outcomes"], folder)
     (folder / "findings.md").write_text(findings_markdown(meta, meta["findings"], meta["outcomes"], cfg, images))
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    note_written(folder, ["findings.md", "meta.json", *(name for name, _ in images)])
     return folder / "findings.md"
 
 
@@ -672,7 +762,7 @@ def _protocol_rows(meta: Mapping[str, Any], cfg: ReproConfig) -> list[str]:
         "ft_cached": " (cached from an earlier run)" if meta.get("finetune_cached") else "",
         "n_forget": meta.get("n_forget", round(cfg.n_authors * cfg.qa_per_author * 0.05)),
         "retain_probe": meta.get("n_probe", cfg.retain_probe),
-        "model_name": meta["model"],
+        "model_name": md(meta["model"]),
         "blocks": meta["blocks"],
         "thirds": _thirds(meta["blocks"]),
     }
@@ -681,13 +771,13 @@ def _protocol_rows(meta: Mapping[str, Any], cfg: ReproConfig) -> list[str]:
 
 def _header(meta: Mapping[str, Any]) -> list[str]:
     return [
-        f"# The paper's five findings on {meta['model']} ({meta['blocks']} blocks)",
+        f"# The paper's five findings on {md(meta['model'])} ({meta['blocks']} blocks)",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; load average {meta['load_average_start']} at the start, "
+        f"Command: {md_code(meta['command'])}  ",
+        f"Machine: {md(meta['machine'])}; load average {meta['load_average_start']} at the start, "
         f"{meta['load_average_end']} at the end (a shared machine when above the core count)  ",
         f"Wall time: {meta['wall_time_s'] / 60:.1f} min ("
-        + ", ".join(f"{k} {v:.0f}s" for k, v in meta["stages_s"].items())
+        + ", ".join(f"{md(k)} {v:.0f}s" for k, v in meta["stages_s"].items())
         + f"){' — fine-tuned model from the cache' if meta['finetune_cached'] else ''}  ",
         f"Peak memory (RSS): {meta['peak_rss_gb']:.2f} GB",
     ]
@@ -701,8 +791,8 @@ def _findings_table(verdicts: Sequence[Mapping[str, Any]], scaled: bool) -> list
         "|---|---|---|---|---|",
     ]
     for v in verdicts:
-        cells = [str(v["id"]), v["claim"], f"**{v['verdict']}**", v["numbers"], v["rule"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        cells = [md(v["id"]), md(v["claim"]), f"**{md(v['verdict'])}**", md(v["numbers"]), md(v["rule"])]
+        lines.append("| " + " | ".join(cells) + " |")
     scale = (
         "G-effects are compared on the common scale e/‖v‖ (each step's G-effect divided by the size ‖v‖ of its "
         "direction, so that objectives with gradients of different sizes compare); the per-objective table also "
@@ -738,7 +828,7 @@ def _outcomes_table(meta: Mapping[str, Any], outcomes: Mapping[str, Mapping[str,
         e = o.get("cumulative", {})
         unit = [_fmt(nan if e.get(f"{r}_per_unit") is None else e[f"{r}_per_unit"]) for r in ("unlearn", "retain")]
         lines.append(
-            f"| {n} | {o['nll_after']['unlearn']:.3f} | {o['nll_after']['retain']:.3f} | "
+            f"| {md(n)} | {o['nll_after']['unlearn']:.3f} | {o['nll_after']['retain']:.3f} | "
             f"{o['acc_after']['forget']['token']:.1%} | {o['acc_after']['retain']['token']:.1%} | "
             f"{_fmt(e.get('unlearn', nan))} | {_fmt(e.get('retain', nan))} | {unit[0]} | {unit[1]} | "
             f"{_fmt(e.get('smoothed_unlearn', nan))} | {_fmt(e.get('smoothed_retain', nan))} | "
@@ -754,7 +844,7 @@ def _cost_lines(cost: Mapping[str, Any] | None) -> list[str]:
         "",
         "## What the smoothed G-effect costs",
         "",
-        f"Tracking one step of {cost['objective']} (median over the steps timed): unsmoothed "
+        f"Tracking one step of {md(cost['objective'])} (median over the steps timed): unsmoothed "
         f"(the tap pass, `smooth=False`) {cost['unsmoothed_s_per_step']:.1f} s, smoothed "
         f"(`smooth=True`: one ordinary backward per probe set for ∇R, the unsmoothed values taken from it) "
         f"{cost['smoothed_s_per_step']:.1f} s; the smoothed state ḡ_R (2 probe sets) + ḡ_u (1 direction) holds "
@@ -777,5 +867,5 @@ def findings_markdown(
     lines += _protocol_rows(meta, cfg)
     lines += [""]
     for name, caption in images:
-        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        lines += [f"![{md(caption)}]({name})", "", f"*{md(caption)}*", ""]
     return "\n".join(lines)
