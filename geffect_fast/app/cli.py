@@ -11,7 +11,9 @@ default).
 
 Bad input gets one clear line on stderr and exit code 2; a run writes into a temporary folder that becomes
 ``--out`` only when everything is written, so nothing half-written is left looking complete — also when the
-run is stopped by Ctrl-C or SIGTERM (exit code 130 / 143, the temporary folder removed).
+run is stopped by Ctrl-C or SIGTERM (exit code 130 / 143, the temporary folder removed). ``--force`` replaces only
+an empty folder or an earlier output of this tool (its ``.geffect-fast-output`` marker), never one holding what the
+run reads, never through a symbolic link.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
+#: what ``--force`` replaces (``common.check_output_folder``)
+FORCE_HELP = (
+    "replace DIR if it is empty or an earlier output of geffect-fast (it holds .geffect-fast-output and nothing "
+    "else the tool did not write); never a folder holding the run's inputs, nor a symbolic link"
+)
+
 #: ``--groups auto`` uses the paper's depth groups from this many transformer blocks on (the official code's
 #: 0–9 / 10–19 / ≥ 20 split is then about thirds); shallower models get one group per block
 AUTO_PAPER_BLOCKS = 30
@@ -92,7 +100,7 @@ def _add_demo(sub) -> None:
         formatter_class=_Help,
     )
     d.add_argument("--out", metavar="DIR", default="geffect_demo", help="output folder")
-    d.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    d.add_argument("--force", action="store_true", help=FORCE_HELP)
     d.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds")
     d.add_argument(
         "--steps", type=int, default=None, metavar="N", help="unlearning steps per objective (default: 12; --quick 3)"
@@ -154,7 +162,7 @@ def _add_run(sub) -> None:
         help="gradient: the objective's gradient, the paper's G-effect (predicted_dR is then a plain-SGD step's "
         "prediction, not AdamW's); update: the step AdamW took (predicted_dR checked against measured_dR)",
     )
-    r.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    r.add_argument("--force", action="store_true", help=FORCE_HELP)
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     r.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the model's weights")
     r.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing during unlearning")
@@ -199,7 +207,7 @@ def _add_reproduce(sub) -> None:
     )
     rp.add_argument("--model", default="smollm2", choices=("smollm2", "demo"), help="the model to unlearn")
     rp.add_argument("--out", metavar="DIR", default="geffect_reproduce", help="output folder")
-    rp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    rp.add_argument("--force", action="store_true", help=FORCE_HELP)
     rp.add_argument("--quick", action="store_true", help="a tiny configuration (minutes on SmolLM2)")
     rp.add_argument(
         "--steps", type=int, default=None, metavar="N", help="unlearning steps per objective (default: 6; --quick 3)"
