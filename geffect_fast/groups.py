@@ -17,7 +17,9 @@ Schemes
     ``paper`` there; symmetric: 7/8/7 blocks for L = 22, 1/2/1 for L = 4, shallow/deep for L = 2), the final
     norm with the last block (``deep``), plus ``embed`` and ``lm``.
 ``"module"``
-    One group per parameter-owning module (``model.layers.3.self_attn.q_proj``, …).
+    One group per parameter-owning module (``model.layers.3.self_attn.q_proj``, …), and one per expert of a
+    fused MoE experts module (``model.layers.3.mlp.experts.5``: its stacked [E, ...] parameters split along
+    their first dimension, :attr:`Grouping.parts`), so that a user can ask which experts carry unlearning.
 a callable
     ``fn(parameter_name) -> group name``.
 
@@ -34,7 +36,7 @@ one) and to ``final_norm`` otherwise (the final norm, OPT's ``project_out``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from torch import nn
@@ -49,10 +51,18 @@ _EMBED_HINT = re.compile(r"(emb|wte|wpe|project_in)", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Grouping:
-    """Group names in order, and the group index of every parameter (by canonical name)."""
+    """Group names in order, and the group index of every parameter (by canonical name). ``parts``: for a
+    stacked parameter split across groups (``"module"``: a fused MoE layer's [E, ...] expert weights), the group
+    of each slice along its first dimension; ``of`` then holds the group of slice 0 and must not be used alone
+    (:meth:`columns`)."""
 
     names: tuple[str, ...]
     of: dict[str, int]
+    parts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def columns(self, name: str) -> int | tuple[int, ...]:
+        """The group of parameter ``name``, or the group of each of its slices (a tuple) where it is split."""
+        return self.parts.get(name) or self.of[name]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -144,6 +154,37 @@ def thirds_bucket(block_name: str, n_blocks: int) -> str:
 _PAPER_ORDER = ("embed", *DEPTHS, "lm")
 
 
+def stacked_experts(module: nn.Module) -> tuple[str, ...]:
+    """The local names of a fused MoE experts module's stacked parameters ([E, ...], E experts: a class named
+    ``*Experts`` holding a 3-D parameter), or () for any other module."""
+    if not type(module).__name__.endswith("Experts"):
+        return ()
+    params = dict(module.named_parameters(recurse=False))
+    E = next((p.shape[0] for p in params.values() if p.dim() == 3), None)
+    if E is None:
+        return ()
+    return tuple(k for k, p in params.items() if p.dim() >= 2 and p.shape[0] == E)
+
+
+def _by_module(model: nn.Module, param_names: list[str]) -> Grouping:
+    """The ``module`` scheme: the owning module's name, one group per expert for stacked expert parameters."""
+    split: dict[str, int] = {}
+    for mname, m in model.named_modules():
+        for local in stacked_experts(m):
+            split[f"{mname}.{local}" if mname else local] = getattr(m, local).shape[0]
+    index: dict[str, int] = {}
+    of: dict[str, int] = {}
+    parts: dict[str, tuple[int, ...]] = {}
+    for n in param_names:
+        owner = n.rsplit(".", 1)[0] if "." in n else n
+        labels = [f"{owner}.{e}" for e in range(split[n])] if n in split else [owner]
+        cols = tuple(index.setdefault(g, len(index)) for g in labels)
+        of[n] = cols[0]
+        if n in split:
+            parts[n] = cols
+    return Grouping(names=tuple(index), of=of, parts=parts)
+
+
 def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Grouping:
     """Group every name in ``param_names`` (canonical names of ``model``) by ``spec``."""
     if callable(spec):
@@ -158,9 +199,7 @@ def assign(model: nn.Module, spec: GroupSpec, param_names: list[str]) -> Groupin
         def fn(n: str) -> str:
             return bucket(bfn(n), layout.n_blocks)
     elif spec == "module":
-
-        def fn(n: str) -> str:
-            return n.rsplit(".", 1)[0] if "." in n else n
+        return _by_module(model, param_names)
     else:
         raise ValueError(f"unknown groups {spec!r}; use one of {', '.join(SCHEMES)} or a callable name -> group")
     labels: dict[str, str] = {}

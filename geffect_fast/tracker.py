@@ -375,8 +375,14 @@ class Tracker:
         out = torch.zeros(len(grouping), dtype=torch.float64)
         for n, t in a.items():
             u = b.get(n)
-            if u is not None:
-                out[grouping.of[n]] += float(torch.sum(t * u.to(t.dtype), dtype=torch.float64))
+            if u is None:
+                continue
+            cols = grouping.columns(n)
+            if isinstance(cols, tuple):  # split per expert: one dot per slice
+                for e, col in enumerate(cols):
+                    out[col] += float(torch.sum(t[e] * u[e].to(t.dtype), dtype=torch.float64))
+            else:
+                out[cols] += float(torch.sum(t * u.to(t.dtype), dtype=torch.float64))
         return out
 
     def _from_gradients(

@@ -191,26 +191,60 @@ MORE_FAMILIES: dict[str, tuple[type, dict]] = {
     "cohere": (tf.CohereConfig, dict(_H, num_key_value_heads=2, use_qk_norm=True)),
 }
 EAGER = {f for f, (_, kw) in MORE_FAMILIES.items() if kw.get("attn_implementation") == "eager"}
-# fused-expert MoE families: their experts are refused with the reason (strict) or measured by autograd
+# fused-expert MoE families (capture/moe.py): experts and top-k routers measured per sample. Eager experts: the
+# grouped_mm/batched_mm implementations have no float64 (tests/test_moe.py runs them in float32)
+_MOE = dict(_H, num_key_value_heads=2, num_experts_per_tok=2, experts_implementation="eager")
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 MOE_FAMILIES: dict[str, tuple[type, dict]] = {
-    "mixtral": (
-        tf.MixtralConfig,
-        dict(_H, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager"),
-    ),
+    "mixtral": (tf.MixtralConfig, dict(_MOE, num_local_experts=4)),
     "qwen2_moe": (
         tf.Qwen2MoeConfig,
+        dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    ),
+    "qwen3_moe": (tf.Qwen3MoeConfig, dict(_MOE, num_experts=4, moe_intermediate_size=16, head_dim=8)),
+    "olmoe": (tf.OlmoeConfig, dict(_MOE, num_experts=4, pad_token_id=1, eos_token_id=2)),
+    "deepseek_v3": (
+        tf.DeepseekV3Config,
         dict(
-            _H,
-            num_key_value_heads=2,
-            num_experts=4,
-            num_experts_per_tok=2,
+            _MOE,
+            num_key_value_heads=4,
+            n_routed_experts=8,
             moe_intermediate_size=16,
-            shared_expert_intermediate_size=24,
-            experts_implementation="eager",  # grouped_mm has no float64
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            n_shared_experts=1,
+            rope_parameters=_ROPE,  # the default YaRN scaling of a 163k context does not fit a 64-position model
+        ),
+    ),
+    "granitemoe": (tf.GraniteMoeConfig, dict(_MOE, num_local_experts=4)),
+    "phimoe": (tf.PhimoeConfig, dict(_MOE, num_local_experts=4)),
+}
+# MoE families with other layers no adapter covers (gpt-oss's attention sinks, Jamba's Mamba mixers): their experts
+# and routers per sample, the rest by autograd under strict=False (tests/test_moe.py)
+MOE_PARTLY: dict[str, tuple[type, dict]] = {
+    "gpt_oss": (
+        tf.GptOssConfig,
+        dict(_MOE, num_local_experts=4, head_dim=8, sliding_window=8, attn_implementation="eager"),
+    ),
+    "jamba": (
+        tf.JambaConfig,
+        dict(
+            _MOE,
+            num_experts=4,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
         ),
     ),
 }
-_CONFIGS = {**ALL_FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}
+_CONFIGS = {**ALL_FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES, **MOE_PARTLY}
 
 
 def make_model(
@@ -282,11 +316,12 @@ def oracle(
     model: nn.Module,
     V: dict[str, Tensor],
     batch: dict[str, Tensor],
-    group_of: dict[str, int],
+    group_of: dict[str, int | tuple[int, ...]],
     n_groups: int,
     reduction: str = "token_mean",
 ) -> tuple[Tensor, Tensor]:
-    """Per-sample autograd, one sample at a time, dotted with V per group, in float64.
+    """Per-sample autograd, one sample at a time, dotted with V per group, in float64. A parameter whose group is
+    a tuple is split along its first dimension, slice i to group ``group_of[name][i]`` (MoE experts).
 
     Returns (e [K, B, G], c [B]) with e[k, b, g] = ⟨∇ℓ_b, V_k⟩ restricted to group g and c the reduction
     weights (token_mean: n_b / N; sample_mean: 1/B' over samples with labels).
@@ -312,8 +347,13 @@ def oracle(
             for name, gr in zip(names, grads):
                 if gr is None:
                     continue
+                cols = group_of[name]
                 for k in range(K):
-                    e[k, b, group_of[name]] += (gr.double() * V[name][k].double()).sum()
+                    if isinstance(cols, tuple):
+                        for i, col in enumerate(cols):
+                            e[k, b, col] += (gr[i].double() * V[name][k][i].double()).sum()
+                    else:
+                        e[k, b, cols] += (gr.double() * V[name][k].double()).sum()
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])

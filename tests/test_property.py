@@ -1,6 +1,7 @@
 """Randomised property suite: measure() against the float64 per-sample autograd oracle on tiny random models
-of every causal-LM family the tests know (tests/helpers.py: ALL_FAMILIES + MORE_FAMILIES, 31 families,
-FalconLinear and CohereLayerNorm by their adapters), with random batches (left or right padding, uneven
+of every causal-LM family the tests know (tests/helpers.py: ALL_FAMILIES + MORE_FAMILIES + MOE_FAMILIES, 38
+families, FalconLinear and CohereLayerNorm by their adapters, seven mixture-of-experts families with their fused
+experts and top-k routers per sample — per expert with ``groups="module"``), with random batches (left or right padding, uneven
 lengths, samples without labelled tokens), random sparse directions (whole entries zero, entries zero in
 part, K = 1–3), random reductions and group schemes.
 
@@ -16,8 +17,7 @@ its per-sample gradients are float32 sums over tokens — so they are held to te
 
 Seeded: every case is drawn from ``GEFFECT_FAST_PROPERTY_SEED`` (default 0), the family and the case index,
 so a run is reproducible and a failure prints the command that replays it. ``GEFFECT_FAST_PROPERTY_CASES``
-(default 3) cases per family. The MoE families (fused experts) are refused with the reason, or measured with
-their experts and routers by autograd under ``strict=False`` — tested below.
+(default 3) cases per family.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from helpers import (
     ALL_FAMILIES,
     EAGER,
+    MOE_FAMILIES,
     MORE_FAMILIES,
     VOCAB,
     assert_close_per_group,
@@ -46,7 +47,7 @@ from geffect_fast.groups import assign
 
 BASE_SEED = int(os.environ.get("GEFFECT_FAST_PROPERTY_SEED", "0"))
 CASES = int(os.environ.get("GEFFECT_FAST_PROPERTY_CASES", "3"))
-FAMILIES = {**ALL_FAMILIES, **MORE_FAMILIES}
+FAMILIES = {**ALL_FAMILIES, **MORE_FAMILIES, **MOE_FAMILIES}
 RTOL = 1e-6
 #: families whose HF norms compute in float32 inside a float64 model: held to the float32 bound (see above)
 FLOAT32_INSIDE = {"gemma", "gemma2", "gemma3", "helium", "cohere"}
@@ -152,7 +153,7 @@ def relative_errors(case: Case):
     res = gf.measure(model, direction, {"r": batch}, groups=case.groups, per_instance=True, reduction=case.reduction)
     grouping = assign(model, case.groups, [n for n, _ in model.named_parameters()])
     assert res.groups == grouping.names
-    e, c = oracle(model, dense, batch, grouping.of, len(grouping), case.reduction)
+    e, c = oracle(model, dense, batch, {**grouping.of, **grouping.parts}, len(grouping), case.reduction)
     rtol = RTOL_FLOAT32 if case.family in FLOAT32_INSIDE else RTOL
     ours, floor = res.instances["r"], FLOOR * e.abs().max().item()
     inst = ((ours - e).abs().amax(1) / e.abs().amax(1).clamp_min(floor)).max().item()
@@ -185,55 +186,6 @@ def test_the_suite_covers_twenty_families_and_its_draws_vary():
     assert any(any(d.empty) for d in draws) and any(len(set(d.lengths)) > 1 for d in draws)
     assert {d.reduction for d in draws} == {"token_mean", "sample_mean"}
     assert draw("llama", 0) == draw("llama", 0)  # reproducible
-
-
-# -- fused-expert MoE families ----------------------------------------------------------------------------------
-def _moe_case(family):
-    model = make_model(family)
-    case = Case(family, 0, 11, 2, 3, 8, "right", (8, 6, 5), (2, 3, 1), (False, False, True), 2, "token_mean", "block")
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(2, VOCAB, (case.B, case.T), generator=g)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for b, (L, P) in enumerate(zip(case.lengths, case.prompts)):
-        mask[b, :L] = 1
-        if not case.empty[b]:
-            labels[b, P:L] = ids[b, P:L]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    V = {n: torch.randn((2, *p.shape), generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
-    return model, batch, V
-
-
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_fused_moe_experts_are_refused_with_the_reason(family):
-    model, batch, V = _moe_case(family)
-    with pytest.raises(
-        UnsupportedModuleError, match=r"mlp\.experts\.gate_up_proj.*fused MoE experts: each expert runs"
-    ):
-        gf.measure(model, gf.Direction(V, names=["a", "b"]), batch)
-
-
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_fused_moe_lenient_is_exact(family):
-    """strict=False: experts and routers by autograd (exact totals), every other layer per instance."""
-    model, batch, V = _moe_case(family)
-    res = gf.measure(model, gf.Direction(V, names=["a", "b"]), {"r": batch}, strict=False, per_instance=True)
-    moe = [n for n, _ in model.named_parameters() if ".mlp.experts." in n or ".mlp.gate." in n]
-    assert set(res.uncovered) == set(moe) and len(moe) == 6
-    grouping = assign(model, "block", [n for n, _ in model.named_parameters()])
-    of = dict(grouping.of)
-    for n in moe:
-        of[n] = len(grouping)
-    e, _ = oracle(model, V, batch, of, len(grouping) + 1)
-    assert_close_per_group(res.instances["r"][:, :, :-1], e[:, :, :-1], RTOL, f"{family} covered per instance")
-    # totals against plain autograd of the pooled R (its float32 router softmax and norms round as ours do)
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(gf.risk(model, batch), list(params.values()), allow_unused=True)
-    exact = torch.zeros(2, len(grouping) + 1, dtype=torch.float64)
-    for n, gr in zip(params, grads):
-        if gr is not None:
-            exact[:, of[n]] += (V[n].reshape(2, -1) @ gr.reshape(-1)).double()
-    assert_close_per_group(res.group_totals["r"][:, None], exact[:, None], 1e-9, f"{family} totals")
 
 
 # -- packed batches ----------------------------------------------------------------------------------------------

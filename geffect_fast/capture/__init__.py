@@ -4,7 +4,7 @@
 - :mod:`.embedding` — ``nn.Embedding`` and subclasses (token, learned position, scaled)
 - :mod:`.norm` — ``nn.LayerNorm``, ``nn.RMSNorm``, HF ``*RMSNorm`` classes (incl. Gemma's (1 + γ)), Cohere's
   ``CohereLayerNorm``
-- :mod:`.moe` — HF fused MoE experts and top-k routers: refused with the reason (``strict=False``: autograd)
+- :mod:`.moe` — HF fused MoE experts (one slice per expert, rows followed from the gather) and top-k routers, per sample
 
 Tied parameters (lm_head = embedding) are tapped at each use; the contributions add, by linearity.
 """

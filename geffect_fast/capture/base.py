@@ -48,18 +48,27 @@ class NotPerSampleError(UnsupportedModuleError):
 @dataclass(eq=False)
 class Slot:
     """One parameter use of a tapped module: the parameter's canonical name, its name in the module, its group
-    column, and the position of its direction in the pass's list (``PassState.V``)."""
+    column, and the position of its direction in the pass's list (``PassState.V``). ``part``: for a stacked
+    parameter used one slice at a time (an MoE layer's [E, ...] expert weights), the slice this slot stands for
+    (its direction is ``V[index][:, part]``); None for a whole parameter. ``part_groups``: where the grouping
+    splits such a parameter (``groups="module"``: one group per expert), the group column of each slice."""
 
     name: str
     local: str
     group: int
     index: int = -1
+    part: int | None = None
+    part_groups: tuple[int, ...] | None = None
 
 
 class Consumer:
     """What a tapped module's per-sample gradient feeds. Subclasses implement :meth:`factors`; the layer forms
     default to it. ``seg`` is the row -> sample map of the ops (an int T: sample b owns rows [b·T, (b+1)·T)).
     Where a slot is None its parameter is not this consumer's."""
+
+    #: whether it takes slots that stand for one slice of a stacked parameter (``Slot.part``: MoE experts);
+    #: a parameter whose adapter hands over slices is left to autograd for the consumers that do not
+    takes_parts: bool = False
 
     def factors(self, slot: Slot, L: Tensor, R: Tensor, seg: Seg, pad: int | None) -> None:
         """G_b = Σ_{t∈b} L_t R_tᵀ for the slot's parameter (L [N, d_L], or ids [N] standing for one-hot rows of
@@ -145,6 +154,8 @@ class Adapter:
     covers_subclass_forward: bool = False
     #: whether :meth:`bind` returns ``around(forward, args, kwargs)`` rather than ``on_output(args, kwargs, out)``
     around: bool = False
+    #: whether it hands over its parameters one slice at a time (``Slot.part``: an MoE layer's experts)
+    sliced: bool = False
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why this adapter cannot handle ``module`` (None if it can)."""

@@ -38,9 +38,11 @@ def _flat(v: Tensor) -> Tensor:
 
 
 class DenseDot(Consumer):
-    """out[k, b] = ⟨G_b, V_k⟩ for each slot, by the session's ops; V = ``session.V[slot.index]`` [K, *shape]."""
+    """out[k, b] = ⟨G_b, V_k⟩ for each slot, by the session's ops; V = ``session.V[slot.index]`` [K, *shape]
+    (``[:, slot.part]`` for one expert's slice of a stacked parameter)."""
 
     session: CaptureSession
+    takes_parts = True
 
     def linear(self, w: Slot | None, b: Slot | None, a: Tensor, g: Tensor, seg: Seg, transposed: bool) -> None:
         s = self.session
@@ -48,9 +50,13 @@ class DenseDot(Consumer):
         vw = None
         if w is not None:
             vw = V[w.index]
+            if w.part is not None:
+                vw = vw[:, w.part]
             if transposed:  # Conv1D stores W as [i, o]: the op takes [K, o, i]
                 vw = vw.transpose(1, 2)
         vb = None if b is None else V[b.index]
+        if vb is not None and b.part is not None:
+            vb = vb[:, b.part]
         ow, ob = s.ops.linear_dot(a if vw is not None else None, g, vw, seg, s.B, vb)
         if ow is not None:
             s.pending.append((w.group, ow))

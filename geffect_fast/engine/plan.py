@@ -64,6 +64,14 @@ def plan_taps(
     ``grouping``; ``forced``: parameters known not to be measurable by their taps, with the reason. ``guard``:
     watch the covered parameters for uses outside their modules (off where parameters are sharded)."""
     uncovered = uncovered_reasons(mm, consumers, forced)
+    for n, c in consumers.items():
+        if n not in uncovered and not c.takes_parts:
+            for mname, m, _ in mm.owners.get(n, ()):
+                if mm.adapters[id(m)].sliced:
+                    uncovered[n] = (
+                        f"{mname} ({type(m).__name__}) hands over its parameters one expert slice at a time, and "
+                        f"{type(c).__name__} takes whole parameters (G-effects of a dense direction take slices)"
+                    )
     taps: list[Tap] = []
     by_module: dict[int, Tap] = {}
     order: list[str] = []
@@ -77,7 +85,7 @@ def plan_taps(
             if t is None:
                 t = by_module[id(m)] = Tap(mname, m, mm.adapters[id(m)])
                 taps.append(t)
-            slot = t.slots[local] = Slot(n, local, grouping.of[n], index)
+            slot = t.slots[local] = Slot(n, local, grouping.of[n], index, part_groups=grouping.parts.get(n))
             part = next((p for p in t.parts if p[0] is c), None)
             if part is None:
                 part = (c, {})

@@ -188,7 +188,7 @@ def plan_routes(
     for name, e in entries.items():
         owners = layout.owners.get(name, [])
         adapters = [layout.adapters[id(m)] for _, m, _ in owners]
-        can = bool(owners) and all(ad is not None for ad in adapters)
+        can = bool(owners) and all(ad is not None and not ad.sliced for ad in adapters)  # experts: V slices
         if not e.uses or not can:
             routes[name] = "dense"
         else:
