@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._common import llama_model
 from benchmarks.bench_host import MODELS
 
 
@@ -43,21 +44,8 @@ def _count(fn) -> int:
 
 
 def _model(name: str):
-    import transformers as tf
-
     h, layers, inter, heads, vocab = MODELS[name]
-    cfg = tf.LlamaConfig(
-        hidden_size=h,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        vocab_size=vocab,
-        max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(cfg).eval()
+    return llama_model(h, layers, inter, heads, vocab, max_positions=512)
 
 
 def run(label: str, model_name: str, T: int, batches: list[int], repeats: int) -> dict:
