@@ -43,11 +43,13 @@ def _model(hidden: int, layers: int, experts: int, top_k: int, inter: int, vocab
 def run(args: argparse.Namespace) -> str:
     import geffect_fast as gf
 
-    model = _model(args.hidden, args.layers, args.experts, args.top_k, args.inter, args.vocab)
+    dev = torch.device(args.device)
+    model = _model(args.hidden, args.layers, args.experts, args.top_k, args.inter, args.vocab).to(dev)
     g = torch.Generator().manual_seed(1)
-    v = gf.Direction({n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}, "v")
-    ids = torch.randint(2, args.vocab, (args.B, args.T), generator=g)
+    v = gf.Direction({n: torch.randn(p.shape, generator=g).to(dev) for n, p in model.named_parameters()}, "v")
+    ids = torch.randint(2, args.vocab, (args.B, args.T), generator=g).to(dev)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -63,26 +65,31 @@ def run(args: argparse.Namespace) -> str:
     t = {"plain": [], "ours": []}
     for _ in range(args.repeats):
         for name, fn in (("plain", plain), ("ours", ours)):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             t[name].append(time.perf_counter() - t0)
     p, o = statistics.median(t["plain"]), statistics.median(t["ours"])
     r = sorted(b / a for a, b in zip(t["plain"], t["ours"]))
     params = sum(p_.numel() for p_ in model.parameters())
     return (
-        f"# measure() through MoE layers, CPU\n\n"
-        f"Command: `python -m benchmarks.bench_moe --threads {args.threads} --repeats {args.repeats}`; "
+        f"# measure() through MoE layers, {args.device}\n\n"
+        f"Command: `python -m benchmarks.bench_moe --device {args.device} --threads {args.threads} "
+        f"--repeats {args.repeats}`; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}; one row per thread count."
         f"\n\nModel: Mixtral, hidden {args.hidden}, {args.layers} layers, {args.experts} experts, top-{args.top_k}, "
         f"expert width {args.inter}, vocab {args.vocab} ({params / 1e6:.1f}M parameters); B = {args.B}, "
         f"T = {args.T}; a direction over every parameter.\n\n"
         "| threads | plain fwd+bwd (ms) | measure per_instance (ms) | ours/plain (IQR) |\n|---:|---:|---:|---:|\n"
-        f"| {torch.get_num_threads()} | {1e3 * p:.1f} | {1e3 * o:.1f} | {o / p:.3f} ({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) |\n"
+        f"| {torch.get_num_threads()} | {1e3 * p:.1f} | {1e3 * o:.1f} | {o / p:.3f} "
+        f"({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) |\n"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=8)
