@@ -6,7 +6,9 @@
 Timed round-robin in one process (each repeat runs both once; medians and the interquartile range of the per-repeat
 ratio). ``plain``: HF's ``.loss`` forward+backward with weight gradients; ``ours``: ``measure(model, v, {"risk":
 batch}, per_instance=True)`` with a Direction over every parameter (experts and routers per sample, every expert's
-slice a tapped call). Both run the experts' eager implementation (the one the pass runs).
+slice a tapped call). Both run the experts' eager implementation (the one the pass runs). Peak memory: what the call
+allocates beyond what exists before it (weight gradients included for plain): on a CPU every storage created
+inside the call (benchmarks/_memtrack.py), on a GPU the allocator's peak.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._memtrack import PeakBytes
 
 
 def _model(hidden: int, layers: int, experts: int, top_k: int, inter: int, vocab: int):
@@ -71,6 +75,19 @@ def run(args: argparse.Namespace) -> str:
             sync()
             t[name].append(time.perf_counter() - t0)
     p, o = statistics.median(t["plain"]), statistics.median(t["ours"])
+    peaks = {}
+    for name, fn in (("plain", plain), ("ours", ours)):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+        else:
+            with PeakBytes() as pk:  # tensors allocated inside the call (weight gradients included)
+                fn()
+            peaks[name] = pk.peak
     r = sorted(b / a for a, b in zip(t["plain"], t["ours"]))
     params = sum(p_.numel() for p_ in model.parameters())
     return (
@@ -81,9 +98,11 @@ def run(args: argparse.Namespace) -> str:
         f"\n\nModel: Mixtral, hidden {args.hidden}, {args.layers} layers, {args.experts} experts, top-{args.top_k}, "
         f"expert width {args.inter}, vocab {args.vocab} ({params / 1e6:.1f}M parameters); B = {args.B}, "
         f"T = {args.T}; a direction over every parameter.\n\n"
-        "| threads | plain fwd+bwd (ms) | measure per_instance (ms) | ours/plain (IQR) |\n|---:|---:|---:|---:|\n"
+        "| threads | plain fwd+bwd (ms) | measure per_instance (ms) | ours/plain (IQR) | peak MB plain | peak MB ours "
+        "|\n|---:|---:|---:|---:|---:|---:|\n"
         f"| {torch.get_num_threads()} | {1e3 * p:.1f} | {1e3 * o:.1f} | {o / p:.3f} "
-        f"({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) |\n"
+        f"({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) | {peaks['plain'] / 2**20:.1f} | "
+        f"{peaks['ours'] / 2**20:.1f} |\n"
     )
 
 
