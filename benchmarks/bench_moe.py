@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> str:
         f"expert width {args.inter}, vocab {args.vocab} ({params / 1e6:.1f}M parameters); B = {args.B}, "
         f"T = {args.T}; a direction over every parameter.\n\n"
         "| threads | plain fwd+bwd (ms) | measure per_instance (ms) | ours/plain (IQR) |\n|---:|---:|---:|---:|\n"
-        f"| {torch.get_num_threads()} | {1e3 * p:.1f} | {1e3 * o:.1f} | {o / p:.3f} ({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) |\n"
+        f"| {torch.get_num_threads()} | {1e3 * p:.1f} | {1e3 * o:.1f} | {o / p:.3f} "
+        f"({r[len(r) // 4]:.3f}–{r[3 * len(r) // 4]:.3f}) |\n"
     )
 
 
