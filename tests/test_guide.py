@@ -205,3 +205,73 @@ def test_bad_options_are_refused():
         Guide(model, probes, scale="both")
     with pytest.raises(ValueError, match=".grad"):
         Guide(model, probes).step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def _trainer(tmp_path, model, cb, steps=3):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=_Rows(make_batch(model, B=12, seed=3)), callbacks=[cb])
+
+
+def test_callback_acts_once_per_optimiser_step_under_gradient_accumulation(tmp_path):
+    from geffect_fast.hf import GuideCallback
+
+    model = make_model("llama", dtype=torch.float32)
+    _, _, _, probes = _setup()
+    cb = GuideCallback(probes, policies=("stop", "layers"), threshold=0.0, quantile=0.5, log=tmp_path / "g.jsonl")
+    seen = []
+    orig = Guide.begin
+
+    def spy(self, optimizer):  # the gradient the guide measured: the accumulated one, after clipping
+        seen.append({n: p.grad.clone() for n, p in self.model.named_parameters()})
+        return orig(self, optimizer)
+
+    trainer = _trainer(tmp_path, model, cb)
+    Guide.begin = spy
+    try:
+        trainer.train()
+    finally:
+        Guide.begin = orig
+    decs = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in decs] == [1, 2, 3] == [d["step"] for d in cb.guide.decisions]  # not per micro-batch
+    assert trainer.state.global_step == 3 and len(seen) == 3
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in seen[0].values()))
+    assert float(norm) <= 0.5 + 1e-4  # clipped before the guide saw it
+    assert all(d["taken"] and d["scaled_groups"] for d in decs)
+
+
+def test_callback_stop_ends_training_without_taking_the_step(tmp_path):
+    from geffect_fast.hf import GuideCallback
+
+    model = make_model("llama", dtype=torch.float32)
+    _, _, _, probes = _setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = GuideCallback(probes, policies="stop", target_forget_nll=0.0)  # fires at once
+    trainer = _trainer(tmp_path, model, cb)
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(cb.guide.decisions) == 1 and cb.guide.decisions[0]["stop"]
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
