@@ -232,7 +232,7 @@ class Guide:
                 streak = streak + 1 if ratio < self.threshold else 0
                 reason = self._stop_reason(dec, streak)
         dec["stop"], dec["reason"], dec["taken"] = reason is not None, reason, reason is None
-        saved = self._apply(dec["scaled_groups"]) if reason is None else {}
+        saved = self._apply(dec["scaled_groups"]) if reason is None else []
         dec["seconds"] = time.perf_counter() - t0 + self._weight_seconds
         self._pending = {"decision": dec, "saved": saved, "streak": streak}
         return reason is None
@@ -245,8 +245,8 @@ class Guide:
         dec = pending["decision"]
         if self.scale == "update" and dec["taken"]:
             with torch.no_grad():
-                for p, (before, _) in pending["saved"].items():
-                    p.copy_(before + self._factor_of(p, dec) * (p - before))
+                for p, factor, before, _ in pending["saved"]:
+                    p.copy_(before + factor * (p - before))
         self.n_steps += 1
         self.streak = pending["streak"]
         self.stopped = self.stopped or dec["stop"]
@@ -263,7 +263,7 @@ class Guide:
         if pending is None:
             return
         with torch.no_grad():
-            for p, (_, grad) in pending["saved"].items():
+            for p, _, _, grad in pending["saved"]:
                 if grad is not None:
                     p.grad.copy_(grad)
 
@@ -293,28 +293,24 @@ class Guide:
                                  "on stacked experts); use groups='block' or a callable")  # fmt: skip
         return {n: self._grouping.names[i] for n, i in self._grouping.of.items()}
 
-    def _apply(self, scales: Mapping[str, float]) -> dict[nn.Parameter, tuple[Tensor | None, Tensor | None]]:
+    def _apply(self, scales: Mapping[str, float]) -> list[tuple[nn.Parameter, float, Tensor | None, Tensor | None]]:
         """Scale the chosen groups' ``.grad`` (scale="grad") or copy their parameters (scale="update"); returns
-        parameter -> (θ_before or None, the gradient before scaling or None) for end() and abort()."""
+        (parameter, factor, θ_before or None, the gradient before scaling or None) for end() and abort()."""
         if not scales:
-            return {}
+            return []
         of = self.group_of()
-        saved = {}
+        saved = []
         with torch.no_grad():
             for n, p in self.model.named_parameters():
-                if of.get(n) not in scales or not p.requires_grad:
+                factor = scales.get(of.get(n))
+                if factor is None or not p.requires_grad:
                     continue
                 if self.scale == "update":
-                    saved[p] = (p.detach().clone(), None)
+                    saved.append((p, factor, p.detach().clone(), None))
                 elif p.grad is not None:
-                    saved[p] = (None, p.grad.detach().clone())
-                    p.grad.mul_(scales[of[n]])
+                    saved.append((p, factor, None, p.grad.detach().clone()))
+                    p.grad.mul_(factor)
         return saved
-
-    def _factor_of(self, p: nn.Parameter, dec: Mapping[str, Any]) -> float:
-        of = self.group_of()
-        name = next(n for n, q in self.model.named_parameters() if q is p)
-        return dec["scaled_groups"][of[name]]
 
     def summary(self) -> str:
         """One line per step: the decision in words."""
