@@ -67,6 +67,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist_mod
 from . import groups as groups_mod
 from .api import measure
 from .directions import Direction
@@ -146,6 +147,8 @@ class Guide:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if patience < 1 or not 0.0 <= quantile <= 1.0 or clip[0] > clip[1] or eps <= 0:
             raise ValueError("need patience >= 1, 0 <= quantile <= 1, clip=(lo, hi) with lo <= hi and eps > 0")
+        if dist_mod.resolve_group(model, "auto") is not None:
+            raise NotImplementedError("Guide is single-process for now: the model is wrapped in DDP or sharded (FSDP2)")
         self.model = unwrap(model)
         self.probes = {"unlearn": probes["unlearn"], "retain": probes["retain"]}
         self.groups = groups
