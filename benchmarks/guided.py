@@ -173,13 +173,113 @@ def _rows(results):
     return rows
 
 
+SWEEP = (1.0, 2.0, 3.0, 5.0, 10.0)
+
+
+def stop_sweep(results, patience: int = 2) -> list[str]:
+    """Where the stop rule would have stopped at other thresholds: replayed from the ``stop`` run's logged ρ
+    (exact: until it fires, stop alone changes nothing, so the run is the unguided one)."""
+    lines = [
+        "## The stop rule at other thresholds",
+        "",
+        "Replayed from each `stop` run's logged ρ (until it fires, the stop rule changes nothing, so the steps "
+        "before are the unguided run's): steps taken, forget and retain ΔNLL and κ_NLL there.",
+        "",
+        "| objective | " + " | ".join(f"threshold {t:g}" for t in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+    ]
+    for r in results:
+        if r["variant"] != "stop":
+            continue
+        cells, tr = [], r["trajectory"]
+        for t in SWEEP:
+            streak, taken = 0, len(r["decisions"])
+            for k, d in enumerate(r["decisions"]):
+                streak = streak + 1 if d["ratio"] is not None and d["ratio"] < t else 0
+                if streak >= patience:
+                    taken = k
+                    break
+            taken = min(taken, len(tr) - 1)
+            df, dr = tr[taken][0] - tr[0][0], tr[taken][1] - tr[0][1]
+            cells.append(f"{taken} steps: +{df:.2f} / +{dr:.2f}, κ {dr / df:.3f}" if df else f"{taken} steps")
+        lines.append(f"| {r['objective'].upper()} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render(out: Path) -> None:
+    """guided.csv, guided.md and trajectories.png from the runs.jsonl and meta.json in ``out``."""
+    results = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "meta.json").read_text())
+    rows = _rows(results)
+    with open(out / "guided.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(results, meta.get("steps") or max(r["steps"] for r in results), out / "trajectories.png")
+    unguided_ms = {r["objective"]: r["step_ms"] for r in rows if r["variant"] == "unguided"}
+    head = [
+        "objective",
+        "variant",
+        "steps",
+        "forget NLL",
+        "retain NLL (held out)",
+        "forget rise ÷ unguided's",
+        "κ_NLL",
+        "κ unguided at the same forget rise",
+        "forget acc",
+        "retain acc",
+        "ms/step (× unguided)",
+        "stop reason",
+    ]
+    lines = [
+        "# Guided against unguided unlearning (issue 22)",
+        "",
+        f"Command: `{meta['command']}`; machine: {meta['machine']}; model: {meta['model']}; wall time "
+        f"{meta['wall_s']} s. Written by `benchmarks/guided.py` (its docstring says what is run); the figure is "
+        "`trajectories.png`, the per-step data `runs.jsonl` (NLL trajectory, step times, the guide's decisions).",
+        "",
+        "κ_NLL = retain ΔNLL / forget ΔNLL after the run (lower: less damage per unit of forgetting). Every policy "
+        "at its defaults (stop: threshold 1, patience 2; layers: quantile 0.75, factor 0; samples: clip [0, 3]).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * (len(head) - 3) + "---|",
+    ]
+    for r in rows:
+        ratio = r["step_ms"] / unguided_ms[r["objective"]]
+        cells = [
+            r["objective"],
+            r["variant"],
+            r["steps"],
+            r["forget_nll"].replace("->", "→"),
+            r["retain_nll"].replace("->", "→"),
+            f"{r['forget_rise_vs_unguided']:.2f}",
+            f"{r['kappa']:.3f}",
+            f"{r['kappa_unguided_same_rise']:.3f}"
+            if r["kappa_unguided_same_rise"] == r["kappa_unguided_same_rise"]
+            else "–",
+            f"{r['forget_acc']:.3f}",
+            f"{r['retain_acc']:.3f}",
+            f"{r['step_ms']:.0f} ({ratio:.1f}×)",
+            r["stop_reason"] or "–",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "![forget vs retain NLL, guided beside unguided](trajectories.png)", ""]
+    lines += stop_sweep(results)
+    (out / "guided.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--quick", action="store_true", help="the demo's quick config (a smoke check in seconds)")
+    ap.add_argument("--render", action="store_true", help="only re-render the results already in --out")
     args = ap.parse_args(argv)
+    if args.render:
+        render(Path(args.out))
+        return 0
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else DemoConfig()
     t0 = time.perf_counter()
@@ -206,15 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _rows(results)
-    with open(out / "guided.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     with open(out / "runs.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
-    _plot(results, args.steps, out / "trajectories.png")
     machine = f"{cpu_name()}, {os.cpu_count()} cores ({args.threads} torch thread(s)), torch {torch.__version__}"
     meta = {
         "command": f"python -m benchmarks.guided --steps {args.steps} --threads {args.threads}"
@@ -222,14 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "model": f"demo Llama {cfg.layers}x{cfg.hidden} (fine-tuned {'earlier, cached' if cached else 'now'}; "
         f"answer token accuracy {acc['token']:.3f})",
+        "steps": args.steps,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
-    print("\n".join(lines))
-    print(json.dumps(meta, indent=1))
+    render(out)
     return 0
 
 
