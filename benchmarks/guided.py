@@ -206,6 +206,30 @@ def stop_sweep(results, patience: int = 2) -> list[str]:
     return lines + [""]
 
 
+def rho_check(results, every: int = 4) -> list[str]:
+    """Did ρ predict the step? The gradient's ρ (what the stop rule reads, on the probes) beside the realised
+    forget ΔNLL / retain ΔNLL of the AdamW step (whole forget set, held-out retain QA), from the ``stop`` runs."""
+    lines = [
+        "## ρ read by the guide against the step taken",
+        "",
+        f"Every {every}th step of each `stop` run: ρ of the gradient (forgetting per unit of damage by the "
+        "first-order G-effects on the probes; – where the gradient does not damage) / the realised forget ΔNLL ÷ "
+        "retain ΔNLL of the AdamW step taken (whole forget set, held-out retain QA).",
+        "",
+    ]
+    for r in results:
+        if r["variant"] != "stop":
+            continue
+        tr, cells = r["trajectory"], []
+        for k in range(0, min(len(r["decisions"]), len(tr) - 1), every):
+            rho = r["decisions"][k]["ratio"]
+            df, dr = tr[k + 1][0] - tr[k][0], tr[k + 1][1] - tr[k][1]
+            real = f"{df / dr:.2f}" if dr > 0 else "∞"
+            cells.append(f"{k + 1}: {'–' if rho is None else f'{rho:.2f}'} / {real}")
+        lines.append(f"- {r['objective'].upper()}: " + "; ".join(cells))
+    return lines + [""]
+
+
 def render(out: Path) -> None:
     """guided.csv, guided.md and trajectories.png from the runs.jsonl and meta.json in ``out``."""
     results = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
@@ -264,7 +288,7 @@ def render(out: Path) -> None:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "![forget vs retain NLL, guided beside unguided](trajectories.png)", ""]
-    lines += stop_sweep(results)
+    lines += stop_sweep(results) + rho_check(results)
     (out / "guided.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
