@@ -275,3 +275,18 @@ def test_callback_stop_ends_training_without_taking_the_step(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 1 and len(cb.guide.decisions) == 1 and cb.guide.decisions[0]["stop"]
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_report_shows_long_guided_runs_shortened():
+    """The report's table keeps each objective's first and last GUIDE_ROWS // 2 decisions and counts the rest."""
+    from geffect_fast.app.report import GUIDE_ROWS, guide_rows
+
+    long = [{"objective": "GA", "step": i, "ratio": None, "scaled_groups": {"embed": 0.0}} for i in range(1, 31)]
+    short = [{"objective": "NPO", "step": 1, "ratio": 0.5, "stop": True, "reason": "ratio 0.5 < threshold 1"}]
+    rows = guide_rows(long + short)
+    half = GUIDE_ROWS // 2
+    assert len(rows) == GUIDE_ROWS + 2
+    assert [r[1] for r in rows[:half]] == [str(i) for i in range(1, half + 1)]
+    assert rows[half][1] == f"{30 - GUIDE_ROWS} steps more (guide.jsonl)"
+    assert rows[half + 1][1] == str(30 - half + 1) and rows[-1][0] == "NPO"
+    assert rows[0][5] == "embed×0" and rows[-1][4] == "0.5" and rows[-1][7] == "stop: ratio 0.5 < threshold 1"

@@ -401,10 +401,30 @@ GUIDE_NOTE = (
 )
 
 
-def guide_rows(decisions: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One row of text per guide decision (:data:`GUIDE_HEAD`)."""
-    rows = []
+#: decisions per objective the report shows in full; longer runs show their first and last GUIDE_ROWS // 2
+GUIDE_ROWS = 20
+
+
+def _shown_decisions(decisions: Sequence[dict[str, Any]]) -> list[dict[str, Any] | int]:
+    """Each objective's decisions, its middle ones replaced by their count where it has more than GUIDE_ROWS."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for d in decisions:
+        by[d["objective"]].append(d)
+    out: list[dict[str, Any] | int] = []
+    half = GUIDE_ROWS // 2
+    for ds in by.values():
+        out += ds if len(ds) <= GUIDE_ROWS else [*ds[:half], len(ds) - 2 * half, *ds[-half:]]
+    return out
+
+
+def guide_rows(decisions: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row of text per guide decision (:data:`GUIDE_HEAD`); an objective with more than :data:`GUIDE_ROWS`
+    shows its first and last ones and a row saying how many steps are left out (all are in guide.jsonl)."""
+    rows = []
+    for d in _shown_decisions(decisions):
+        if isinstance(d, int):
+            rows.append(["…", f"{d} steps more (guide.jsonl)", *[""] * (len(GUIDE_HEAD) - 2)])
+            continue
         w = d.get("sample_weights")
         scaled = ", ".join(f"{g}×{f:g}" for g, f in (d.get("scaled_groups") or {}).items()) or "–"
         decision = f"stop: {d.get('reason')}" if d.get("stop") else "step"
