@@ -6,8 +6,9 @@ retention per unit of forgetting?
 The demo's fine-tuned 4-block Llama (``geffect-fast demo``'s default config, fine-tuned here or loaded from the
 cache) unlearns forget05 (50 QA) with GA, NPO and WGA for ``--steps`` AdamW steps at lr 3e-4 (the demo's: batch
 16, constant) — unguided, guided by all three policies at their defaults, and by each policy alone (``layers`` also
-with ``scale="update"``). The guide's probes are the forget set and 50 retain QA; the retain NLL and accuracy
-reported are on 250 *other* retain QA (held out from the guide), the forget ones on the whole forget set.
+with ``scale="update"``, ``stop`` also with ``anneal=0.5``). The guide's probes are the forget set and 50 retain
+QA; the retain NLL and accuracy reported are on 250 *other* retain QA (held out from the guide), the forget ones on
+the whole forget set.
 κ_NLL = retain ΔNLL / forget ΔNLL (lower: less damage per unit of forgetting). "κ unguided at the same forget
 rise" reads the unguided run's trajectory where its forget ΔNLL first reaches the guided run's final one
 (linear between steps): the fair comparison for a run that stopped early.
@@ -20,6 +21,7 @@ import copy
 import csv
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ VARIANTS: dict[str, dict | None] = {
     "layers": {"policies": ("layers",)},
     "layers (update)": {"policies": ("layers",), "scale": "update"},
     "samples": {"policies": ("samples",)},
+    "stop (anneal 0.5)": {"policies": ("stop",), "anneal": 0.5},
 }
 LR = 3e-4
 BATCH = 16
@@ -127,7 +130,7 @@ def _plot(results, steps: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(5 * len(OBJECTIVES), 4.2))
-    styles = dict(zip(VARIANTS, ("k-", "C3-", "C0--", "C1-.", "C2:", "C4--")))
+    styles = dict(zip(VARIANTS, ("k-", "C3-", "C0--", "C1-.", "C2:", "C4--", "C5-.")))
     for ax, name in zip(axes, OBJECTIVES):
         for r in results:
             if r["objective"] != name:
@@ -300,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--quick", action="store_true", help="the demo's quick config (a smoke check in seconds)")
     ap.add_argument("--render", action="store_true", help="only re-render the results already in --out")
+    ap.add_argument(
+        "--only",
+        default=None,
+        metavar="VARIANT,...",
+        help="run only these variants and put them into the runs.jsonl already in --out (replacing earlier ones)",
+    )
     args = ap.parse_args(argv)
     if args.render:
         render(Path(args.out))
@@ -316,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     sets["probes"] = {"unlearn": sets["forget"], "retain": data.encode_qa(retain95[:50], tok)}
     ref = pipeline.frozen_copy(base)
     results = []
+    only = None if args.only is None else [v.strip() for v in args.only.split(",")]
+    if only is not None and set(only) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(set(only) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
     for name in OBJECTIVES:
         for variant, kw in VARIANTS.items():
+            if only is not None and variant not in only:
+                continue
             r = run_one(base, ref, sets, name, kw, args.steps)
             r["variant"] = variant
             results.append(r)
@@ -330,19 +344,28 @@ def main(argv: list[str] | None = None) -> int:
             )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if only is not None:  # merged into the earlier runs, in the order of VARIANTS
+        new = {(r["objective"], r["variant"]): r for r in results}
+        old = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+        keyed = {(r["objective"], r["variant"]): r for r in old} | new
+        results = [keyed[(o, v)] for o in OBJECTIVES for v in VARIANTS if (o, v) in keyed]
     with open(out / "runs.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
     machine = f"{cpu_name()}, {os.cpu_count()} cores ({args.threads} torch thread(s)), torch {torch.__version__}"
+    this = f"python -m benchmarks.guided --steps {args.steps} --threads {args.threads}" + " --quick" * args.quick
     meta = {
-        "command": f"python -m benchmarks.guided --steps {args.steps} --threads {args.threads}"
-        + " --quick" * args.quick,
+        "command": this,
         "machine": machine,
         "model": f"demo Llama {cfg.layers}x{cfg.hidden} (fine-tuned {'earlier, cached' if cached else 'now'}; "
         f"answer token accuracy {acc['token']:.3f})",
         "steps": args.steps,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    if only is not None:  # the earlier run's command and time, then this one's
+        prior = json.loads((out / "meta.json").read_text())
+        meta["command"] = f"{prior['command']}; then {this} --only {shlex.quote(args.only)}"
+        meta["wall_s"] = round(prior["wall_s"] + meta["wall_s"], 1)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     render(out)
     return 0

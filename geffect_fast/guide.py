@@ -33,7 +33,10 @@ e_{R,g}), the marginal unlearning per unit retention cost ρ = max(−e_u, 0) / 
 steps, or when the forget NLL (R on the unlearn probe at the current θ) is ≥ ``target_forget_nll``. The
 step that triggers it is not taken; :meth:`Guide.step` returns False (and keeps returning False). Knobs:
 ``threshold=1.0`` (stop once a step would raise the retain NLL more than the forget NLL), ``patience=2``,
-``target_forget_nll=None``.
+``target_forget_nll=None``. ``anneal=a`` (a in (0, 1)): where the ratio rule fires, multiply every parameter
+group's learning rate by a, take the step and count again, instead of stopping (the target still stops). A
+scheduler that sets the learning rate each step (``transformers.Trainer``'s) overrides it: there, anneal has no
+lasting effect.
 
 Cost of ``stop``/``layers`` per step: one tap pass (:func:`~geffect_fast.measure`) per probe set — about one
 forward+backward of each probe batch, the same as ``Tracker(direction="gradient")`` — plus, with
@@ -50,9 +53,10 @@ contraction (:mod:`geffect_fast.pairwise`), beside the loss's own forward.
 
 Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``, ``lr``, ``forget_nll``,
 ``retain_nll`` (at θ before the step), ``e_unlearn``, ``e_retain`` (after scaling), ``ratio`` (ρ; null when
-∞), ``scaled_groups`` ({group: factor}), ``sample_weights`` (the weights of the last :meth:`weighted` call
-before this step, or null), ``taken`` (whether the optimiser stepped), ``stop``, ``reason``, ``seconds``
-(the guide's own time this step, weighting included).
+∞), ``scaled_groups`` ({group: factor}), ``annealed`` (why the learning rate was cut, or null),
+``sample_weights`` (the weights of the last :meth:`weighted` call before this step, or null), ``taken``
+(whether the optimiser stepped), ``stop``, ``reason``, ``seconds`` (the guide's own time this step, weighting
+included).
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class Guide:
         threshold: float = 1.0,
         patience: int = 2,
         target_forget_nll: float | None = None,
+        anneal: float | None = None,
         quantile: float = 0.75,
         factor: float = 0.0,
         scale: str = "grad",
@@ -147,12 +152,17 @@ class Guide:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if patience < 1 or not 0.0 <= quantile <= 1.0 or clip[0] > clip[1] or eps <= 0:
             raise ValueError("need patience >= 1, 0 <= quantile <= 1, clip=(lo, hi) with lo <= hi and eps > 0")
+        if anneal is not None and not 0.0 < anneal < 1.0:
+            raise ValueError(f"anneal must be a factor in (0, 1) (or None: stop), got {anneal}")
         if dist_mod.resolve_group(model, "auto") is not None:
             raise NotImplementedError("Guide is single-process for now: the model is wrapped in DDP or sharded (FSDP2)")
         self.model = unwrap(model)
         self.probes = {"unlearn": probes["unlearn"], "retain": probes["retain"]}
         self.groups = groups
         self.threshold, self.patience, self.target_forget_nll = float(threshold), int(patience), target_forget_nll
+        #: None: the ratio rule stops; a factor: it multiplies the learning rate by it instead (and starts counting
+        #: again)
+        self.anneal = anneal
         self.quantile, self.factor, self.scale = float(quantile), float(factor), scale
         self.clip = (float(clip[0]), float(clip[1]))
         self.eps = float(eps)
@@ -217,6 +227,7 @@ class Guide:
             "sample_weights": self._weights,
             **dict.fromkeys(("forget_nll", "retain_nll", "e_unlearn", "e_retain", "ratio")),
             "scaled_groups": {},
+            "annealed": None,
         }
         reason, streak = ("stopped earlier" if self.stopped else None), self.streak
         if not self.stopped and ("stop" in self.policies or "layers" in self.policies):
@@ -234,10 +245,16 @@ class Guide:
             if "stop" in self.policies:
                 streak = streak + 1 if ratio < self.threshold else 0
                 reason = self._stop_reason(dec, streak)
+        lrs = None
+        if reason is not None and self.anneal is not None and reason.startswith("ratio"):
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.anneal
+            dec["annealed"], reason, streak = f"{reason}: lr × {self.anneal:g}", None, 0
         dec["stop"], dec["reason"], dec["taken"] = reason is not None, reason, reason is None
         saved = self._apply(dec["scaled_groups"]) if reason is None else []
         dec["seconds"] = time.perf_counter() - t0 + self._weight_seconds
-        self._pending = {"decision": dec, "saved": saved, "streak": streak}
+        self._pending = {"decision": dec, "saved": saved, "streak": streak, "lrs": lrs, "optimizer": optimizer}
         return reason is None
 
     def end(self) -> dict[str, Any]:
@@ -269,6 +286,9 @@ class Guide:
             for p, _, _, grad in pending["saved"]:
                 if grad is not None:
                     p.grad.copy_(grad)
+        if pending["lrs"] is not None:  # an annealing undone
+            for g, lr in zip(pending["optimizer"].param_groups, pending["lrs"]):
+                g["lr"] = lr
 
     # -- pieces ------------------------------------------------------------------------------------------
     def _stop_reason(self, dec: Mapping[str, Any], streak: int) -> str | None:

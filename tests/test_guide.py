@@ -290,3 +290,25 @@ def test_report_shows_long_guided_runs_shortened():
     assert rows[half][1] == f"{30 - GUIDE_ROWS} steps more (guide.jsonl)"
     assert rows[half + 1][1] == str(30 - half + 1) and rows[-1][0] == "NPO"
     assert rows[0][5] == "embed×0" and rows[-1][4] == "0.5" and rows[-1][7] == "stop: ratio 0.5 < threshold 1"
+
+
+def test_anneal_cuts_the_learning_rate_instead_of_stopping():
+    model, forget, _, probes = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guide = Guide(model, probes, policies="stop", threshold=1e9, patience=2, anneal=0.5)
+    for _ in range(4):
+        _ga_grad(model, forget)
+        assert guide.step(opt)  # never stops
+    ann = [d["annealed"] for d in guide.decisions]
+    assert [a is not None for a in ann] == [False, True, False, True]  # at patience, then it counts again
+    assert ann[1].endswith("lr × 0.5") and not any(d["stop"] for d in guide.decisions)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    assert [d["lr"] for d in guide.decisions] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    once = Guide(model, probes, policies="stop", threshold=1e9, patience=1, anneal=0.5)
+    bad = _Boom(model.parameters(), lr=1e-3)
+    _ga_grad(model, forget)
+    with pytest.raises(RuntimeError, match="boom"):  # an annealing on a failed step is undone
+        once.step(bad)
+    assert bad.param_groups[0]["lr"] == 1e-3 and once.decisions == [] and once.streak == 0
+    with pytest.raises(ValueError, match="anneal"):
+        Guide(model, probes, anneal=1.5)
