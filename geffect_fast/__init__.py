@@ -20,6 +20,7 @@ from ._version import __version__
 _LAZY: dict[str, tuple[str, str | None]] = {
     "Direction": (".directions", "Direction"),
     "FactoredDirection": (".directions", "FactoredDirection"),
+    "Guide": (".guide", "Guide"),
     "PairwiseResult": (".pairwise", "PairwiseResult"),
     "Result": (".result", "Result"),
     "Sketch": (".sketch", "Sketch"),
@@ -39,6 +40,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 __all__ = [
     "Direction",
     "FactoredDirection",
+    "Guide",
     "PairwiseResult",
     "Result",
     "Sketch",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import capture, data, groups, objectives, ops
     from .api import measure
     from .directions import Direction, FactoredDirection
+    from .guide import Guide
     from .loss import risk
     from .ops import backends
     from .pairwise import PairwiseResult, measure_pairwise

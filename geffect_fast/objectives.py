@@ -128,13 +128,25 @@ class Objective:
                 f"objective {self.name!r} needs a retain batch: pass {{'forget': forget_batch, 'retain': retain_batch}}"
             )
         loss = self.forget_weight * self.forget_loss(model, forget, ref_model, idk=idk)
-        if self.retain == "gd":
-            loss = loss + self.retain_weight * risk(model, retain)
-        elif self.retain == "kl":
-            if ref_model is None:
-                raise ValueError(f"objective {self.name!r} with retain='kl' needs a reference model: pass ref_model=")
-            loss = loss + self.retain_weight * kl_to_reference(model, ref_model, retain, self.kl_positions)
+        if self.retain:
+            loss = loss + self.retain_loss(model, batch, ref_model)
         return loss
+
+    def retain_loss(self, model: nn.Module, batch: Any, ref_model: nn.Module | None = None) -> Tensor | float:
+        """The retain regulariser alone, λ·NLL(retain) (``"gd"``) or λ·KL(p_ref ‖ p_θ) (``"kl"``); 0 without one.
+        L_u = forget_weight·Σ_j ℓ^obj_j + retain_loss."""
+        if not self.retain:
+            return 0.0
+        _, retain, _ = split_batch(batch)
+        if retain is None:
+            raise ValueError(
+                f"objective {self.name!r} needs a retain batch: pass {{'forget': forget_batch, 'retain': retain_batch}}"
+            )
+        if self.retain == "gd":
+            return self.retain_weight * risk(model, retain)
+        if ref_model is None:
+            raise ValueError(f"objective {self.name!r} with retain='kl' needs a reference model: pass ref_model=")
+        return self.retain_weight * kl_to_reference(model, ref_model, retain, self.kl_positions)
 
     def forget_loss(self, model, forget, ref_model, idk=None) -> Tensor:
         return self.forget_per_sample(model, forget, ref_model, idk=idk).sum()

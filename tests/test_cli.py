@@ -429,6 +429,7 @@ def test_auto_groups_are_the_papers_depth_groups_for_deep_models():
         (lambda a, d: a.__setitem__(a.index("--lr") + 1, "inf"), "--lr must be a finite number > 0, got inf"),
         (lambda a, d: a.__setitem__(a.index("--lr") + 1, "nan"), "--lr must be a finite number > 0, got nan"),
         (lambda a, d: a.extend(["--prompt", "vicuna"]), "unknown --prompt 'vicuna'"),
+        (lambda a, d: a.extend(["--guide", "stop,often"]), "--guide: unknown guide policies ['often']"),
     ],
 )
 def test_run_bad_input(hf_model_dir, tmp_path, capsys, mutate, message):
@@ -443,6 +444,33 @@ def test_run_bad_input(hf_model_dir, tmp_path, capsys, mutate, message):
     assert err.count("\n") == 0 and err.startswith("geffect-fast run: error:") and message in err, err
     assert not out.exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_run_guide_end_to_end(hf_model_dir, tmp_path, capsys):
+    """--guide stop,layers,samples: every objective's decisions in guide.jsonl (one per step it reached, sample
+    weights per forget row of the step, the groups scaled), only the steps the guide let through tracked, and the
+    report's table of decisions; `report` re-renders it."""
+    out = tmp_path / "run"
+    args = _run_args(hf_model_dir, out, "--guide", "samples,layers,stop", "--steps", "3", "--batch-size", "4")
+    args[args.index("ga,npo")] = "ga,npo+kl"
+    assert main(args) == 0
+    decs = [json.loads(x) for x in (out / "guide.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "geffects.jsonl").read_text().splitlines()]
+    assert {d["objective"] for d in decs} == {"GA", "NPO+KL"}
+    for obj in ("GA", "NPO+KL"):
+        mine = [d for d in decs if d["objective"] == obj]
+        assert [d["step"] for d in mine] == list(range(1, len(mine) + 1))
+        assert all(len(d["sample_weights"]) in (4, 2) and isinstance(d["scaled_groups"], dict) for d in mine)
+        assert all(d["stop"] == (not d["taken"]) for d in mine) and (len(mine) == 3 or mine[-1]["stop"])
+        tracked = sorted({r["step"] for r in recs if r["objective"] == obj})
+        assert tracked == [d["step"] for d in mine if d["taken"]]
+    assert json.loads((out / "meta.json").read_text())["guide"] == "stop,layers,samples"
+    md = (out / "report.md").read_text()
+    table = md.split("## Guide decisions")[1].split("\n\n")[2].splitlines()
+    assert len(table) == 2 + len(decs) and table[2].startswith("| GA | 1 |")
+    assert "Guide decisions" in (out / "report.html").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == md
 
 
 def test_run_refuses_existing_output(hf_model_dir, tmp_path, capsys):

@@ -192,6 +192,15 @@ def _add_run(sub) -> None:
         metavar="K",
         help="rows of a probe set per pass (bounds peak memory; pooled exactly)",
     )
+    r.add_argument(
+        "--guide",
+        default=None,
+        metavar="POLICIES",
+        help="steer the unlearning by the G-effects (gf.Guide at its defaults), comma-separated: stop (end the run "
+        "once a step would raise the retain NLL more than the forget NLL, 2 steps running), layers (zero the "
+        "gradient of the layer groups that harm retention most per unit of unlearning), samples (weight each "
+        "forget sample by its unlearning against its harm); writes guide.jsonl; default: none",
+    )
 
 
 def _add_reproduce(sub) -> None:
@@ -385,6 +394,13 @@ def _check_run_args(args) -> list[str]:
         _at_least_one("--" + flag.replace("_", "-"), getattr(args, flag))
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.guide is not None:
+        from ..guide import parse_policies
+
+        try:
+            args.guide = ",".join(parse_policies(args.guide))
+        except ValueError as e:
+            raise CLIError(f"--guide: {e}") from None
     check_device(args.device)
     check_output_folder(args.out, args.force, _run_inputs(args))
     return names
@@ -418,16 +434,18 @@ def _run_batches(args, tok, forget_recs, retain_recs) -> dict:
     return {"forget": forget, "retain": retain, "idk": enc(idk_recs), "probes": probes}
 
 
-def _unlearn_each(args, names, ref, batches, groups, threads) -> list[dict]:
-    """Each objective unlearns its own trainable copy of ``ref``; the records of all of them."""
+def _unlearn_each(args, names, ref, batches, groups, threads) -> tuple[list[dict], list[dict]]:
+    """Each objective unlearns its own trainable copy of ``ref``; the records of all of them, and the guide's
+    decisions (each labelled with its objective; none without ``--guide``)."""
     from .. import objectives
     from . import pipeline
 
-    records = []
+    records, decisions = [], []
     for name in names:
         shown = catalog.display(name)
         m = pipeline.trainable_copy(ref)
         tracker: dict = {}
+        guide = _make_guide(args, m, batches["probes"], groups)
         tr = pipeline.unlearn(
             m,
             objectives.resolve(name),
@@ -449,12 +467,27 @@ def _unlearn_each(args, names, ref, batches, groups, threads) -> list[dict]:
             progress=_step_progress(shown, tracker, threads),
             smooth=args.smooth,
             probe_batch_size=args.probe_batch,
+            guide=guide,
         )
         records += tr.records
+        if guide is not None:
+            decisions += [{"objective": shown, **d} for d in guide.decisions]
         print(f"{shown} cumulative G-effect: " + ", ".join(f"{r} {v:+.3e}" for (o, r), v in tr.cumulative.items()))
         tracker.clear()
-        del m, tr  # the tracker holds the model: free both before the next copy
-    return records
+        del m, tr, guide  # the tracker holds the model: free both before the next copy
+    return records, decisions
+
+
+def _make_guide(args, model, probes, groups):
+    """The ``--guide`` policies' Guide of ``model`` (None without the flag), measuring as the tracker does."""
+    if args.guide is None:
+        return None
+    from ..guide import Guide
+    from . import pipeline
+
+    backend = pipeline.CPU_BACKEND if args.device == "cpu" else "auto"
+    return Guide(model, probes, policies=args.guide, groups=groups, backend=backend,
+                 mode="train" if args.grad_ckpt else "eval")  # fmt: skip
 
 
 def _run(args) -> int:
@@ -487,10 +520,12 @@ def _run(args) -> int:
         # copy of the weights fewer than keeping the loaded model beside its reference)
         ref = pipeline.frozen_copy(model, inplace=True)
         del model
-        records = _unlearn_each(args, names, ref, batches, groups, threads)
+        records, decisions = _unlearn_each(args, names, ref, batches, groups, threads)
         with open(tmp / "geffects.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+        if args.guide is not None:
+            (tmp / "guide.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
         meta = {
             "model": args.model,
             "data": f"forget {args.forget} ({len(forget_recs)}), retain {args.retain} ({len(retain_recs)})",
@@ -500,6 +535,7 @@ def _run(args) -> int:
             "direction": DIRECTION_NOTE[args.direction],
             "groups": groups_note,
             "smoothed": args.smooth,
+            "guide": args.guide or "none",
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_gb": round(peak_rss_gb(), 2),
         }

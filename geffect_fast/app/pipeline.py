@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..guide import Guide
 from ..loss import IGNORE_INDEX, forward_logits, risk
 from ..objectives import Objective, resolve
 from ..tracker import Tracker
@@ -137,6 +138,7 @@ def unlearn(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     on_tracker: Callable[[Tracker], None] | None = None,
+    guide: Guide | None = None,
     **tracker_kwargs: Any,
 ) -> Tracker:
     """Unlearn ``forget`` with ``objective`` (an objective, or its name: ``"npo"``, ``"npo+kl"``) for ``steps``
@@ -146,7 +148,12 @@ def unlearn(
     ``direction_norm`` = ‖v‖ of the measured direction (the gradient's, or the update's v = Δθ/lr), which puts the
     G-effects of different objectives on one scale: e/‖v‖ is the rate at which R changes per unit of parameter
     distance moved along v. ``on_tracker(tracker)`` is called once it exists. On a CPU the tracker measures with
-    :data:`CPU_BACKEND` unless ``backend=`` says otherwise."""
+    :data:`CPU_BACKEND` unless ``backend=`` says otherwise.
+
+    ``guide``: a :class:`~geffect_fast.guide.Guide` of ``model`` steers the steps: the loss is
+    ``guide.weighted(...)``, the guide decides and scales ``.grad`` before the tracker's step (so a ``"gradient"``
+    tracker measures the gradient the optimiser used), and the run ends at the first step the guide refuses —
+    not taken, not tracked (the decisions are in ``guide.decisions``)."""
     objective = resolve(objective)
     if "backend" not in tracker_kwargs:
         tracker_kwargs["backend"] = CPU_BACKEND if next(model.parameters()).device.type == "cpu" else "auto"
@@ -164,15 +171,11 @@ def unlearn(
         inputs: dict[str, Any] = {"forget": fb[step % len(fb)], "retain": rb[step % len(rb)]}
         if ib is not None:
             inputs["idk"] = ib[step % len(ib)]
-        loss = objective(model, inputs, ref_model)
+        loss = objective(model, inputs, ref_model) if guide is None else guide.weighted(objective, inputs, ref_model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         n_records = len(tracker.records)
-        norm = None if update else grad_norm(model)
-        with tracker.step(opt, loss=loss):
-            opt.step()
-        if update:
-            norm = adamw_update_norm(opt)
+        go, norm = _guided_step(tracker, opt, loss, guide, update)
         for rec in tracker.records[n_records:]:
             if rec["kind"] != "compare":
                 rec["direction_norm"] = norm
@@ -180,8 +183,33 @@ def unlearn(
         release_memory()
         if progress is not None:
             progress(step + 1, steps)
+        if not go:
+            break
     model.eval()
     return tracker
+
+
+def _guided_step(
+    tracker: Tracker, opt: torch.optim.Optimizer, loss: Tensor, guide: Guide | None, update: bool
+) -> tuple[bool, float | None]:
+    """One tracked optimiser step, decided (and its gradient scaled) by ``guide`` first: (whether it was taken,
+    ‖v‖ of the tracked direction — the gradient the optimiser used, or AdamW's update)."""
+    go = True if guide is None else guide.begin(opt)
+    norm = None
+    try:
+        if go:
+            norm = None if update else grad_norm(tracker.model)
+            with tracker.step(opt, loss=loss):
+                opt.step()
+            if update:
+                norm = adamw_update_norm(opt)
+    except BaseException:
+        if guide is not None:
+            guide.abort()
+        raise
+    if guide is not None:
+        guide.end()
+    return go, norm
 
 
 _ROW = 8192

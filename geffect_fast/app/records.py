@@ -147,10 +147,43 @@ REPORT_META = {
         f"{k}?": SCALAR
         for k in ("model", "data", "objectives", "steps", "lr", "direction", "groups", "answer_accuracy")
     },
-    **{f"{k}?": SCALAR for k in ("wall_time_s", "machine")},
+    **{f"{k}?": SCALAR for k in ("wall_time_s", "machine", "guide")},
     "most_harmful?": [{"question": str, "answer": str, "retain_g_effect": NUMBER}],
     "npo_scatter?": Maybe({"weights": [NUMBER], "geffect": [NUMBER], "step?": INTEGER}),
 }
+
+
+#: a line of guide.jsonl (``geffect-fast run --guide``: :class:`~geffect_fast.guide.Guide`'s decisions, labelled)
+GUIDE_DECISION = {
+    "objective": str,
+    "step": INTEGER,
+    **{f"{k}?": Maybe(NUMBER) for k in ("forget_nll", "retain_nll", "e_unlearn", "e_retain", "ratio")},
+    "scaled_groups?": {"*": NUMBER},
+    "sample_weights?": Maybe([NUMBER]),
+    "stop?": bool,
+    "reason?": Maybe(str),
+}
+
+
+def load_decisions(path: str | Path) -> list[dict[str, Any]]:
+    """The guide's decisions of a run folder (``guide.jsonl``), each checked against :data:`GUIDE_DECISION`; []
+    when the run was not guided. A ValueError names the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+        problem = shape_problem(d, GUIDE_DECISION, "")
+        if problem:
+            raise ValueError(f"{path}:{i}: {problem}")
+        out.append(d)
+    return out
 
 
 def read_meta(path: str | Path, shape: Any = None, required: bool = False) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .records import (
     UNIT_E,
     UNIT_PER_UNIT,
     common_scale,
+    load_decisions,
     load_records,
     per_unit,
     read_meta,
@@ -290,6 +291,7 @@ def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
     out = Path(out_dir) if out_dir is not None else run_dir
     recs = load_records(run_dir / "geffects.jsonl")
     meta = read_meta(run_dir / "meta.json")
+    guided = guide_rows(load_decisions(run_dir / "guide.jsonl"))
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
@@ -297,9 +299,9 @@ def render(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, 
         write_csv(rows, tmp / "summary.csv")
         images = plots(recs, tmp) + meta_plots(meta, tmp)
         facts = findings(recs)
-        md = _markdown(meta, rows, facts, images)
+        md = _markdown(meta, rows, facts, images, guided)
         (tmp / "report.md").write_text(md)
-        (tmp / "report.html").write_text(_html(meta, rows, facts, images, tmp))
+        (tmp / "report.html").write_text(_html(meta, rows, facts, images, tmp, guided))
         names = ["summary.csv", "report.md", "report.html", *(name for name, _ in images)]
         for name in names:
             os.replace(tmp / name, out / name)
@@ -383,6 +385,7 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         ("lr", "lr"),
         ("direction", "direction"),
         ("groups", "groups"),
+        ("guide", "guide policies"),
         ("answer_accuracy", "answer accuracy after fine-tuning"),
         ("wall_time_s", "wall time (s)"),
         ("machine", "machine"),
@@ -390,7 +393,57 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
     return [f"{label}: {meta[k]}" for k, label in keys if k in meta]
 
 
-def _markdown(meta, rows, facts, images) -> str:
+GUIDE_HEAD = ("objective", "step", "forget NLL", "retain NLL", "ρ", "groups scaled", "sample weights", "decision")
+GUIDE_NOTE = (
+    "The guide's decision at each step (`guide.jsonl`): ρ = max(−e_u, 0)/(−e_r), the unlearning per unit of "
+    "retention cost of the gradient about to be used (– where it does not harm retention); groups scaled by the "
+    "layers rule; sample weights (min–max) of the samples rule; NLLs before the step."
+)
+
+
+#: decisions per objective the report shows in full; longer runs show their first and last GUIDE_ROWS // 2
+GUIDE_ROWS = 20
+
+
+def _shown_decisions(decisions: Sequence[dict[str, Any]]) -> list[dict[str, Any] | int]:
+    """Each objective's decisions, its middle ones replaced by their count where it has more than GUIDE_ROWS."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for d in decisions:
+        by[d["objective"]].append(d)
+    out: list[dict[str, Any] | int] = []
+    half = GUIDE_ROWS // 2
+    for ds in by.values():
+        out += ds if len(ds) <= GUIDE_ROWS else [*ds[:half], len(ds) - 2 * half, *ds[-half:]]
+    return out
+
+
+def guide_rows(decisions: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row of text per guide decision (:data:`GUIDE_HEAD`); an objective with more than :data:`GUIDE_ROWS`
+    shows its first and last ones and a row saying how many steps are left out (all are in guide.jsonl)."""
+    rows = []
+    for d in _shown_decisions(decisions):
+        if isinstance(d, int):
+            rows.append(["…", f"{d} steps more (guide.jsonl)", *[""] * (len(GUIDE_HEAD) - 2)])
+            continue
+        w = d.get("sample_weights")
+        scaled = ", ".join(f"{g}×{f:g}" for g, f in (d.get("scaled_groups") or {}).items()) or "–"
+        decision = f"stop: {d.get('reason')}" if d.get("stop") else "step"
+        rows.append(
+            [
+                d["objective"],
+                str(d["step"]),
+                _fmt(d.get("forget_nll"), ".4g"),
+                _fmt(d.get("retain_nll"), ".4g"),
+                _fmt(d.get("ratio"), ".3g"),
+                scaled,
+                f"{min(w):.2f}–{max(w):.2f}" if w else "–",
+                decision,
+            ]
+        )
+    return rows
+
+
+def _markdown(meta, rows, facts, images, guided=()) -> str:
     head, body = _table(rows)
     lines = ["# G-effect report", "", SIGNS, ""]
     setup = _setup_lines(meta)
@@ -421,6 +474,10 @@ def _markdown(meta, rows, facts, images) -> str:
     note = _prediction_note(rows)
     if note:
         lines += [note, ""]
+    if guided:
+        lines += ["## Guide decisions", "", md(GUIDE_NOTE).replace("\\`", "`"), ""]
+        lines += ["| " + " | ".join(GUIDE_HEAD) + " |", "|" + "---|" * len(GUIDE_HEAD)]
+        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in guided] + [""]
     for name, cap in images:
         lines += [f"![{md(cap)}]({name})", "", f"*{md(cap)}*", ""]
     return "\n".join(lines)
@@ -436,7 +493,7 @@ ul.findings li{margin:.35em 0}.setup{color:#404859}
 .bad{color:#b3261e}.good{color:#1b6e3a}"""
 
 
-def _html(meta, rows, facts, images, out: Path) -> str:
+def _html(meta, rows, facts, images, out: Path, guided=()) -> str:
     def md_bold(s: str) -> str:  # a finding's Markdown (** bold, backslash escapes) as HTML
         parts = [html.escape(md_unescape(p)) for p in s.split("**")]
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
@@ -480,6 +537,11 @@ def _html(meta, rows, facts, images, out: Path) -> str:
         h.append("</table>")
     elif "most_harmful" in meta:
         h.append(f"<h2>Forget samples most harmful to retention</h2><p class='setup'>{html.escape(NONE_HARMFUL)}</p>")
+    if guided:
+        h.append(f"<h2>Guide decisions</h2><p class='setup'>{html.escape(GUIDE_NOTE)}</p><table><tr>")
+        h.append("".join(f"<th>{html.escape(c)}</th>" for c in GUIDE_HEAD) + "</tr>")
+        h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in guided]
+        h.append("</table>")
     for name, cap in images:
         b64 = base64.b64encode((out / name).read_bytes()).decode()
         h.append(

@@ -1,0 +1,358 @@
+"""G-effect-guided unlearning: read the G-effects of the step about to be taken and steer it.
+
+    guide = gf.Guide(model, probes={"unlearn": forget_batch, "retain": retain_batch},
+                     policies=("stop", "layers", "samples"), log="run/guide.jsonl")
+    for batch in loader:
+        loss = guide.weighted(objective, batch, ref)    # Σ_j w_j ℓ^obj_j (plain L_u without "samples")
+        loss.backward()
+        if not guide.step(optimizer):                   # measure, scale groups, optimizer.step(), log
+            break
+        optimizer.zero_grad()
+
+Sign convention (as everywhere here): e_R = ⟨∇R, v⟩ and a step θ − η·v changes R by about −η·e_R, so an
+unlearning G-effect e_u < 0 raises the forget NLL (wanted) and a retaining G-effect e_r < 0 raises the retain
+NLL (harm). v is the gradient in ``.grad`` when :meth:`Guide.step` is entered (after accumulation and any
+clipping): the paper's G-effect, ``Tracker(direction="gradient")``. With Adam the step taken is not along
+v; the rules below read the gradient's G-effects as the signal, not as a prediction of ΔR.
+
+Policies (each on its own or combined; ``e_{R,g}`` the G-effect of group g, ``e_R = Σ_g e_{R,g}``):
+
+``"layers"``: H = {g : e_{r,g} < 0} (groups whose gradient harms retention), cost c_g = −e_{r,g} /
+max(−e_{u,g}, ε) for g ∈ H, τ = the ``quantile``-quantile of {c_g : g ∈ H} (linear interpolation); every
+g ∈ H with c_g ≥ τ has its ``.grad`` multiplied by ``factor`` before ``optimizer.step()``. Knobs:
+``quantile=0.75``, ``factor=0.0``, ``eps=1e-12``. ``scale="grad"`` (default) scales the gradient, which is
+what SGD steps along; Adam normalises it per coordinate, so a factor ≠ 0 barely changes Adam's step and a
+factor 0 removes only the fresh gradient — the group still moves by its momentum, m/(√v + ε).
+``scale="update"`` scales the step itself: the chosen groups' parameters are set to θ_before + factor·Δθ
+after ``optimizer.step()`` (exact for any optimiser; costs a copy of those groups' parameters per step;
+the optimiser's state still saw the unscaled gradient).
+
+``"stop"``: from the G-effects of the step about to be taken (after ``layers``' scaling: e_R = Σ_g s_g
+e_{R,g}), the marginal unlearning per unit retention cost ρ = max(−e_u, 0) / max(−e_r, ε) when e_r < 0
+(ρ = ∞ when the step does not harm retention). Stop when ρ < ``threshold`` for ``patience`` consecutive
+steps, or when the forget NLL (R on the unlearn probe at the current θ) is ≥ ``target_forget_nll``. The
+step that triggers it is not taken; :meth:`Guide.step` returns False (and keeps returning False). Knobs:
+``threshold=1.0`` (stop once a step would raise the retain NLL more than the forget NLL), ``patience=2``,
+``target_forget_nll=None``. ``anneal=a`` (a in (0, 1)): where the ratio rule fires, multiply every parameter
+group's learning rate by a, take the step and count again, instead of stopping (the target still stops). A
+scheduler that sets the learning rate each step (``transformers.Trainer``'s) overrides it: there, anneal has no
+lasting effect.
+
+Cost of ``stop``/``layers`` per step: one tap pass (:func:`~geffect_fast.measure`) per probe set — about one
+forward+backward of each probe batch, the same as ``Tracker(direction="gradient")`` — plus, with
+``scale="update"``, a copy of the scaled groups' parameters.
+
+``"samples"``: in :meth:`Guide.weighted`, the pairwise G-effects E_R[i, j] = ⟨∇ℓ_i, ∇ℓ^obj_j⟩ of each forget
+sample j of the objective batch on each probe sample i (:func:`~geffect_fast.measure_pairwise`): u_j = Σ_i
+E_unlearn[i, j], h_j = Σ_i E_retain[i, j] (effects on the sums of the probe samples' mean NLLs). Benefit
+b_j = max(−u_j, 0), harm c_j = max(−h_j, 0), efficiency s_j = b_j / (b_j + c_j) (0 where b_j + c_j = 0),
+w_j = clip(s_j / mean_k s_k, lo, hi) (all 1 where every s_j = 0), and the loss is Σ_j w_j ℓ^obj_j (+ the
+objective's retain term, unweighted). The weights are detached. Knobs: ``clip=(0.0, 3.0)``. Cost per call:
+one extra objective forward+backward (its factors kept) and one pass per probe set with the pairwise
+contraction (:mod:`geffect_fast.pairwise`), beside the loss's own forward.
+
+Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``, ``lr``, ``forget_nll``,
+``retain_nll`` (at θ before the step), ``e_unlearn``, ``e_retain`` (after scaling), ``ratio`` (ρ; null when
+∞), ``scaled_groups`` ({group: factor}), ``annealed`` (why the learning rate was cut, or null),
+``sample_weights`` (the weights of the last :meth:`weighted` call before this step, or null), ``taken``
+(whether the optimiser stepped), ``stop``, ``reason``, ``seconds`` (the guide's own time this step, weighting
+included).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist_mod
+from . import groups as groups_mod
+from .api import measure
+from .directions import Direction
+from .engine import unwrap
+from .objectives import resolve
+from .pairwise import measure_pairwise
+
+POLICIES = ("stop", "layers", "samples")
+SCALES = ("grad", "update")
+
+
+def parse_policies(policies: str | Sequence[str]) -> tuple[str, ...]:
+    """``"stop,layers"`` or ``("stop", "layers")`` -> the policies in their canonical order (unknown refused)."""
+    names = [p.strip() for p in policies.split(",")] if isinstance(policies, str) else list(policies)
+    names = [p for p in names if p]
+    bad = [p for p in names if p not in POLICIES]
+    if bad or not names:
+        raise ValueError(f"unknown guide policies {bad or names}; use one or more of {', '.join(POLICIES)}")
+    return tuple(p for p in POLICIES if p in names)
+
+
+def layer_scales(
+    e_unlearn: Mapping[str, float], e_retain: Mapping[str, float], quantile: float, factor: float, eps: float
+) -> dict[str, float]:
+    """The ``layers`` rule: {group: factor} for the harmful groups (e_r,g < 0) whose cost −e_r,g/max(−e_u,g, ε)
+    is at least the ``quantile``-quantile of the harmful groups' costs."""
+    cost = {g: -e / max(-e_unlearn[g], eps) for g, e in e_retain.items() if e < 0}
+    if not cost:
+        return {}
+    tau = float(torch.quantile(torch.tensor(list(cost.values()), dtype=torch.float64), quantile))
+    return {g: float(factor) for g, c in cost.items() if c >= tau}
+
+
+def stop_ratio(e_unlearn: float, e_retain: float, eps: float) -> float:
+    """ρ = max(−e_u, 0) / max(−e_r, ε) where the step harms retention (e_r < 0), else ∞."""
+    if e_retain >= 0:
+        return math.inf
+    return max(-e_unlearn, 0.0) / max(-e_retain, eps)
+
+
+def sample_weights(u: Tensor, h: Tensor, clip: tuple[float, float]) -> Tensor:
+    """The ``samples`` rule: w_j = clip(s_j / mean s, lo, hi), s_j = b_j/(b_j + c_j), b = max(−u, 0),
+    c = max(−h, 0); all ones where every s_j is 0."""
+    b = (-u.double()).clamp(min=0)
+    c = (-h.double()).clamp(min=0)
+    tot = b + c
+    s = torch.where(tot > 0, b / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(tot))
+    if float(s.sum()) == 0.0:
+        return torch.ones_like(s)
+    return (s / s.mean()).clamp(clip[0], clip[1])
+
+
+class Guide:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Mapping[str, Mapping[str, Tensor]],
+        policies: str | Sequence[str] = POLICIES,
+        groups: Any = "block",
+        threshold: float = 1.0,
+        patience: int = 2,
+        target_forget_nll: float | None = None,
+        anneal: float | None = None,
+        quantile: float = 0.75,
+        factor: float = 0.0,
+        scale: str = "grad",
+        clip: tuple[float, float] = (0.0, 3.0),
+        eps: float = 1e-12,
+        log: str | Path | None = None,
+        backend: str = "auto",
+        mode: str = "eval",
+    ):
+        self.policies = parse_policies(policies)
+        missing = {"unlearn", "retain"} - set(probes)
+        if missing:
+            raise ValueError(f"Guide needs probes 'unlearn' (forget data) and 'retain'; missing {sorted(missing)}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if patience < 1 or not 0.0 <= quantile <= 1.0 or clip[0] > clip[1] or eps <= 0:
+            raise ValueError("need patience >= 1, 0 <= quantile <= 1, clip=(lo, hi) with lo <= hi and eps > 0")
+        if anneal is not None and not 0.0 < anneal < 1.0:
+            raise ValueError(f"anneal must be a factor in (0, 1) (or None: stop), got {anneal}")
+        if dist_mod.resolve_group(model, "auto") is not None:
+            raise NotImplementedError("Guide is single-process for now: the model is wrapped in DDP or sharded (FSDP2)")
+        self.model = unwrap(model)
+        self.probes = {"unlearn": probes["unlearn"], "retain": probes["retain"]}
+        self.groups = groups
+        self.threshold, self.patience, self.target_forget_nll = float(threshold), int(patience), target_forget_nll
+        #: None: the ratio rule stops; a factor: it multiplies the learning rate by it instead (and starts counting
+        #: again)
+        self.anneal = anneal
+        self.quantile, self.factor, self.scale = float(quantile), float(factor), scale
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.eps = float(eps)
+        self.backend, self.mode = backend, mode
+        #: one dict per step() call (see the module docstring)
+        self.decisions: list[dict[str, Any]] = []
+        self.n_steps = 0
+        self.stopped = False
+        self.streak = 0  #: consecutive steps with ρ < threshold
+        self.log_path = _empty_log(log)
+        self._weights: list[float] | None = None
+        self._weight_seconds = 0.0
+        self._pending: dict[str, Any] | None = None
+        self._grouping: groups_mod.Grouping | None = None
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def weighted(self, objective: Any, batch: Any, ref_model: nn.Module | None = None) -> Tensor:
+        """The objective's loss with each forget sample weighted by the ``samples`` rule: Σ_j w_j ℓ^obj_j (+ its
+        retain term); without the ``samples`` policy, the objective's loss itself."""
+        objective = resolve(objective)
+        if "samples" not in self.policies:
+            return objective(self.model, batch, ref_model)
+        if not callable(getattr(objective, "per_sample", None)):
+            raise TypeError(f"the samples policy needs an objective with per_sample(), not {objective!r}")
+        t0 = time.perf_counter()
+        forget_only = objective
+        if getattr(objective, "retain", None):
+            forget_only = copy.copy(objective)
+            forget_only.retain = None
+        E = measure_pairwise(self.model, forget_only, batch, self.probes, self.groups, ref_model, mode=self.mode)
+        w = sample_weights(E.total("unlearn").sum(0), E.total("retain").sum(0), self.clip)
+        self._weights = [float(x) for x in w]
+        self._weight_seconds += time.perf_counter() - t0
+        per = forget_only.per_sample(self.model, batch, ref_model)
+        loss = (w.to(device=per.device, dtype=per.dtype) * per).sum()
+        if forget_only is not objective:
+            loss = loss + objective.retain_loss(self.model, batch, ref_model)
+        return loss
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Measure the gradient's G-effects, scale the chosen groups, take ``optimizer.step()`` unless the stop
+        rule fires, log the decision; returns whether to go on. On an error nothing is changed: ``.grad`` and
+        the guide's state are as before the call."""
+        go = self.begin(optimizer)
+        try:
+            if go:
+                optimizer.step()
+        except BaseException:
+            self.abort()
+            raise
+        self.end()
+        return go
+
+    def begin(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Before ``optimizer.step()``: measure, decide, scale ``.grad``; returns whether to take the step."""
+        if self._pending is not None:
+            raise RuntimeError("Guide.begin() called twice without end() or abort()")
+        t0 = time.perf_counter()
+        dec: dict[str, Any] = {
+            "step": self.n_steps + 1,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "sample_weights": self._weights,
+            **dict.fromkeys(("forget_nll", "retain_nll", "e_unlearn", "e_retain", "ratio")),
+            "scaled_groups": {},
+            "annealed": None,
+        }
+        reason, streak = ("stopped earlier" if self.stopped else None), self.streak
+        if not self.stopped and ("stop" in self.policies or "layers" in self.policies):
+            res = measure(self.model, self._grad_direction(), self.probes, self.groups, backend=self.backend,
+                          mode=self.mode)  # fmt: skip
+            eu, er = res.by_group["unlearn"], res.by_group["retain"]
+            dec["forget_nll"], dec["retain_nll"] = res.loss["unlearn"], res.loss["retain"]
+            if "layers" in self.policies:
+                dec["scaled_groups"] = layer_scales(eu, er, self.quantile, self.factor, self.eps)
+            s = dec["scaled_groups"]
+            dec["e_unlearn"] = sum(s.get(g, 1.0) * e for g, e in eu.items())
+            dec["e_retain"] = sum(s.get(g, 1.0) * e for g, e in er.items())
+            ratio = stop_ratio(dec["e_unlearn"], dec["e_retain"], self.eps)
+            dec["ratio"] = None if math.isinf(ratio) else ratio
+            if "stop" in self.policies:
+                streak = streak + 1 if ratio < self.threshold else 0
+                reason = self._stop_reason(dec, streak)
+        lrs = None
+        if reason is not None and self.anneal is not None and reason.startswith("ratio"):
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.anneal
+            dec["annealed"], reason, streak = f"{reason}: lr × {self.anneal:g}", None, 0
+        dec["stop"], dec["reason"], dec["taken"] = reason is not None, reason, reason is None
+        saved = self._apply(dec["scaled_groups"]) if reason is None else []
+        dec["seconds"] = time.perf_counter() - t0 + self._weight_seconds
+        self._pending = {"decision": dec, "saved": saved, "streak": streak, "lrs": lrs, "optimizer": optimizer}
+        return reason is None
+
+    def end(self) -> dict[str, Any]:
+        """After ``optimizer.step()`` (or in its place when begin() said stop): finish and log the decision."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("Guide.end() without begin()")
+        dec = pending["decision"]
+        if self.scale == "update" and dec["taken"]:
+            with torch.no_grad():
+                for p, factor, before, _ in pending["saved"]:
+                    p.copy_(before + factor * (p - before))
+        self.n_steps += 1
+        self.streak = pending["streak"]
+        self.stopped = self.stopped or dec["stop"]
+        self._weights, self._weight_seconds = None, 0.0
+        self.decisions.append(dec)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(dec) + "\n")
+        return dec
+
+    def abort(self) -> None:
+        """Undo begin(): the scaled gradients come back as they were (the guide's state was not advanced)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        with torch.no_grad():
+            for p, _, _, grad in pending["saved"]:
+                if grad is not None:
+                    p.grad.copy_(grad)
+        if pending["lrs"] is not None:  # an annealing undone
+            for g, lr in zip(pending["optimizer"].param_groups, pending["lrs"]):
+                g["lr"] = lr
+
+    # -- pieces ------------------------------------------------------------------------------------------
+    def _stop_reason(self, dec: Mapping[str, Any], streak: int) -> str | None:
+        target = self.target_forget_nll
+        if target is not None and dec["forget_nll"] >= target:
+            return f"forget NLL {dec['forget_nll']:.4g} >= target {target:.4g}"
+        if streak >= self.patience:
+            return f"ratio {dec['ratio']:.4g} < threshold {self.threshold:.4g} for {streak} step(s)"
+        return None
+
+    def _grad_direction(self) -> Direction:
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        tensors = {n: p.grad.detach() for n, p in trainable.items() if p.grad is not None}
+        if not tensors:
+            raise ValueError("no parameter has a .grad: run a backward pass before guide.step()")
+        return Direction(tensors, "gradient", zero=[n for n in trainable if n not in tensors])
+
+    def group_of(self) -> dict[str, str]:
+        """Parameter name -> its group (the groups the decisions name)."""
+        if self._grouping is None:
+            names = [n for n, _ in self.model.named_parameters()]
+            self._grouping = groups_mod.assign(self.model, self.groups, names)
+            if self._grouping.parts:
+                raise ValueError("the layers policy cannot scale groups that split a parameter (groups='module' "
+                                 "on stacked experts); use groups='block' or a callable")  # fmt: skip
+        return {n: self._grouping.names[i] for n, i in self._grouping.of.items()}
+
+    def _apply(self, scales: Mapping[str, float]) -> list[tuple[nn.Parameter, float, Tensor | None, Tensor | None]]:
+        """Scale the chosen groups' ``.grad`` (scale="grad") or copy their parameters (scale="update"); returns
+        (parameter, factor, θ_before or None, the gradient before scaling or None) for end() and abort()."""
+        if not scales:
+            return []
+        of = self.group_of()
+        saved = []
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                factor = scales.get(of.get(n))
+                if factor is None or not p.requires_grad:
+                    continue
+                if self.scale == "update":
+                    saved.append((p, factor, p.detach().clone(), None))
+                elif p.grad is not None:
+                    saved.append((p, factor, None, p.grad.detach().clone()))
+                    p.grad.mul_(factor)
+        return saved
+
+    def summary(self) -> str:
+        """One line per step: the decision in words."""
+        lines = []
+        for d in self.decisions:
+            scaled = ", ".join(f"{g}×{f:g}" for g, f in d["scaled_groups"].items()) or "-"
+            ratio = "inf" if d["ratio"] is None else f"{d['ratio']:.3g}"
+            lines.append(
+                f"step {d['step']}: ratio {ratio}, scaled {scaled}" + (f"; STOP: {d['reason']}" if d["stop"] else "")
+            )
+        return "\n".join(lines)
+
+
+def _empty_log(log: str | Path | None) -> Path | None:
+    if log is None:
+        return None
+    path = Path(log)
+    if path.is_file() and path.stat().st_size > 0:
+        raise FileExistsError(f"log file {path} exists and holds records; remove it or pass another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    return path
