@@ -26,6 +26,8 @@ finished case); ``--budget`` seconds leave the later cases out, with a row sayin
    at K = 1), peak memory beyond the model, and agreement with measure(backend="reference") — once per case,
    at K = 1, with the reference's tiles enlarged (its default 4 MB tiles mean ~1e5 small launches).
 5. Host overhead: ours/plain against batch size, B = 1, 4, 16 at T = 128.
+6. Where the budget leaves ≥ 8 s, last: measure() through MoE layers (a tiny Mixtral, 8 experts top-2, hidden 512,
+   B×T = 8×128, bf16, K = 1; eager experts as the pass runs them), a row of e2e_gpu.csv (target ≤ 1.15).
 
 Writes ops_gpu.csv (``ops``), e2e_gpu.csv and batch_gpu.csv (``e2e``), and summary_<sections>.md to DIR.
 """
@@ -79,6 +81,9 @@ QUICK_MODEL = (64, 2, 128, 4, 256)
 E2E_CASES = [(8, 512, 1, "bf16"), (32, 128, 1, "bf16"), (8, 512, 3, "bf16"), (32, 128, 3, "bf16"), (8, 512, 1, "fp32")]
 QUICK_CASES = [(2, 16, 1, "bf16"), (2, 16, 2, "bf16"), (2, 16, 1, "fp32")]
 BATCHES = [1, 4, 16]
+#: the MoE row (issue 20): a tiny Mixtral (hidden, layers, experts, top-k, expert width, vocab) and its batch (B, T)
+MOE_MODEL, MOE_BATCH = (512, 4, 8, 2, 1024, 32000), (8, 128)
+QUICK_MOE_MODEL, QUICK_MOE_BATCH = (64, 1, 4, 2, 64, 256), (2, 16)
 SAMPLES = 16  # samples of the op benchmarks' uniform segments
 #: seconds one timing sample lasts at least (R back-to-back calls per event pair)
 SAMPLE_S = 2e-3
@@ -440,7 +445,41 @@ def bench_e2e(dev, spec: tuple, cases: list, batches: list[int], repeats: int, b
         print(f"B{Bn:<3} T{T}  plain {t_plain * 1e3:8.2f} ms  ours {t_ours * 1e3:8.2f} ms  x{t_ours / t_plain:5.2f}",
               flush=True)  # fmt: skip
         flush(e2e, sweep)
+    if budget.left() >= 8:  # last: the MoE row (experts and routers per sample, eager experts)
+        moe, (Bm, Tm) = (MOE_MODEL, MOE_BATCH) if spec is E2E_MODEL else (QUICK_MOE_MODEL, QUICK_MOE_BATCH)
+        e2e.append(_moe_row(dev, moe, Bm, Tm, repeats))
+        flush(e2e, sweep)
     return e2e, sweep
+
+
+def _moe_row(dev: torch.device, spec: tuple, Bn: int, T: int, repeats: int) -> dict:
+    """measure() vs plain forward+backward through MoE layers (bf16, K = 1): a row of the e2e table."""
+    import geffect_fast as gf
+    from benchmarks._common import padded_batch
+    from benchmarks.bench_moe import mixtral_model as mixtral
+
+    hidden, layers, experts, top_k, inter, vocab = spec
+    with torch.device(dev):
+        model = mixtral(hidden, layers, experts, top_k, inter, vocab).to(torch.bfloat16)
+    batch = {k: t.to(dev) for k, t in padded_batch(Bn, T, vocab, torch.Generator().manual_seed(0)).items()}
+    d = _direction(model, 1, torch.bfloat16, seed=11)
+
+    def plain():
+        gf.risk(model, batch).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def measure():
+        gf.measure(model, d, {"r": batch}, per_instance=True)
+
+    t_plain, t_ours = timeit(plain, dev, repeats, inner=1), timeit(measure, dev, repeats, inner=1)
+    row = dict(case=f"MoE Mixtral {experts}x top-{top_k} B{Bn} T{T} K1 dir bf16", K=1,
+               params=sum(p.numel() for p in model.parameters()), plain_ms=t_plain * 1e3, ours_ms=t_ours * 1e3,
+               ours_over_plain=t_ours / t_plain, plain_peak_mib=_peak(dev, plain), ours_peak_mib=_peak(dev, measure),
+               backend="auto")  # fmt: skip
+    print(f"{row['case']:<26} plain {t_plain * 1e3:8.2f} ms  ours {t_ours * 1e3:8.2f} ms  x{t_ours / t_plain:5.2f}",
+          flush=True)  # fmt: skip
+    return row
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from benchmarks._memtrack import PeakBytes
 
 
-def _model(hidden: int, layers: int, experts: int, top_k: int, inter: int, vocab: int):
+def mixtral_model(hidden: int, layers: int, experts: int, top_k: int, inter: int, vocab: int):
     import transformers as tf
 
     cfg = tf.MixtralConfig(
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> str:
     import geffect_fast as gf
 
     dev = torch.device(args.device)
-    model = _model(args.hidden, args.layers, args.experts, args.top_k, args.inter, args.vocab).to(dev)
+    model = mixtral_model(args.hidden, args.layers, args.experts, args.top_k, args.inter, args.vocab).to(dev)
     g = torch.Generator().manual_seed(1)
     v = gf.Direction({n: torch.randn(p.shape, generator=g).to(dev) for n, p in model.named_parameters()}, "v")
     ids = torch.randint(2, args.vocab, (args.B, args.T), generator=g).to(dev)

@@ -93,7 +93,7 @@ def test_simulate_runs_every_step_and_ends_with_the_verdict(tmp_path):
         assert "build: ok" in block and "steps not ok: none" in block
     else:  # no cmake here: the build fails and every later step runs on the source tree
         assert "build: FAILED" in block and "steps not ok: build;" in block
-    for target in ("linear_dot vs cuBLAS", "split vs 2 GEMMs", "embedding_dot", "norm_dot", "measure/plain"):
+    for target in ("linear_dot vs cuBLAS", "split vs 2 GEMMs", "embedding_dot", "norm_dot", "measure/plain", "MoE"):
         assert target in block and "not measured" not in block, block
     assert re.search(r"tests: \d+ passed", block), block
     assert (out / "verdict.txt").read_text().strip() == block.strip()
@@ -116,6 +116,9 @@ def test_simulate_runs_every_step_and_ends_with_the_verdict(tmp_path):
             assert float(row["rel_err"]) < 1e-4, row  # every route agrees with float64 (bf16 split included)
         assert {row["op"] for row in ops if row.get("op")} >= {"embedding_dot", "norm_dot", "row_dot", "segment_outer"}
         e2e = _csv(tf, "e2e_gpu.csv")
+        moe = [x for x in e2e if x["case"].startswith("MoE")]  # the MoE row, last (issue 20)
+        assert len(moe) == 1 and float(moe[0]["ours_over_plain"]) > 0 and e2e[-1] is moe[0]
+        e2e = e2e[:-1]
         assert len(e2e) == 3
         agree = [float(x["agree_vs_reference"]) for x in e2e if x["K"] == "1"]
         assert len(agree) == 2 and max(agree) < 1e-3  # the reference once per case, at K = 1
