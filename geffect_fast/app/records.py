@@ -40,21 +40,28 @@ def load_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no geffects.jsonl at {path}")
-    recs = []
+    recs = read_jsonl(path, record_problem)
+    if not recs:
+        raise ValueError(f"{path} holds no records")
+    return recs
+
+
+def read_jsonl(path: Path, problem_of: Callable[[Any], str | None]) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (blank lines skipped), each checked by ``problem_of`` (a reason, or None); a
+    ValueError names the file, the line and the problem."""
+    out = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            d = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-        problem = record_problem(r)
+            raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+        problem = problem_of(d)
         if problem:
             raise ValueError(f"{path}:{i}: {problem}")
-        recs.append(r)
-    if not recs:
-        raise ValueError(f"{path} holds no records")
-    return recs
+        out.append(d)
+    return out
 
 
 def finite(x: Any) -> bool:
@@ -171,19 +178,7 @@ def load_decisions(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-        problem = shape_problem(d, GUIDE_DECISION, "")
-        if problem:
-            raise ValueError(f"{path}:{i}: {problem}")
-        out.append(d)
-    return out
+    return read_jsonl(path, lambda d: shape_problem(d, GUIDE_DECISION, ""))
 
 
 def read_meta(path: str | Path, shape: Any = None, required: bool = False) -> dict[str, Any]:
