@@ -224,9 +224,16 @@ def place_labels(ax, points: Sequence[tuple[float, float]], names: Sequence[str]
 
 # -- checks --------------------------------------------------------------------------------------------------------
 def save(fig, path: Path) -> None:
-    """Draw, read every value axis's tick labels back, and save. An axis that shows tick labels but has fewer
-    than two readable ones in view (a symmetric-log axis whose data sit inside one decade, say) is redrawn
-    linear before saving; :func:`figure_problems` must then find nothing."""
+    """Draw, read every value axis's tick labels back, save and close the figure. An axis that shows tick labels
+    but has fewer than two readable ones in view (a symmetric-log axis whose data sit inside one decade, say) is
+    redrawn linear before saving; :func:`figure_problems` must then find nothing."""
+    try:
+        _save(fig, path)
+    finally:
+        _pyplot().close(fig)
+
+
+def _save(fig, path: Path) -> None:
     fig.canvas.draw()
     redo = False
     for ax in fig.axes:
@@ -357,7 +364,6 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
             fig = _curves(plt, series, objs, groups, mode, last_step)
             how = "one row per objective; a colour and line style per group, embedding (dark) to head (light)"
         save(fig, out / name)
-        plt.close(fig)
         what = "summed over steps 1…s" if mode == "cumulative" else "of each step"
         made.append(
             (
@@ -369,7 +375,6 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     if common_scale(recs):
         fig = _per_unit(plt, series, objs, last_step)
         save(fig, out / "geffects_per_unit.png")
-        plt.close(fig)
         made.append(
             (
                 "geffects_per_unit.png",
@@ -382,7 +387,6 @@ def plots(recs: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     if any(r.get("loss") is not None for r in recs):
         fig = _nll(plt, series, objs, last_step)
         save(fig, out / "nll.png")
-        plt.close(fig)
         made.append(
             (
                 "nll.png",
@@ -614,7 +618,6 @@ def _per_instance(plt, series, objs, out: Path) -> list[tuple[str, str]]:
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.25)
     save(fig, out / "per_instance.png")
-    plt.close(fig)
     shaded = (
         " The grey band is the linear part of the symmetric-log axis (within it values are drawn to scale; beyond it "
         "each power of ten takes the same height)."
@@ -646,7 +649,6 @@ def meta_plots(meta: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     save(fig, out / "npo_weights.png")
-    plt.close(fig)
     return [
         (
             "npo_weights.png",
@@ -691,7 +693,6 @@ def _findings_depth(plt, series, names, groups, out: Path) -> tuple[str, str]:
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=8)
     save(fig, out / "findings_depth.png")
-    plt.close(fig)
     return ("findings_depth.png", "Finding 1: G-effect magnitude per depth third, summed over the steps.")
 
 
@@ -717,7 +718,6 @@ def _findings_geffects(plt, series, names, colours, last_step: int, out: Path) -
             ax.tick_params(labelsize=8)
     axes[0][0].legend(ncol=2, fontsize=8)
     save(fig, out / "findings_geffects.png")
-    plt.close(fig)
     return ("findings_geffects.png", "G-effects per step: unsmoothed (left), official smoothing (right).")
 
 
@@ -737,7 +737,6 @@ def _findings_nll(plt, outcomes, names, colours, out: Path) -> tuple[str, str]:
         ax.tick_params(labelsize=8)
     axes[0].legend(ncol=2, fontsize=8)
     save(fig, out / "findings_nll.png")
-    plt.close(fig)
     return ("findings_nll.png", "Finding 3: forget and retain NLL along the run.")
 
 
@@ -762,5 +761,4 @@ def _findings_tradeoff(plt, outcomes, names, colours, out: Path) -> tuple[str, s
     ax.grid(alpha=0.25)
     place_labels(ax, pts, names, colours)
     save(fig, out / "findings_tradeoff.png")
-    plt.close(fig)
     return ("findings_tradeoff.png", "Findings 2, 4, 5: what each objective unlearned against what it cost.")
