@@ -403,3 +403,16 @@ class FixedLogits(nn.Module):
         out = Out()
         out.logits = self.logits
         return out
+
+
+class Rows(torch.utils.data.Dataset):
+    """A batch's rows as a dataset (for ``transformers.Trainer``): item i is every tensor's row i."""
+
+    def __init__(self, batch: dict[str, Tensor]):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.batch.items()}

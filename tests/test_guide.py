@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_batch, make_model
+from helpers import Rows, make_batch, make_model
 
 import geffect_fast as gf
 from geffect_fast import objectives as O
@@ -207,17 +207,6 @@ def test_bad_options_are_refused():
         Guide(model, probes).step(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0]
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
 def _trainer(tmp_path, model, cb, steps=3):
     from transformers import Trainer, TrainingArguments
 
@@ -234,7 +223,7 @@ def _trainer(tmp_path, model, cb, steps=3):
         use_cpu=True,
         seed=0,
     )
-    return Trainer(model=model, args=args, train_dataset=_Rows(make_batch(model, B=12, seed=3)), callbacks=[cb])
+    return Trainer(model=model, args=args, train_dataset=Rows(make_batch(model, B=12, seed=3)), callbacks=[cb])
 
 
 def test_callback_acts_once_per_optimiser_step_under_gradient_accumulation(tmp_path):

@@ -3,21 +3,10 @@
 import json
 
 import torch
-from helpers import make_batch, make_model
+from helpers import Rows, make_batch, make_model
 from transformers import Trainer, TrainingArguments
 
 from geffect_fast.hf import GEffectCallback
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __len__(self):
-        return self.batch["input_ids"].shape[0]
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
 
 
 def test_callback_in_trainer(tmp_path):
