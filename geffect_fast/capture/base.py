@@ -252,6 +252,19 @@ class FunctionalTap(TorchFunctionMode):
         return None
 
 
+def linear_rows(g: Tensor, o: int, saved: Sequence[Tensor]) -> tuple[Tensor | None, Tensor]:
+    """A linear map's tap in its backward: (input a as [rows, i] — None when nothing was saved —, output gradient g
+    as [rows, o]), in one dtype (under autocast the layer ran in half and its input is wider)."""
+    g2 = g.reshape(-1, o)
+    if not saved:
+        return None, g2
+    a2 = saved[0].reshape(-1, saved[0].shape[-1])
+    if a2.dtype != g2.dtype:
+        dt = torch.promote_types(a2.dtype, g2.dtype)
+        a2, g2 = a2.to(dt), g2.to(dt)
+    return a2, g2
+
+
 def first_input(args: tuple, kwargs: dict, name: str) -> Tensor:
     """The module's first positional argument, or the keyword ``name``."""
     if args:

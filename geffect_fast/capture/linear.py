@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, FunctionalTap, PassState, Tap, first_input
+from .base import Adapter, FunctionalTap, PassState, Tap, first_input, linear_rows
 from .registry import register, register_recogniser
 
 
@@ -30,14 +30,7 @@ class _LinearLike(Adapter):
         o = tap.module.weight.shape[1 if transposed else 0]  # output features
 
         def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
-            g2 = g.reshape(-1, o)
-            a2 = None
-            if saved:
-                a = saved[0]
-                a2 = a.reshape(-1, a.shape[-1])
-                if a2.dtype != g2.dtype:  # autocast: the layer ran in half, its input is wider
-                    dt = torch.promote_types(a2.dtype, g2.dtype)
-                    a2, g2 = a2.to(dt), g2.to(dt)
+            a2, g2 = linear_rows(g, o, saved)
             for c, w, b in parts:
                 c.linear(w, b, a2, g2, seg, transposed)
 

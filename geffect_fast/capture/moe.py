@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..groups import stacked_experts
 from ..ops.contract import seg_tensor
-from .base import Adapter, FunctionalTap, NotPerSampleError, PassState, Slot, Tap, first_input
+from .base import Adapter, FunctionalTap, NotPerSampleError, PassState, Slot, Tap, first_input, linear_rows
 from .linear import LinearAdapter
 from .registry import register_recogniser
 
@@ -133,17 +133,22 @@ def _known(ft: RowTap, func, args: tuple, kwargs: dict):
 
         return sliced
     if func is F.linear:
+        x = args[0] if args else kwargs["input"]
         w = args[1] if len(args) > 1 else kwargs.get("weight")
         b = args[2] if len(args) > 2 else kwargs.get("bias")
-        if ft.slice_of(w) is not None:
-            return lambda out, a, kw: ft.on_use("linear", out, args[0] if args else kw["input"], ft.slice_of(w),
-                                                ft.slice_of(b) if b is not None else None)  # fmt: skip
-    elif func in _MATMULS and len(args) == 2 and ft.slice_of(args[1]) is not None:
-        return lambda out, a, kw: ft.on_use("matmul", out, args[0], ft.slice_of(args[1]), None)
+        ws = ft.slice_of(w)
+        if ws is not None:
+            bs = None if b is None else ft.slice_of(b)
+            return lambda out, a, kw: ft.on_use("linear", out, x, ws, bs)
+    elif func in _MATMULS and len(args) == 2:
+        ws = ft.slice_of(args[1])
+        if ws is not None:
+            return lambda out, a, kw: ft.on_use("matmul", out, args[0], ws, None)
     elif func in _ADDS and len(args) == 2:
         for y, b in ((args[0], args[1]), (args[1], args[0])):
-            if ft.slice_of(b) is not None and ft.rows_of(y) is not None:
-                return lambda out, a, kw, y=y, b=b: ft.on_use("add", out, y, None, ft.slice_of(b))
+            bs = ft.slice_of(b)
+            if bs is not None and ft.rows_of(y) is not None:
+                return lambda out, a, kw, y=y, bs=bs: ft.on_use("add", out, y, None, bs)
     return None
 
 
@@ -159,36 +164,32 @@ class ExpertsAdapter(Adapter):
 
     def bind(self, tap: Tap, state: PassState):
         module = tap.module
-        slots: dict[tuple[int, str, int], Slot] = {}
+        #: (kind, weight slice, bias slice, out features) -> (backward, whether the weight is measured, any part):
+        #: made at a call's first use in the first pass, reused at every later one
+        made: dict[tuple, tuple[Callable, bool, bool]] = {}
 
-        def slot(i: int, sl: dict[str, Slot], local: str | None, e: int) -> Slot | None:
+        def slot(sl: dict[str, Slot], local: str | None, e: int) -> Slot | None:
             if local is None or local not in sl:
                 return None
-            s = slots.get((i, local, e))
-            if s is None:
-                base = sl[local]
-                group = base.part_groups[e] if base.part_groups else base.group
-                s = slots[(i, local, e)] = Slot(base.name, local, group, base.index, e)
-            return s
+            base = sl[local]
+            return Slot(base.name, local, base.part_groups[e] if base.part_groups else base.group, base.index, e)
 
         def backward_for(kind: str, w: tuple[str, int] | None, b: tuple[str, int] | None, o: int):
+            key = (kind, w, b, o)
+            if key in made:
+                return made[key]
             e = (w or b)[1]
-            parts = [(c, slot(i, sl, w and w[0], e), slot(i, sl, b and b[0], e)) for i, (c, sl) in enumerate(tap.parts)]
+            parts = [(c, slot(sl, w and w[0], e), slot(sl, b and b[0], e)) for c, sl in tap.parts]
             parts = [p for p in parts if p[1] is not None or p[2] is not None]
             transposed = kind == "matmul"
 
             def backward(g: Tensor, seg, saved: Sequence[Tensor]) -> None:
-                g2 = g.reshape(-1, o)
-                a2 = None
-                if saved:
-                    a2 = saved[0].reshape(-1, saved[0].shape[-1])
-                    if a2.dtype != g2.dtype:
-                        dt = torch.promote_types(a2.dtype, g2.dtype)
-                        a2, g2 = a2.to(dt), g2.to(dt)
+                a2, g2 = linear_rows(g, o, saved)
                 for c, ws, bs in parts:
                     c.linear(ws, bs, a2 if ws is not None else None, g2, seg, transposed)
 
-            return backward, any(p[1] is not None for p in parts), bool(parts)
+            made[key] = backward, any(p[1] is not None for p in parts), bool(parts)
+            return made[key]
 
         def on_use(kind: str, out: Tensor, x: Tensor, w, b) -> Tensor:
             ft: RowTap = box[0]
