@@ -62,7 +62,6 @@ included).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_mod
 from . import groups as groups_mod
+from . import logs
 from .api import measure
 from .directions import Direction
 from .engine import unwrap
@@ -172,7 +172,7 @@ class Guide:
         self.n_steps = 0
         self.stopped = False
         self.streak = 0  #: consecutive steps with ρ < threshold
-        self.log_path = _empty_log(log)
+        self.log_path = logs.empty_log(log, "guide")
         self._weights: list[float] | None = None
         self._weight_seconds = 0.0
         self._pending: dict[str, Any] | None = None
@@ -231,8 +231,9 @@ class Guide:
         }
         reason, streak = ("stopped earlier" if self.stopped else None), self.streak
         if not self.stopped and ("stop" in self.policies or "layers" in self.policies):
-            res = measure(self.model, self._grad_direction(), self.probes, self.groups, backend=self.backend,
-                          mode=self.mode)  # fmt: skip
+            # the .grad tensors themselves, no copy: measured before anything scales them
+            v = Direction.from_grads(self.model, "gradient", copy=False, when="before guide.step()")
+            res = measure(self.model, v, self.probes, self.groups, backend=self.backend, mode=self.mode)
             eu, er = res.by_group["unlearn"], res.by_group["retain"]
             dec["forget_nll"], dec["retain_nll"] = res.loss["unlearn"], res.loss["retain"]
             if "layers" in self.policies:
@@ -272,9 +273,7 @@ class Guide:
         self.stopped = self.stopped or dec["stop"]
         self._weights, self._weight_seconds = None, 0.0
         self.decisions.append(dec)
-        if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(dec) + "\n")
+        logs.append(self.log_path, [dec])
         return dec
 
     def abort(self) -> None:
@@ -298,13 +297,6 @@ class Guide:
         if streak >= self.patience:
             return f"ratio {dec['ratio']:.4g} < threshold {self.threshold:.4g} for {streak} step(s)"
         return None
-
-    def _grad_direction(self) -> Direction:
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        tensors = {n: p.grad.detach() for n, p in trainable.items() if p.grad is not None}
-        if not tensors:
-            raise ValueError("no parameter has a .grad: run a backward pass before guide.step()")
-        return Direction(tensors, "gradient", zero=[n for n in trainable if n not in tensors])
 
     def group_of(self) -> dict[str, str]:
         """Parameter name -> its group (the groups the decisions name)."""
@@ -345,14 +337,3 @@ class Guide:
                 f"step {d['step']}: ratio {ratio}, scaled {scaled}" + (f"; STOP: {d['reason']}" if d["stop"] else "")
             )
         return "\n".join(lines)
-
-
-def _empty_log(log: str | Path | None) -> Path | None:
-    if log is None:
-        return None
-    path = Path(log)
-    if path.is_file() and path.stat().st_size > 0:
-        raise FileExistsError(f"log file {path} exists and holds records; remove it or pass another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
-    return path

@@ -69,7 +69,6 @@ With ``every=k`` only every k-th step is measured and cumulative sums run over t
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +79,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_mod
 from . import groups as groups_mod
+from . import logs
 from .api import measure
 from .directions import Direction
 from .engine import unwrap
@@ -174,7 +174,7 @@ class Tracker:
         self.records: list[dict[str, Any]] = []
         self.cumulative: dict[tuple[str, str], float] = {}
         self.cumulative_groups: dict[tuple[str, str], dict[str, float]] = {}
-        self.log_path = _empty_log(log)
+        self.log_path = logs.empty_log(log, "tracker")
         self._pending: dict[str, Any] | None = None
 
     # -- the training-loop interface ---------------------------------------------------------------------
@@ -214,7 +214,8 @@ class Tracker:
             for name, obj in self.compare.items()
         }
         if self.direction == "gradient":
-            v = self._grad_direction(trainable)
+            # the .grad tensors themselves, no copy: v is used and dropped before the optimiser steps
+            v = Direction.from_grads(self.model, self.name, copy=False, when="before tracker.step()")
             stacked = Direction.stack({self.name: v, **compare_dirs}) if compare_dirs else v
             pending["result"], pending["smoothed"] = self._measure_step(stacked)
             pending["vhv"] = self._vhv(v) if self.curvature else None
@@ -250,13 +251,6 @@ class Tracker:
         self._pending = None
 
     # -- pieces ------------------------------------------------------------------------------------------
-    def _grad_direction(self, trainable: Mapping[str, nn.Parameter]) -> Direction:
-        """v = the ``.grad`` tensors themselves (no copy: v is used and dropped before the optimiser steps)."""
-        tensors = {n: p.grad.detach() for n, p in trainable.items() if p.grad is not None}
-        if not tensors:
-            raise ValueError("no parameter has a .grad: run a backward pass before tracker.step()")
-        return Direction(tensors, self.name, zero=[n for n in trainable if n not in tensors])
-
     def _measure_step(self, direction: Direction) -> tuple[Result, dict[str, dict[str, Any]] | None]:
         """The step's Result and, with ``smooth``, the smoothed G-effects {direction: {risk: (total, groups)}}."""
         if not self.smooth:
@@ -564,10 +558,7 @@ class Tracker:
                     rec["per_instance"] = [[None if x != x else float(x) for x in row] for row in sub.per_instance[r]]
                 new.append(rec)
         self.records.extend(new)
-        if self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                for rec in new:
-                    f.write(json.dumps(rec) + "\n")
+        logs.append(self.log_path, new)
         return new
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -635,21 +626,6 @@ def _chunked(probes: Mapping[str, Mapping[str, Tensor]], size: int | None) -> di
     if names & set(probes):
         raise ValueError(f"probe names must not look like chunk names {sorted(names & set(probes))}")
     return chunks
-
-
-def _empty_log(log: str | Path | None) -> Path | None:
-    """The log's path, its file created empty; refused where it holds records already (never overwritten)."""
-    if log is None:
-        return None
-    path = Path(log)
-    if path.is_file() and path.stat().st_size > 0:
-        raise FileExistsError(
-            f"log file {path} exists and holds records (of an earlier run?); remove it or pass another path — the "
-            "tracker starts its log empty and will not overwrite it"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
-    return path
 
 
 def _row_chunks(batch: Mapping[str, Tensor], size: int | None) -> list[dict[str, Tensor]]:

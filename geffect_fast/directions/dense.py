@@ -73,8 +73,10 @@ class Direction(DirectionBase):
 
     # -- constructors ------------------------------------------------------------------------------------
     @classmethod
-    def from_grads(cls, model: nn.Module, name: str = "grad") -> Direction:
-        """v = the ``.grad`` of every parameter that requires grad (copied; None counts as zero)."""
+    def from_grads(cls, model: nn.Module, name: str = "grad", copy: bool = True, when: str = "first") -> Direction:
+        """v = the ``.grad`` of every parameter that requires grad (None counts as zero): copied, or with
+        ``copy=False`` the gradients themselves (for a v used and dropped before anything changes them). ``when``
+        ends the error's advice ("run a backward pass first")."""
         tensors, zero = {}, []
         for n, p in model.named_parameters():
             if not p.requires_grad:
@@ -82,9 +84,9 @@ class Direction(DirectionBase):
             if p.grad is None:
                 zero.append(n)
             else:
-                tensors[n] = p.grad.detach().clone()
+                tensors[n] = p.grad.detach().clone() if copy else p.grad.detach()
         if not tensors:
-            raise ValueError("no parameter has a .grad: run a backward pass first")
+            raise ValueError(f"no parameter has a .grad: run a backward pass {when}")
         return cls(tensors, name, zero=zero)
 
     @classmethod
