@@ -32,6 +32,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "groups": (".groups", None),
     "measure": (".api", "measure"),
     "measure_pairwise": (".pairwise", "measure_pairwise"),
+    "objective_effects": (".objective_samples", "objective_effects"),
+    "ObjectiveEffects": (".objective_samples", "ObjectiveEffects"),
     "objectives": (".objectives", None),
     "ops": (".ops", None),
     "risk": (".loss", "risk"),
@@ -41,6 +43,7 @@ __all__ = [
     "Direction",
     "FactoredDirection",
     "Guide",
+    "ObjectiveEffects",
     "PairwiseResult",
     "Result",
     "Sketch",
@@ -53,6 +56,7 @@ __all__ = [
     "groups",
     "measure",
     "measure_pairwise",
+    "objective_effects",
     "objectives",
     "ops",
     "risk",
@@ -80,6 +84,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .directions import Direction, FactoredDirection
     from .guide import Guide
     from .loss import risk
+    from .objective_samples import ObjectiveEffects, objective_effects
     from .ops import backends
     from .pairwise import PairwiseResult, measure_pairwise
     from .result import Result

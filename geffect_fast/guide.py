@@ -15,6 +15,15 @@ NLL (harm). v is the gradient in ``.grad`` when :meth:`Guide.step` is entered (a
 clipping): the paper's G-effect, ``Tracker(direction="gradient")``. With Adam the step taken is not along
 v; the rules below read the gradient's G-effects as the signal, not as a prediction of ΔR.
 
+What is measured: the probe gradients d_u = ∇R_u and d_r = ∇R_r, R the mean token NLL of each probe set
+(``gf.risk``, ``measure``'s default reduction), one ordinary forward+backward of each probe batch, kept as one
+stacked [2, *shape] tensor per trainable parameter (2·|θ| of memory). Every G-effect the policies read is a dot
+with them: the gradient's e_{R,g} = ⟨d_R, v⟩ over group g (``stop``, ``layers``: no further pass) and each forget
+sample's ⟨d_R, ∇ℓ^obj_j⟩ (``samples``: one pass of :func:`~geffect_fast.objective_effects`). ``every=k``
+measures d at θ of every k-th step and reuses it for the k − 1 steps between (``every=1``, the default: the exact
+G-effects at θ of each step; k > 1: e_R = ⟨∇R(θ_s), v_t⟩ with s the last step measured, a first-order
+approximation that gets worse as θ moves — the cost of the probes divided by k).
+
 Policies (each on its own or combined; ``e_{R,g}`` the G-effect of group g, ``e_R = Σ_g e_{R,g}``):
 
 ``"layers"``: H = {g : e_{r,g} < 0} (groups whose gradient harms retention), cost c_g = −e_{r,g} /
@@ -38,25 +47,25 @@ group's learning rate by a, take the step and count again, instead of stopping (
 scheduler that sets the learning rate each step (``transformers.Trainer``'s) overrides it: there, anneal has no
 lasting effect.
 
-Cost of ``stop``/``layers`` per step: one tap pass (:func:`~geffect_fast.measure`) per probe set — about one
-forward+backward of each probe batch, the same as ``Tracker(direction="gradient")`` — plus, with
-``scale="update"``, a copy of the scaled groups' parameters.
+Cost of ``stop``/``layers`` per step: one forward+backward of each probe batch every ``every`` steps, and two
+dots with the gradient — plus, with ``scale="update"``, a copy of the scaled groups' parameters.
 
-``"samples"``: in :meth:`Guide.weighted`, the pairwise G-effects E_R[i, j] = ⟨∇ℓ_i, ∇ℓ^obj_j⟩ of each forget
-sample j of the objective batch on each probe sample i (:func:`~geffect_fast.measure_pairwise`): u_j = Σ_i
-E_unlearn[i, j], h_j = Σ_i E_retain[i, j] (effects on the sums of the probe samples' mean NLLs). Benefit
-b_j = max(−u_j, 0), harm c_j = max(−h_j, 0), efficiency s_j = b_j / (b_j + c_j) (0 where b_j + c_j = 0),
-w_j = clip(s_j / mean_k s_k, lo, hi) (all 1 where every s_j = 0), and the loss is Σ_j w_j ℓ^obj_j (+ the
-objective's retain term, unweighted). The weights are detached. Knobs: ``clip=(0.0, 3.0)``. Cost per call:
-one extra objective forward+backward (its factors kept) and one pass per probe set with the pairwise
-contraction (:mod:`geffect_fast.pairwise`), beside the loss's own forward.
+``"samples"``: in :meth:`Guide.weighted`, the G-effects of each forget sample j's share of the objective on the
+probe risks, u_j = ⟨∇R_u, ∇ℓ^obj_j⟩ and h_j = ⟨∇R_r, ∇ℓ^obj_j⟩ (:func:`~geffect_fast.objective_effects`, exact
+per sample). Benefit b_j = max(−u_j, 0), harm c_j = max(−h_j, 0), efficiency s_j = b_j / (b_j + c_j) (0 where
+b_j + c_j = 0), w_j = clip(s_j / mean_k s_k, lo, hi) (all 1 where every s_j = 0), and the loss is
+Σ_j w_j ℓ^obj_j (+ the objective's retain term, unweighted). The weights are detached. s_j does not change when
+sample j's gradient is scaled by a positive factor: the rule reads the direction of each sample's gradient, not
+its size. Knobs: ``clip=(0.0, 3.0)``. Cost per call: one tap pass of the objective batch (about one
+forward+backward), beside the loss's own forward+backward, and the probe gradients when due.
 
 Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``, ``lr``, ``forget_nll``,
 ``retain_nll`` (at θ before the step), ``e_unlearn``, ``e_retain`` (after scaling), ``ratio`` (ρ; null when
 ∞), ``scaled_groups`` ({group: factor}), ``annealed`` (why the learning rate was cut, or null),
 ``sample_weights`` (the weights of the last :meth:`weighted` call before this step, or null), ``taken``
-(whether the optimiser stepped), ``stop``, ``reason``, ``seconds`` (the guide's own time this step, weighting
-included).
+(whether the optimiser stepped), ``stop``, ``reason``, ``probe_age`` (steps since the probe gradients were
+measured: 0 when at θ of this step), ``seconds`` (the guide's own time this step, weighting included).
+``forget_nll`` and ``retain_nll`` are those of the probe measurement (null on the steps that reuse it).
 """
 
 from __future__ import annotations
@@ -73,11 +82,12 @@ from torch import Tensor, nn
 from . import distributed as dist_mod
 from . import groups as groups_mod
 from . import logs
-from .api import measure
 from .directions import Direction
 from .engine import unwrap
+from .loss import risk
+from .objective_samples import objective_effects
 from .objectives import resolve
-from .pairwise import measure_pairwise
+from .state import preserved
 
 POLICIES = ("stop", "layers", "samples")
 SCALES = ("grad", "update")
@@ -143,6 +153,7 @@ class Guide:
         log: str | Path | None = None,
         backend: str = "auto",
         mode: str = "eval",
+        every: int = 1,
     ):
         self.policies = parse_policies(policies)
         missing = {"unlearn", "retain"} - set(probes)
@@ -152,6 +163,8 @@ class Guide:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if patience < 1 or not 0.0 <= quantile <= 1.0 or clip[0] > clip[1] or eps <= 0:
             raise ValueError("need patience >= 1, 0 <= quantile <= 1, clip=(lo, hi) with lo <= hi and eps > 0")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a whole number of steps >= 1, got {every!r}")
         if anneal is not None and not 0.0 < anneal < 1.0:
             raise ValueError(f"anneal must be a factor in (0, 1) (or None: stop), got {anneal}")
         if dist_mod.resolve_group(model, "auto") is not None:
@@ -167,6 +180,8 @@ class Guide:
         self.clip = (float(clip[0]), float(clip[1]))
         self.eps = float(eps)
         self.backend, self.mode = backend, mode
+        #: measure the probe gradients at θ of every ``every``-th step (1: every step, exact)
+        self.every = every
         #: one dict per step() call (see the module docstring)
         self.decisions: list[dict[str, Any]] = []
         self.n_steps = 0
@@ -177,6 +192,10 @@ class Guide:
         self._weight_seconds = 0.0
         self._pending: dict[str, Any] | None = None
         self._grouping: groups_mod.Grouping | None = None
+        #: the probe gradients [∇R_u, ∇R_r] per trainable parameter, the step they were measured at, their NLLs
+        self._d: dict[str, Tensor] | None = None
+        self._d_at = -1
+        self._d_nll: dict[str, float] = {}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def weighted(self, objective: Any, batch: Any, ref_model: nn.Module | None = None) -> Tensor:
@@ -192,8 +211,9 @@ class Guide:
         if getattr(objective, "retain", None):
             forget_only = copy.copy(objective)
             forget_only.retain = None
-        E = measure_pairwise(self.model, forget_only, batch, self.probes, self.groups, ref_model, mode=self.mode)
-        w = sample_weights(E.total("unlearn").sum(0), E.total("retain").sum(0), self.clip)
+        d = Direction(self.probe_grads(), names=("unlearn", "retain"))
+        E = objective_effects(self.model, forget_only, batch, d, self.groups, ref_model, self.backend, self.mode)
+        w = sample_weights(E.total("unlearn"), E.total("retain"), self.clip)
         self._weights = [float(x) for x in w]
         self._weight_seconds += time.perf_counter() - t0
         per = forget_only.per_sample(self.model, batch, ref_model)
@@ -228,14 +248,14 @@ class Guide:
             **dict.fromkeys(("forget_nll", "retain_nll", "e_unlearn", "e_retain", "ratio")),
             "scaled_groups": {},
             "annealed": None,
+            "probe_age": None,
         }
         reason, streak = ("stopped earlier" if self.stopped else None), self.streak
         if not self.stopped and ("stop" in self.policies or "layers" in self.policies):
-            # the .grad tensors themselves, no copy: measured before anything scales them
-            v = Direction.from_grads(self.model, "gradient", copy=False, when="before guide.step()")
-            res = measure(self.model, v, self.probes, self.groups, backend=self.backend, mode=self.mode)
-            eu, er = res.by_group["unlearn"], res.by_group["retain"]
-            dec["forget_nll"], dec["retain_nll"] = res.loss["unlearn"], res.loss["retain"]
+            eu, er = self.effects()
+            dec["probe_age"] = self.n_steps - self._d_at
+            if dec["probe_age"] == 0:
+                dec["forget_nll"], dec["retain_nll"] = self._d_nll["unlearn"], self._d_nll["retain"]
             if "layers" in self.policies:
                 dec["scaled_groups"] = layer_scales(eu, er, self.quantile, self.factor, self.eps)
             s = dec["scaled_groups"]
@@ -289,24 +309,78 @@ class Guide:
             for g, lr in zip(pending["optimizer"].param_groups, pending["lrs"]):
                 g["lr"] = lr
 
+    # -- what is measured --------------------------------------------------------------------------------
+    def probe_grads(self) -> dict[str, Tensor]:
+        """{parameter: [∇R_u, ∇R_r] stacked [2, *shape]} over the trainable parameters, R the mean token NLL of
+        each probe set: measured at θ now when ``every`` steps have passed since the last time (or never), else
+        the last measurement. Two ordinary forward+backward passes (``mode``'s train/eval mode); the model's
+        ``.grad``, flags, mode and RNG state are left as they were."""
+        if self._d is not None and self.n_steps - self._d_at < self.every:
+            return self._d
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("no parameter of the model requires grad: there is no update to guide")
+        self._d = None  # the last measurement's memory goes before the next is made
+        params = [p for _, p in named]
+        d = {n: torch.zeros((2, *p.shape), dtype=p.dtype, device=p.device) for n, p in named}
+        nll = {}
+        with preserved(self.model, mode=self.mode), torch.enable_grad():
+            for k, key in enumerate(("unlearn", "retain")):
+                L = risk(self.model, self.probes[key])
+                nll[key] = float(L.detach())
+                if not math.isfinite(nll[key]):
+                    raise ValueError(f"the {key!r} probe's NLL is not finite ({nll[key]}): check the model and batch")
+                for (n, _), g in zip(named, torch.autograd.grad(L, params, allow_unused=True)):
+                    if g is not None:
+                        d[n][k].copy_(g)
+        self._d, self._d_at, self._d_nll = d, self.n_steps, nll
+        return d
+
+    def effects(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The gradient's G-effects per group, e_{R,g} = Σ_{p∈g} ⟨d_R[p], p.grad⟩ for R = unlearn and retain
+        (d from :meth:`probe_grads`; a parameter without ``.grad`` adds 0), as ({group: e_u,g}, {group: e_r,g})."""
+        d = self.probe_grads()
+        grouping = self.grouping()
+        named = dict(self.model.named_parameters())
+        dots, cols = [], []
+        for n, D in d.items():
+            g = named[n].grad
+            if g is None:
+                continue
+            acc = torch.float64 if D.dtype == torch.float64 else torch.float32
+            dots.append(D.reshape(2, -1).to(acc) @ g.detach().reshape(-1).to(acc))
+            cols.append(grouping.of[n])
+        if not dots:
+            raise ValueError("no parameter has a .grad: run a backward pass before guide.step()")
+        e = torch.zeros(2, len(grouping.names), dtype=torch.float64)
+        e.index_add_(1, torch.tensor(cols), torch.stack(dots, 1).double().cpu())
+        eu, er = e.tolist()
+        return dict(zip(grouping.names, eu)), dict(zip(grouping.names, er))
+
     # -- pieces ------------------------------------------------------------------------------------------
     def _stop_reason(self, dec: Mapping[str, Any], streak: int) -> str | None:
         target = self.target_forget_nll
-        if target is not None and dec["forget_nll"] >= target:
+        if target is not None and dec["forget_nll"] is not None and dec["forget_nll"] >= target:
             return f"forget NLL {dec['forget_nll']:.4g} >= target {target:.4g}"
         if streak >= self.patience:
             return f"ratio {dec['ratio']:.4g} < threshold {self.threshold:.4g} for {streak} step(s)"
         return None
 
-    def group_of(self) -> dict[str, str]:
-        """Parameter name -> its group (the groups the decisions name)."""
+    def grouping(self) -> groups_mod.Grouping:
+        """The groups the decisions name (``groups``), over the model's parameters."""
         if self._grouping is None:
             names = [n for n, _ in self.model.named_parameters()]
-            self._grouping = groups_mod.assign(self.model, self.groups, names)
-            if self._grouping.parts:
-                raise ValueError("the layers policy cannot scale groups that split a parameter (groups='module' "
+            grouping = groups_mod.assign(self.model, self.groups, names)
+            if grouping.parts:
+                raise ValueError("the guide cannot measure or scale groups that split a parameter (groups='module' "
                                  "on stacked experts); use groups='block' or a callable")  # fmt: skip
-        return {n: self._grouping.names[i] for n, i in self._grouping.of.items()}
+            self._grouping = grouping
+        return self._grouping
+
+    def group_of(self) -> dict[str, str]:
+        """Parameter name -> its group."""
+        grouping = self.grouping()
+        return {n: grouping.names[i] for n, i in grouping.of.items()}
 
     def _apply(self, scales: Mapping[str, float]) -> list[tuple[nn.Parameter, float, Tensor | None, Tensor | None]]:
         """Scale the chosen groups' ``.grad`` (scale="grad") or copy their parameters (scale="update"); returns

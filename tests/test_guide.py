@@ -1,6 +1,11 @@
-"""Guide: each policy's rule against a hand computation from gf.measure / gf.measure_pairwise on a tiny Llama, the
-stop decision, the layer scaling of .grad, the sample weights and the weighted loss, state kept on error, the
-Trainer callback under gradient accumulation."""
+"""Guide: each policy's rule against a hand computation (gf.measure for the gradient's G-effects, per-sample
+autograd for the samples' ones) on a tiny float64 Llama, the stop decision, the layer scaling of .grad, the sample
+weights and the weighted loss, probe gradients reused with every=k, state kept on error, the Trainer callback
+under gradient accumulation.
+
+Tolerance: the guide's probe gradient is one batched backward; gf.measure and the per-sample oracle run the
+samples' own rows. The tiny Llama's batched and per-sample forwards agree to ~1e-9 relative in float64 (Hugging
+Face builds its RoPE tables in float32), hence rel=1e-7 where the two are compared."""
 
 import copy
 import json
@@ -68,8 +73,8 @@ def test_layers_rule_zeroes_exactly_the_chosen_groups(tmp_path):
     assert guide.step(opt) is True
     dec = guide.decisions[0]
     assert dec["scaled_groups"] == dict.fromkeys(chosen, 0.0)
-    assert dec["e_unlearn"] == pytest.approx(sum(e for g, e in eu.items() if g not in chosen), rel=1e-10)
-    assert dec["e_retain"] == pytest.approx(sum(e for g, e in er.items() if g not in chosen), rel=1e-10)
+    assert dec["e_unlearn"] == pytest.approx(sum(e for g, e in eu.items() if g not in chosen), rel=1e-7)
+    assert dec["e_retain"] == pytest.approx(sum(e for g, e in er.items() if g not in chosen), rel=1e-7)
     of = guide.group_of()
     for n, p in model.named_parameters():
         if of[n] in chosen:  # gradient zeroed, so plain SGD left the parameter where it was
@@ -107,7 +112,7 @@ def test_stop_rule_fires_after_patience_and_skips_the_step():
     assert e_r < 0  # the step harms retention, so ρ is finite
     assert guide.step(opt) is True  # ρ < threshold once: patience not yet reached
     d = guide.decisions[0]
-    assert d["ratio"] == pytest.approx(max(-e_u, 0) / -e_r, rel=1e-10)
+    assert d["ratio"] == pytest.approx(max(-e_u, 0) / -e_r, rel=1e-7) and d["probe_age"] == 0
     assert d["forget_nll"] == pytest.approx(loss["unlearn"]) and d["taken"] and not d["stop"]
     _ga_grad(model, forget)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -133,6 +138,20 @@ def test_stop_never_fires_at_threshold_zero_and_fires_at_the_target_nll():
     assert target.decisions[0]["reason"].startswith("forget NLL")
 
 
+def _sample_effects(model, objective, batch, probes, ref):
+    """u_j, h_j = ⟨∇R, ∇ℓ^obj_j⟩ for R the unlearn and retain probes' mean token NLL: per-sample autograd (each
+    forget sample's ℓ^obj_j differentiated alone, in the batch's forward), in float64."""
+    params = [p for p in model.parameters()]
+    d = [torch.autograd.grad(gf.risk(model, probes[k]), params) for k in ("unlearn", "retain")]
+    out = ([], [])
+    per = objective.per_sample(model, batch, ref)
+    for j in range(batch["input_ids"].shape[0]):
+        g = torch.autograd.grad(per[j], params, retain_graph=True)
+        for k in range(2):
+            out[k].append(float(sum((a.double() * b.double()).sum() for a, b in zip(g, d[k]))))
+    return out
+
+
 @pytest.mark.parametrize("name", ["ga", "npo", "gd"])
 def test_sample_weights_are_the_formula_and_weighted_is_their_sum(name):
     model, forget, retain, probes = _setup()
@@ -144,9 +163,7 @@ def test_sample_weights_are_the_formula_and_weighted_is_their_sum(name):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     forget_only = O.get("ga") if name == "gd" else objective
-    E = gf.measure_pairwise(model, forget_only, obj_batch, probes, ref_model=ref)
-    u = E.total("unlearn").sum(0).tolist()
-    h = E.total("retain").sum(0).tolist()
+    u, h = _sample_effects(model, forget_only, obj_batch, probes, ref)
     s = []
     for uj, hj in zip(u, h):
         b, c = max(-uj, 0.0), max(-hj, 0.0)
@@ -301,3 +318,28 @@ def test_anneal_cuts_the_learning_rate_instead_of_stopping():
     assert bad.param_groups[0]["lr"] == 1e-3 and once.decisions == [] and once.streak == 0
     with pytest.raises(ValueError, match="anneal"):
         Guide(model, probes, anneal=1.5)
+
+
+def test_every_k_reuses_the_probe_gradients_measured_k_steps_ago():
+    """every=2: the probe gradients are measured at θ of steps 1, 3, … and dotted with the gradients of steps 2,
+    4, … as they are (probe_age 1, no NLLs logged), not measured again."""
+    model, forget, _, probes = _setup()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.05)
+    guide = Guide(model, probes, policies="stop", threshold=0.0, every=2)
+    stale = fresh = None
+    for step in range(4):
+        d = torch.autograd.grad(gf.risk(model, probes["unlearn"]), params)
+        if step % 2 == 0:
+            stale = d
+        _ga_grad(model, forget)
+        fresh = sum(float((a * p.grad).sum()) for a, p in zip(d, params))
+        want = sum(float((a * p.grad).sum()) for a, p in zip(stale, params))
+        assert guide.step(opt)
+        dec = guide.decisions[-1]
+        assert dec["e_unlearn"] == pytest.approx(want, rel=1e-10)
+        assert dec["probe_age"] == step % 2 and (dec["forget_nll"] is None) == (step % 2 == 1)
+        if step % 2:
+            assert dec["e_unlearn"] != pytest.approx(fresh, rel=1e-6)  # θ moved: the stale value differs
+    with pytest.raises(ValueError, match="every"):
+        Guide(model, probes, every=0)
