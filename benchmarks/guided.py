@@ -1,14 +1,20 @@
-"""Guided against unguided unlearning (issue 22) on the demo's model: does steering by the G-effects buy
-retention per unit of forgetting?
+"""Guided against unguided unlearning (issue 22): does steering by the G-effects buy retention per unit of
+forgetting?
 
-    python -m benchmarks.guided [--steps 40] [--threads 1]   # writes benchmarks/results/guided/
+    python -m benchmarks.guided [--steps 40] [--threads 1]                     # writes benchmarks/results/guided/
+    python -m benchmarks.guided --model smollm2 --steps 16 --out benchmarks/results/guided_smollm2
 
-The demo's fine-tuned 4-block Llama (``geffect-fast demo``'s default config, fine-tuned here or loaded from the
-cache) unlearns forget05 (50 QA) with GA, NPO and WGA for ``--steps`` AdamW steps at lr 3e-4 (the demo's: batch
-16, constant) — unguided, guided by all three policies at their defaults, and by each policy alone (``layers`` also
-with ``scale="update"``, ``stop`` also with ``anneal=0.5``). The guide's probes are the forget set and 50 retain
-QA; the retain NLL and accuracy reported are on 250 *other* retain QA (held out from the guide), the forget ones on
-the whole forget set.
+``--model demo``: the demo's fine-tuned 4-block Llama (``geffect-fast demo``'s default config, fine-tuned here or
+loaded from the cache) unlearns forget05 (50 QA) for ``--steps`` AdamW steps at lr 3e-4 (the demo's: batch 16,
+constant); the guide's probes are the forget set and 50 retain QA; the retain NLL and accuracy reported are on 250
+*other* retain QA (held out from the guide). ``--model smollm2``: SmolLM2-135M fine-tuned on 200 QA about 40
+fictitious authors, with the reproduce protocol (``geffect-fast reproduce``: forget05 = 10 QA, AdamW lr 1e-4,
+batch 10, constant, fp32), the steps extended; probes: the forget set and 10 retain QA; held-out retain: 50 other
+retain QA. Forget NLL and accuracy are on the whole forget set.
+
+Each of GA, NPO and WGA runs unguided, guided by all three policies at their defaults (every step, and with
+``every=4``), and by each policy alone (``layers`` also with ``scale="update"``, ``stop`` also with
+``anneal=0.5``; on SmolLM2 a subset, for time).
 κ_NLL = retain ΔNLL / forget ΔNLL (lower: less damage per unit of forgetting). "κ unguided at the same forget
 rise" reads the unguided run's trajectory where its forget ΔNLL first reaches the guided run's final one
 (linear between steps): the fair comparison for a run that stopped early.
@@ -40,14 +46,15 @@ OBJECTIVES = ("ga", "npo", "wga")
 VARIANTS: dict[str, dict | None] = {
     "unguided": None,
     "guided (all)": {"policies": ("stop", "layers", "samples")},
+    "guided (all, every 4)": {"policies": ("stop", "layers", "samples"), "every": 4},
     "stop": {"policies": ("stop",)},
     "layers": {"policies": ("layers",)},
     "layers (update)": {"policies": ("layers",), "scale": "update"},
     "samples": {"policies": ("samples",)},
     "stop (anneal 0.5)": {"policies": ("stop",), "anneal": 0.5},
 }
-LR = 3e-4
-BATCH = 16
+#: the variants run on SmolLM2 (the others cost time and said little on the demo model)
+SMOLLM2_VARIANTS = ("unguided", "guided (all)", "guided (all, every 4)", "stop", "layers (update)", "samples")
 
 
 @torch.no_grad()
@@ -60,16 +67,18 @@ def _nll(model, batch) -> float:
         model.train(was)
 
 
-def run_one(base, ref, sets, name: str, guide_kw: dict | None, steps: int, seed: int = 0) -> dict:
+def run_one(
+    base, ref, sets, name: str, guide_kw: dict | None, steps: int, lr: float, batch: int, seed: int = 0
+) -> dict:
     """One unlearning run; the trajectory (NLLs after each step) and the time of the steps alone."""
     model = copy.deepcopy(base)
     for p in model.parameters():
         p.requires_grad_(True)
     obj = objectives.get(name)
-    guide = None if guide_kw is None else gf.Guide(model, sets["probes"], backend="reference", **guide_kw)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    guide = None if guide_kw is None else gf.Guide(model, sets["probes"], **guide_kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    fb = pipeline.batches(sets["forget"], BATCH, g)
+    fb = pipeline.batches(sets["forget"], batch, g)
     traj = [(_nll(model, sets["forget"]), _nll(model, sets["retain_eval"]))]
     step_s, taken = [], 0
     model.train()
@@ -123,14 +132,14 @@ def kappa_at(traj, rise: float) -> float:
     return float("nan")
 
 
-def _plot(results, steps: int, path: Path) -> None:
+def _plot(results, meta: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(5 * len(OBJECTIVES), 4.2))
-    styles = dict(zip(VARIANTS, ("k-", "C3-", "C0--", "C1-.", "C2:", "C4--", "C5-.")))
+    styles = dict(zip(VARIANTS, ("k-", "C3-", "C6-", "C0--", "C1-.", "C2:", "C4--", "C5-.")))
     for ax, name in zip(axes, OBJECTIVES):
         for r in results:
             if r["objective"] != name:
@@ -141,9 +150,12 @@ def _plot(results, steps: int, path: Path) -> None:
             ax.plot(f[-1], rt[-1], styles[r["variant"]][:2] + "o", ms=4)
         ax.set_title(name.upper())
         ax.set_xlabel("forget NLL (whole forget set)")
-        ax.set_ylabel("retain NLL (250 held-out retain QA)")
+        ax.set_ylabel(f"retain NLL ({meta.get('retain_eval', '250 held-out retain QA')})")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Forget vs retain NLL after each step (up to {steps} AdamW steps, lr {LR}); start at lower left")
+    fig.suptitle(
+        f"{meta.get('short', 'demo model')}: forget vs retain NLL after each step (up to {meta['steps']} AdamW "
+        f"steps, lr {meta.get('lr', 3e-4):g}); start at lower left"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -242,7 +254,7 @@ def render(out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    _plot(results, meta.get("steps") or max(r["steps"] for r in results), out / "trajectories.png")
+    _plot(results, meta, out / "trajectories.png")
     unguided_ms = {r["objective"]: r["step_ms"] for r in rows if r["variant"] == "unguided"}
     head = [
         "objective",
@@ -266,7 +278,9 @@ def render(out: Path) -> None:
         "`trajectories.png`, the per-step data `runs.jsonl` (NLL trajectory, step times, the guide's decisions).",
         "",
         "κ_NLL = retain ΔNLL / forget ΔNLL after the run (lower: less damage per unit of forgetting). Every policy "
-        "at its defaults (stop: threshold 1, patience 2; layers: quantile 0.75, factor 0; samples: clip [0, 3]).",
+        "at its defaults (stop: threshold 1, patience 2; layers: quantile 0.75, factor 0; samples: clip [0, 3]; "
+        "probe gradients measured every step unless the variant says every 4). ms/step: the step alone (loss, "
+        "backward, the guide, the optimiser), not the evaluation after it.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|---|" + "---:|" * (len(head) - 3) + "---|",
@@ -296,11 +310,54 @@ def render(out: Path) -> None:
     print("\n".join(lines))
 
 
+def load(model: str, quick: bool = False) -> tuple[torch.nn.Module, dict, dict]:
+    """(the fine-tuned model, its sets {forget, retain_eval, probes}, the setup: lr, batch and the words for the
+    report)."""
+    if model == "demo":
+        cfg = QUICK if quick else DemoConfig()
+        base, tok, splits, acc, cached = finetuned(cfg, echo=print)
+        forget_recs, retain95 = splits["forget05"], splits["retain95"]
+        n_probe, n_eval = 50, 250
+
+        def enc(recs):
+            return data.encode_qa(recs, tok)
+
+        lr, batch = 3e-4, 16
+        what = f"demo Llama {cfg.layers}x{cfg.hidden}"
+    else:
+        from geffect_fast.app import reproduce
+
+        cfg = reproduce.config("smollm2", quick=quick)
+        base, tok, splits, acc, ft = reproduce.load_finetuned(cfg, print)
+        cached = ft["cached"]
+        forget_recs, retain95 = splits["forget05"], splits["retain95"]
+        n_probe, n_eval = cfg.retain_probe, 50
+
+        def enc(recs):
+            return data.encode_qa(recs, tok, prompt=cfg.prompt, max_length=cfg.max_length)
+
+        lr, batch = cfg.lr, cfg.batch_size
+        what = f"SmolLM2-135M-Instruct (GGUF de-quantised, fp32) fine-tuned on {len(splits['full'])} QA"
+    sets = {"forget": enc(forget_recs), "retain_eval": enc(retain95[n_probe : n_probe + n_eval])}
+    sets["probes"] = {"unlearn": sets["forget"], "retain": enc(retain95[:n_probe])}
+    setup = {
+        "model": f"{what} (fine-tuned {'earlier, cached' if cached else 'now'}; answer token accuracy "
+        f"{acc['token']:.3f})",
+        "short": "demo model" if model == "demo" else "SmolLM2-135M",
+        "lr": lr,
+        "batch": batch,
+        "forget": f"{len(forget_recs)} QA",
+        "retain_eval": f"{n_eval} held-out retain QA",
+    }
+    return base, sets, setup
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--model", choices=("demo", "smollm2"), default="demo")
     ap.add_argument("--quick", action="store_true", help="the demo's quick config (a smoke check in seconds)")
     ap.add_argument("--render", action="store_true", help="only re-render the results already in --out")
     ap.add_argument(
@@ -314,25 +371,19 @@ def main(argv: list[str] | None = None) -> int:
         render(Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else DemoConfig()
     t0 = time.perf_counter()
-    base, tok, splits, acc, cached = finetuned(cfg, echo=print)
-    forget_recs, retain95 = splits["forget05"], splits["retain95"]
-    sets = {
-        "forget": data.encode_qa(forget_recs, tok),
-        "retain_eval": data.encode_qa(retain95[50:300], tok),
-    }
-    sets["probes"] = {"unlearn": sets["forget"], "retain": data.encode_qa(retain95[:50], tok)}
+    base, sets, setup = load(args.model, args.quick)
     ref = pipeline.frozen_copy(base)
     results = []
+    variants = SMOLLM2_VARIANTS if args.model == "smollm2" else tuple(VARIANTS)
     only = None if args.only is None else [v.strip() for v in args.only.split(",")]
     if only is not None and set(only) - set(VARIANTS):
         ap.error(f"unknown variants {sorted(set(only) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
     for name in OBJECTIVES:
-        for variant, kw in VARIANTS.items():
+        for variant in variants:
             if only is not None and variant not in only:
                 continue
-            r = run_one(base, ref, sets, name, kw, args.steps)
+            r = run_one(base, ref, sets, name, VARIANTS[variant], args.steps, setup["lr"], setup["batch"])
             r["variant"] = variant
             results.append(r)
             print(
@@ -353,12 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             f.write(json.dumps(r) + "\n")
     machine = f"{cpu_name()}, {os.cpu_count()} cores ({args.threads} torch thread(s)), torch {torch.__version__}"
-    this = f"python -m benchmarks.guided --steps {args.steps} --threads {args.threads}" + " --quick" * args.quick
+    this = f"python -m benchmarks.guided --model {args.model} --steps {args.steps} --threads {args.threads}"
+    this += " --quick" * args.quick + f" --out {shlex.quote(args.out)}" * (Path(args.out) != OUT)
     meta = {
         "command": this,
         "machine": machine,
-        "model": f"demo Llama {cfg.layers}x{cfg.hidden} (fine-tuned {'earlier, cached' if cached else 'now'}; "
-        f"answer token accuracy {acc['token']:.3f})",
+        **setup,
         "steps": args.steps,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -39,7 +39,7 @@ def test_guided_benchmark_quick(tmp_path):
     for r in runs:
         assert 1 <= r["steps"] <= 2 and len(r["trajectory"]) == r["steps"] + 1
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["command"].endswith("--quick") and meta["steps"] == 2
+    assert " --quick" in meta["command"] and meta["steps"] == 2 and meta["lr"] == 3e-4
     table = (out / "guided.md").read_text()
     assert all(o.upper() in table for o in OBJECTIVES) and (out / "trajectories.png").stat().st_size > 0
     _run(tmp_path, "--render")

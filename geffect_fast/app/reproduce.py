@@ -203,7 +203,7 @@ def _smollm2_finetuned(cfg: ReproConfig, splits, echo, threads=None) -> tuple[An
     return model, tok, pipeline.answer_accuracy(model, full), False
 
 
-def _load(cfg: ReproConfig, echo, threads=None) -> tuple[Any, Any, dict, dict, dict]:
+def load_finetuned(cfg: ReproConfig, echo, threads=None) -> tuple[Any, Any, dict, dict, dict]:
     """(model, tokenizer, splits, accuracy on the fine-tuning set, the fine-tune as run: its data, epochs, lr, batch
     and whether it came from the cache)."""
     if cfg.model == "demo":
@@ -238,7 +238,7 @@ class _Protocol:
     def __init__(self, cfg: ReproConfig, echo, threads=None):
         self.cfg, self.echo = cfg, echo
         t0 = time.perf_counter()
-        model, tok, splits, self.ft_acc, self.finetune = _load(cfg, echo, threads)
+        model, tok, splits, self.ft_acc, self.finetune = load_finetuned(cfg, echo, threads)
         self.stages = {"load + fine-tune": time.perf_counter() - t0}
         echo(f"answer accuracy after fine-tuning (teacher-forced): tokens {self.ft_acc['token']:.1%}")
         self.forget_recs = splits["forget05"]
