@@ -66,6 +66,8 @@ Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``
 (whether the optimiser stepped), ``stop``, ``reason``, ``probe_age`` (steps since the probe gradients were
 measured: 0 when at θ of this step), ``seconds`` (the guide's own time this step, weighting included).
 ``forget_nll`` and ``retain_nll`` are those of the probe measurement (null on the steps that reuse it).
+``probe_batch=n`` measures each probe set n rows per forward+backward (the gradients added: the same ∇R, in
+bounded memory; a packed probe batch goes whole).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ from . import groups as groups_mod
 from . import logs
 from .directions import Direction
 from .engine import unwrap
-from .loss import risk
+from .loss import IGNORE_INDEX, forward_logits, packed_samples, token_nll
 from .objective_samples import objective_effects
 from .objectives import resolve
 from .state import preserved
@@ -154,6 +156,7 @@ class Guide:
         backend: str = "auto",
         mode: str = "eval",
         every: int = 1,
+        probe_batch: int | None = None,
     ):
         self.policies = parse_policies(policies)
         missing = {"unlearn", "retain"} - set(probes)
@@ -163,6 +166,8 @@ class Guide:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if patience < 1 or not 0.0 <= quantile <= 1.0 or clip[0] > clip[1] or eps <= 0:
             raise ValueError("need patience >= 1, 0 <= quantile <= 1, clip=(lo, hi) with lo <= hi and eps > 0")
+        if probe_batch is not None and (not isinstance(probe_batch, int) or probe_batch < 1):
+            raise ValueError(f"probe_batch must be a number of rows >= 1 (or None: whole), got {probe_batch!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a whole number of steps >= 1, got {every!r}")
         if anneal is not None and not 0.0 < anneal < 1.0:
@@ -182,6 +187,8 @@ class Guide:
         self.backend, self.mode = backend, mode
         #: measure the probe gradients at θ of every ``every``-th step (1: every step, exact)
         self.every = every
+        #: rows of a probe set per forward+backward (None: the whole set at once); the gradient is pooled exactly
+        self.probe_batch = probe_batch
         #: one dict per step() call (see the module docstring)
         self.decisions: list[dict[str, Any]] = []
         self.n_steps = 0
@@ -321,20 +328,38 @@ class Guide:
         if not named:
             raise ValueError("no parameter of the model requires grad: there is no update to guide")
         self._d = None  # the last measurement's memory goes before the next is made
-        params = [p for _, p in named]
         d = {n: torch.zeros((2, *p.shape), dtype=p.dtype, device=p.device) for n, p in named}
         nll = {}
         with preserved(self.model, mode=self.mode), torch.enable_grad():
             for k, key in enumerate(("unlearn", "retain")):
-                L = risk(self.model, self.probes[key])
-                nll[key] = float(L.detach())
-                if not math.isfinite(nll[key]):
-                    raise ValueError(f"the {key!r} probe's NLL is not finite ({nll[key]}): check the model and batch")
-                for (n, _), g in zip(named, torch.autograd.grad(L, params, allow_unused=True)):
-                    if g is not None:
-                        d[n][k].copy_(g)
+                nll[key] = self._probe_grad(key, named, d, k)
         self._d, self._d_at, self._d_nll = d, self.n_steps, nll
         return d
+
+    def _probe_grad(self, key: str, named: list[tuple[str, nn.Parameter]], d: dict[str, Tensor], k: int) -> float:
+        """d[·][k] = ∇R of probe set ``key`` (R = Σ_t nll_t / N over its N labelled tokens, ``probe_batch`` rows
+        per backward, the chunks' gradients added); returns R."""
+        batch = self.probes[key]
+        labels = batch["labels"]
+        N = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if N == 0:
+            raise ValueError(f"the {key!r} probe has no labelled token: its NLL is undefined")
+        rows = labels.shape[0]
+        # a packed batch's keys are not all per row (cu_seq_lens): it goes whole
+        step = rows if self.probe_batch is None or packed_samples(batch) is not None else self.probe_batch
+        params = [p for _, p in named]
+        total = 0.0
+        for r0 in range(0, rows, step):
+            chunk = {n: (t[r0 : r0 + step] if isinstance(t, Tensor) and t.dim() > 0 else t) for n, t in batch.items()}
+            nll, _ = token_nll(forward_logits(self.model, chunk), chunk["labels"])
+            L = nll.sum() / N
+            total += float(L.detach())
+            if not math.isfinite(total):
+                raise ValueError(f"the {key!r} probe's NLL is not finite: check the model and batch")
+            for (n, _), g in zip(named, torch.autograd.grad(L, params, allow_unused=True)):
+                if g is not None:
+                    d[n][k].add_(g)
+        return total
 
     def effects(self) -> tuple[dict[str, float], dict[str, float]]:
         """The gradient's G-effects per group, e_{R,g} = Σ_{p∈g} ⟨d_R[p], p.grad⟩ for R = unlearn and retain

@@ -430,6 +430,7 @@ def test_auto_groups_are_the_papers_depth_groups_for_deep_models():
         (lambda a, d: a.__setitem__(a.index("--lr") + 1, "nan"), "--lr must be a finite number > 0, got nan"),
         (lambda a, d: a.extend(["--prompt", "vicuna"]), "unknown --prompt 'vicuna'"),
         (lambda a, d: a.extend(["--guide", "stop,often"]), "--guide: unknown guide policies ['often']"),
+        (lambda a, d: a.extend(["--guide", "stop", "--guide-every", "0"]), "--guide-every must be >= 1"),
     ],
 )
 def test_run_bad_input(hf_model_dir, tmp_path, capsys, mutate, message):
@@ -451,7 +452,9 @@ def test_run_guide_end_to_end(hf_model_dir, tmp_path, capsys):
     weights per forget row of the step, the groups scaled), only the steps the guide let through tracked, and the
     report's table of decisions; `report` re-renders it."""
     out = tmp_path / "run"
-    args = _run_args(hf_model_dir, out, "--guide", "samples,layers,stop", "--steps", "3", "--batch-size", "4")
+    args = _run_args(
+        hf_model_dir, out, "--guide", "samples,layers,stop", "--guide-every", "2", "--steps", "3", "--batch-size", "4"
+    )
     args[args.index("ga,npo")] = "ga,npo+kl"
     assert main(args) == 0
     decs = [json.loads(x) for x in (out / "guide.jsonl").read_text().splitlines()]
@@ -462,9 +465,13 @@ def test_run_guide_end_to_end(hf_model_dir, tmp_path, capsys):
         assert [d["step"] for d in mine] == list(range(1, len(mine) + 1))
         assert all(len(d["sample_weights"]) in (4, 2) and isinstance(d["scaled_groups"], dict) for d in mine)
         assert all(d["stop"] == (not d["taken"]) for d in mine) and (len(mine) == 3 or mine[-1]["stop"])
+        assert [d["probe_age"] for d in mine if not d["stop"] or d["reason"] != "stopped earlier"] == [0, 1, 0][
+            : len(mine)
+        ]
         tracked = sorted({r["step"] for r in recs if r["objective"] == obj})
         assert tracked == [d["step"] for d in mine if d["taken"]]
-    assert json.loads((out / "meta.json").read_text())["guide"] == "stop,layers,samples"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["guide"] == "stop,layers,samples" and meta["guide_every"] == 2
     md = (out / "report.md").read_text()
     table = md.split("## Guide decisions")[1].split("\n\n")[2].splitlines()
     assert len(table) == 2 + len(decs) and table[2].startswith("| GA | 1 |")

@@ -343,3 +343,21 @@ def test_every_k_reuses_the_probe_gradients_measured_k_steps_ago():
             assert dec["e_unlearn"] != pytest.approx(fresh, rel=1e-6)  # θ moved: the stale value differs
     with pytest.raises(ValueError, match="every"):
         Guide(model, probes, every=0)
+
+
+def test_probe_gradients_are_the_mean_token_nll_gradients_in_chunks_too():
+    model, forget, _, probes = _setup()
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    whole = Guide(model, probes, policies="stop").probe_grads()
+    chunked = Guide(model, probes, policies="stop", probe_batch=3).probe_grads()  # 4 rows: chunks of 3 and 1
+    for k, key in enumerate(("unlearn", "retain")):
+        want = torch.autograd.grad(gf.risk(model, probes[key]), params)
+        for n, w in zip(names, want):
+            torch.testing.assert_close(whole[n][k], w, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(chunked[n][k], w, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="probe_batch"):
+        Guide(model, probes, probe_batch=0)
+    empty = {**probes, "retain": {**probes["retain"], "labels": torch.full_like(probes["retain"]["labels"], -100)}}
+    with pytest.raises(ValueError, match="no labelled token"):
+        Guide(model, empty, policies="stop").probe_grads()

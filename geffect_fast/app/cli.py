@@ -192,6 +192,11 @@ def _add_run(sub) -> None:
         metavar="K",
         help="rows of a probe set per pass (bounds peak memory; pooled exactly)",
     )
+    _add_guide(r)
+
+
+def _add_guide(r) -> None:
+    """The run command's --guide options."""
     r.add_argument(
         "--guide",
         default=None,
@@ -200,6 +205,14 @@ def _add_run(sub) -> None:
         "once a step would raise the retain NLL more than the forget NLL, 2 steps running), layers (zero the "
         "gradient of the layer groups that harm retention most per unit of unlearning), samples (weight each "
         "forget sample by its unlearning against its harm); writes guide.jsonl; default: none",
+    )
+    r.add_argument(
+        "--guide-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --guide: measure the probe gradients every K steps and reuse them between (1: every step, "
+        "exact; K > 1 divides the probes' cost by K, a first-order approximation as θ moves)",
     )
 
 
@@ -390,7 +403,7 @@ def _check_run_args(args) -> list[str]:
         raise CLIError(f"unknown groups {args.groups!r}; use one of {', '.join(('auto', *SCHEMES))}")
     if args.prompt not in (*data.PROMPTS, "chat"):
         raise CLIError(f"unknown --prompt {args.prompt!r}; use one of {', '.join([*data.PROMPTS, 'chat'])}")
-    for flag in ("steps", "every", "batch_size", "probe_size", "probe_batch"):
+    for flag in ("steps", "every", "batch_size", "probe_size", "probe_batch", "guide_every"):
         _at_least_one("--" + flag.replace("_", "-"), getattr(args, flag))
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
@@ -486,8 +499,8 @@ def _make_guide(args, model, probes, groups):
     from . import pipeline
 
     backend = pipeline.CPU_BACKEND if args.device == "cpu" else "auto"
-    return Guide(model, probes, policies=args.guide, groups=groups, backend=backend,
-                 mode="train" if args.grad_ckpt else "eval")  # fmt: skip
+    return Guide(model, probes, policies=args.guide, groups=groups, backend=backend, every=args.guide_every,
+                 probe_batch=args.probe_batch, mode="train" if args.grad_ckpt else "eval")  # fmt: skip
 
 
 def _run(args) -> int:
@@ -536,6 +549,7 @@ def _run(args) -> int:
             "groups": groups_note,
             "smoothed": args.smooth,
             "guide": args.guide or "none",
+            **({"guide_every": args.guide_every} if args.guide else {}),
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_gb": round(peak_rss_gb(), 2),
         }

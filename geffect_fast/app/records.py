@@ -154,7 +154,7 @@ REPORT_META = {
         f"{k}?": SCALAR
         for k in ("model", "data", "objectives", "steps", "lr", "direction", "groups", "answer_accuracy")
     },
-    **{f"{k}?": SCALAR for k in ("wall_time_s", "machine", "guide")},
+    **{f"{k}?": SCALAR for k in ("wall_time_s", "machine", "guide", "guide_every")},
     "most_harmful?": [{"question": str, "answer": str, "retain_g_effect": NUMBER}],
     "npo_scatter?": Maybe({"weights": [NUMBER], "geffect": [NUMBER], "step?": INTEGER}),
 }

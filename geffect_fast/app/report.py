@@ -386,6 +386,7 @@ def _setup_lines(meta: dict[str, Any]) -> list[str]:
         ("direction", "direction"),
         ("groups", "groups"),
         ("guide", "guide policies"),
+        ("guide_every", "guide's probes measured every (steps)"),
         ("answer_accuracy", "answer accuracy after fine-tuning"),
         ("wall_time_s", "wall time (s)"),
         ("machine", "machine"),
