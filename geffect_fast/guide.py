@@ -59,6 +59,13 @@ sample j's gradient is scaled by a positive factor: the rule reads the direction
 its size. Knobs: ``clip=(0.0, 3.0)``. Cost per call: one tap pass of the objective batch (about one
 forward+backward), beside the loss's own forward+backward, and the probe gradients when due.
 
+``"project"``: after ``optimizer.step()``, per group g, the step taken Δθ_g (any optimiser: what it did) becomes
+Δθ_g − max(⟨d_r,g, Δθ_g⟩, 0) / ‖d_r,g‖² · d_r,g: the step's first-order change of the retain probe's NLL,
+⟨d_r,g, Δθ_g⟩, is made 0 in every group where it would rise; what is left of the forgetting is the part of the
+step not along the retain gradient (gradient projection, per group). Applied after ``layers``' scaling. Knobs:
+none. Cost: a copy of the trainable parameters per step (θ before the step) and three dots per parameter; the
+optimiser's state saw the unprojected gradient. Logged: ``projected`` = {group: ‖removed‖ / ‖Δθ_g‖}.
+
 Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``, ``lr``, ``forget_nll``,
 ``retain_nll`` (at θ before the step), ``e_unlearn``, ``e_retain`` (after scaling), ``ratio`` (ρ; null when
 ∞), ``scaled_groups`` ({group: factor}), ``annealed`` (why the learning rate was cut, or null),
@@ -91,7 +98,9 @@ from .objective_samples import objective_effects
 from .objectives import resolve
 from .state import preserved
 
-POLICIES = ("stop", "layers", "samples")
+POLICIES = ("stop", "layers", "samples", "project")
+#: what ``Guide`` runs unless told: the three policies of issue 22 (``project`` is opt-in)
+DEFAULT_POLICIES = ("stop", "layers", "samples")
 SCALES = ("grad", "update")
 
 
@@ -141,7 +150,7 @@ class Guide:
         self,
         model: nn.Module,
         probes: Mapping[str, Mapping[str, Tensor]],
-        policies: str | Sequence[str] = POLICIES,
+        policies: str | Sequence[str] = DEFAULT_POLICIES,
         groups: Any = "block",
         threshold: float = 1.0,
         patience: int = 2,
@@ -256,9 +265,10 @@ class Guide:
             "scaled_groups": {},
             "annealed": None,
             "probe_age": None,
+            "projected": {},
         }
         reason, streak = ("stopped earlier" if self.stopped else None), self.streak
-        if not self.stopped and ("stop" in self.policies or "layers" in self.policies):
+        if not self.stopped and {"stop", "layers", "project"} & set(self.policies):
             eu, er = self.effects()
             dec["probe_age"] = self.n_steps - self._d_at
             if dec["probe_age"] == 0:
@@ -281,8 +291,18 @@ class Guide:
             dec["annealed"], reason, streak = f"{reason}: lr × {self.anneal:g}", None, 0
         dec["stop"], dec["reason"], dec["taken"] = reason is not None, reason, reason is None
         saved = self._apply(dec["scaled_groups"]) if reason is None else []
+        theta = None
+        if reason is None and "project" in self.policies:
+            theta = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         dec["seconds"] = time.perf_counter() - t0 + self._weight_seconds
-        self._pending = {"decision": dec, "saved": saved, "streak": streak, "lrs": lrs, "optimizer": optimizer}
+        self._pending = {
+            "decision": dec,
+            "saved": saved,
+            "streak": streak,
+            "lrs": lrs,
+            "optimizer": optimizer,
+            "theta": theta,
+        }
         return reason is None
 
     def end(self) -> dict[str, Any]:
@@ -291,10 +311,14 @@ class Guide:
         if pending is None:
             raise RuntimeError("Guide.end() without begin()")
         dec = pending["decision"]
+        t0 = time.perf_counter()
         if self.scale == "update" and dec["taken"]:
             with torch.no_grad():
                 for p, factor, before, _ in pending["saved"]:
                     p.copy_(before + factor * (p - before))
+        if pending["theta"] is not None:
+            dec["projected"] = self._project(pending["theta"])
+        dec["seconds"] += time.perf_counter() - t0
         self.n_steps += 1
         self.streak = pending["streak"]
         self.stopped = self.stopped or dec["stop"]
@@ -381,6 +405,34 @@ class Guide:
         e.index_add_(1, torch.tensor(cols), torch.stack(dots, 1).double().cpu())
         eu, er = e.tolist()
         return dict(zip(grouping.names, eu)), dict(zip(grouping.names, er))
+
+    def _project(self, theta: Mapping[str, Tensor]) -> dict[str, float]:
+        """The ``project`` rule on the step just taken (θ − θ_before); returns {group: ‖removed‖ / ‖Δθ_g‖} for
+        the groups projected."""
+        d, grouping = self.probe_grads(), self.grouping()
+        named = dict(self.model.named_parameters())
+        G = len(grouping.names)
+        stats = torch.zeros(3, G, dtype=torch.float64)  # ⟨d_r, Δ⟩, ‖d_r‖², ‖Δ‖² per group
+        cols, rows = [], []
+        with torch.no_grad():
+            for n, before in theta.items():
+                delta = named[n].detach() - before
+                dr = d[n][1]
+                acc = torch.float64 if dr.dtype == torch.float64 else torch.float32
+                x, y = dr.reshape(-1).to(acc), delta.reshape(-1).to(acc)
+                rows.append(torch.stack([x @ y, x @ x, y @ y]))
+                cols.append(grouping.of[n])
+            stats.index_add_(1, torch.tensor(cols), torch.stack(rows, 1).double().cpu())
+            coef = torch.where((stats[0] > 0) & (stats[1] > 0), stats[0] / stats[1].clamp_min(1e-300), 0.0)
+            for n in theta:
+                c = float(coef[grouping.of[n]])
+                if c > 0:
+                    named[n].sub_(c * d[n][1].to(named[n].dtype))
+        return {
+            grouping.names[g]: float(coef[g] * stats[1, g].sqrt() / stats[2, g].sqrt())
+            for g in range(G)
+            if coef[g] > 0 and stats[2, g] > 0
+        }
 
     # -- pieces ------------------------------------------------------------------------------------------
     def _stop_reason(self, dec: Mapping[str, Any], streak: int) -> str | None:

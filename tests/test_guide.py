@@ -361,3 +361,40 @@ def test_probe_gradients_are_the_mean_token_nll_gradients_in_chunks_too():
     empty = {**probes, "retain": {**probes["retain"], "labels": torch.full_like(probes["retain"]["labels"], -100)}}
     with pytest.raises(ValueError, match="no labelled token"):
         Guide(model, empty, policies="stop").probe_grads()
+
+
+def test_project_removes_the_steps_retain_damage_per_group_by_hand():
+    """project: per group, Δθ_g − max(⟨d_r,g, Δθ_g⟩, 0)/‖d_r,g‖² d_r,g after an AdamW step; the damaging groups'
+    first-order retain change becomes 0, the others are untouched."""
+    model, forget, _, probes = _setup()
+    params = dict(model.named_parameters())
+    dr = dict(zip(params, torch.autograd.grad(gf.risk(model, probes["retain"]), list(params.values()))))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _ga_grad(model, forget)
+    shadow = copy.deepcopy(model)  # the same step without the guide
+    sopt = torch.optim.AdamW(shadow.parameters(), lr=1e-2)
+    for p, q in zip(model.parameters(), shadow.parameters()):
+        q.grad = p.grad.clone()
+    sopt.step()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    guide = Guide(model, probes, policies="project", groups="module")
+    assert guide.step(opt)
+    of = guide.group_of()
+    sp = dict(shadow.named_parameters())
+    want, removed = {}, {}
+    for g in set(of.values()):
+        ns = [n for n in params if of[n] == g]
+        delta = {n: sp[n].detach() - before[n] for n in ns}
+        a = sum(float((dr[n] * delta[n]).sum()) for n in ns)
+        nn2 = sum(float((dr[n] ** 2).sum()) for n in ns)
+        c = a / nn2 if a > 0 else 0.0
+        for n in ns:
+            want[n] = before[n] + delta[n] - c * dr[n]
+        if c > 0:
+            removed[g] = c * nn2**0.5 / sum(float((delta[n] ** 2).sum()) for n in ns) ** 0.5
+            assert sum(float((dr[n] * (want[n] - before[n])).sum()) for n in ns) == pytest.approx(0, abs=1e-12)
+    assert removed and len(removed) < len(set(of.values()))  # some groups damage, some do not
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), want[n], rtol=1e-10, atol=1e-12)
+    assert guide.decisions[0]["projected"] == pytest.approx(removed, rel=1e-8)
+    assert Guide(model, probes).policies == ("stop", "layers", "samples")  # project is opt-in

@@ -204,7 +204,8 @@ def _add_guide(r) -> None:
         help="steer the unlearning by the G-effects (gf.Guide at its defaults), comma-separated: stop (end the run "
         "once a step would raise the retain NLL more than the forget NLL, 2 steps running), layers (zero the "
         "gradient of the layer groups that harm retention most per unit of unlearning), samples (weight each "
-        "forget sample by its unlearning against its harm); writes guide.jsonl; default: none",
+        "forget sample by its unlearning against its harm), project (remove from each layer group's step its component "
+        "along the retain gradient where it would raise the retain NLL; opt-in); writes guide.jsonl; default: none",
     )
     r.add_argument(
         "--guide-every",

@@ -398,7 +398,8 @@ GUIDE_HEAD = ("objective", "step", "forget NLL", "retain NLL", "ρ", "groups sca
 GUIDE_NOTE = (
     "The guide's decision at each step (`guide.jsonl`): ρ = max(−e_u, 0)/(−e_r), the unlearning per unit of "
     "retention cost of the gradient about to be used (– where it does not harm retention); groups scaled by the "
-    "layers rule; sample weights (min–max) of the samples rule; NLLs before the step."
+    "layers rule, and the share of each group's step removed by the project rule; sample weights (min–max) of the "
+    "samples rule; NLLs before the step (– on steps that reuse the probes measured earlier, --guide-every)."
 )
 
 
@@ -427,7 +428,9 @@ def guide_rows(decisions: Sequence[dict[str, Any]]) -> list[list[str]]:
             rows.append(["…", f"{d} steps more (guide.jsonl)", *[""] * (len(GUIDE_HEAD) - 2)])
             continue
         w = d.get("sample_weights")
-        scaled = ", ".join(f"{g}×{f:g}" for g, f in (d.get("scaled_groups") or {}).items()) or "–"
+        scaled = [f"{g}×{f:g}" for g, f in (d.get("scaled_groups") or {}).items()]
+        scaled += [f"{g} −{share:.0%} (projected)" for g, share in (d.get("projected") or {}).items()]
+        scaled = ", ".join(scaled) or "–"
         decision = f"stop: {d.get('reason')}" if d.get("stop") else "step"
         rows.append(
             [
