@@ -31,7 +31,7 @@ from .directions import Direction, DirectionBase
 from .distributed import refuse_sharded
 from .engine import DenseDot, backward, module_map, opened, plan_taps, start_batch, unwrap
 from .loss import check_batch, packed_samples
-from .objectives import Objective, resolve, split_batch
+from .objectives import Objective, resolve, sample_losses, split_batch
 from .ops import resolve as resolve_ops
 
 
@@ -121,11 +121,7 @@ def objective_effects(
         session.acc = torch.float64 if mm.f64 or dir_dtype == torch.float64 else torch.float32
         try:
             start_batch(model, session, rows)
-            per = objective.per_sample(model, batch, ref_model)
-            if per.shape != (B,):
-                raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B}]")
-            if not bool(torch.isfinite(per.detach()).all()):
-                raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
+            per = sample_losses(objective, model, batch, ref_model, B)
             if not per.requires_grad:
                 raise RuntimeError("the objective does not depend on any tapped layer: no gradient can flow")
             backward(per.sum(), mm.device.type)

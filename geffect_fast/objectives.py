@@ -77,6 +77,17 @@ KL_POSITIONS = ("all", "labelled")
 RMU_DISTANCES = ("mse", "l1")
 
 
+def sample_losses(objective: Any, model: nn.Module, batch: Any, ref_model: nn.Module | None, B: int) -> Tensor:
+    """``objective.per_sample(model, batch, ref_model)``, checked: shape [B] (one value per forget sample) and
+    finite."""
+    per = objective.per_sample(model, batch, ref_model)
+    if per.shape != (B,):
+        raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B}]")
+    if not bool(torch.isfinite(per.detach()).all()):
+        raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
+    return per
+
+
 def split_batch(batch: Any) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor] | None, Mapping[str, Tensor] | None]:
     """(forget, retain, idk) from a plain forget batch or an open-unlearning dict."""
     if isinstance(batch, Mapping) and "forget" in batch:

@@ -44,7 +44,7 @@ from .engine import (
     unwrap,
 )
 from .loss import check_batch, packed_samples, sample_nll
-from .objectives import Objective, resolve, split_batch
+from .objectives import Objective, resolve, sample_losses, split_batch
 
 #: how a pair of uses is contracted: "auto" (the cheaper by the cost model), "ghost" or "materialise"
 METHODS = ("auto", "ghost", "materialise")
@@ -134,11 +134,7 @@ def measure_pairwise(
     dev = mm.device.type
     with opened(mm, plan, mode, ref_model=ref_model) as session:  # 1. the objective's factors
         start_batch(model, session, obj_rows)
-        per = objective.per_sample(model, objective_batch, ref_model)
-        if per.shape != (B_obj,):
-            raise ValueError(f"objective {objective.name!r}: per_sample gave {tuple(per.shape)}, not [{B_obj}]")
-        if not bool(torch.isfinite(per.detach()).all()):
-            raise ValueError(f"objective {objective.name!r} is not finite on the objective batch")
+        per = sample_losses(objective, model, objective_batch, ref_model, B_obj)
         backward(per.sum(), dev)
         session.check_outside_uses()
     vocab = {n: mm.named[n].shape[0] for n in trainable}

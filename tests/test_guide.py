@@ -398,3 +398,20 @@ def test_project_removes_the_steps_retain_damage_per_group_by_hand():
         torch.testing.assert_close(p.detach(), want[n], rtol=1e-10, atol=1e-12)
     assert guide.decisions[0]["projected"] == pytest.approx(removed, rel=1e-8)
     assert Guide(model, probes).policies == ("stop", "layers", "samples")  # project is opt-in
+
+
+def test_callback_projects_each_optimiser_step(tmp_path):
+    """project under Trainer (gradient accumulation, clipping): every optimiser step is projected in end(), so the
+    parameters differ from the same training without the guide."""
+    from geffect_fast.hf import GuideCallback
+
+    _, _, _, probes = _setup()
+    plain = make_model("llama", dtype=torch.float32)
+    model = make_model("llama", dtype=torch.float32)
+    _trainer(tmp_path / "a", plain, GuideCallback(probes, policies="stop", threshold=0.0), steps=2).train()
+    cb = GuideCallback(probes, policies="project", every=2)
+    _trainer(tmp_path / "b", model, cb, steps=2).train()
+    decs = cb.guide.decisions
+    assert [d["probe_age"] for d in decs] == [0, 1] and any(d["projected"] for d in decs)
+    moved = [n for (n, p), q in zip(model.named_parameters(), plain.parameters()) if not torch.equal(p, q)]
+    assert moved
