@@ -71,7 +71,8 @@ Decisions (``guide.decisions``, and one JSON line per step in ``log``): ``step``
 ∞), ``scaled_groups`` ({group: factor}), ``annealed`` (why the learning rate was cut, or null),
 ``sample_weights`` (the weights of the last :meth:`weighted` call before this step, or null), ``taken``
 (whether the optimiser stepped), ``stop``, ``reason``, ``probe_age`` (steps since the probe gradients were
-measured: 0 when at θ of this step), ``projected`` ({group: share removed}, ``project``), ``seconds`` (the guide's own time this step, weighting included).
+measured: 0 when at θ of this step), ``projected`` ({group: share removed}, ``project``), ``seconds`` (the
+guide's own time this step, weighting and projection included).
 ``forget_nll`` and ``retain_nll`` are those of the probe measurement (null on the steps that reuse it; the
 ``target_forget_nll`` test runs on measured steps only).
 ``probe_batch=n`` measures each probe set n rows per forward+backward (the gradients added: the same ∇R, in
