@@ -367,12 +367,8 @@ def _plan(call: _Call, backend: str, strict: bool, forced: Mapping[str, str] | N
         else V[n]
         for n in autograd
     }
-    dtypes = {v.dtype for v in V.values()}
-    dir_dtype = torch.float64 if torch.float64 in dtypes else next(iter(dtypes))
-    for dt in dtypes:
-        dir_dtype = torch.promote_types(dir_dtype, dt)
+    dir_dtype, acc = mm.pass_dtypes(v.dtype for v in V.values())
     ops = resolve(backend, mm.device, mm.act_dtype, dir_dtype)
-    acc = torch.float64 if mm.f64 or torch.float64 in dtypes else torch.float32
     group_names = tuple(grouping.names) + ((UNCOVERED,) if uncovered else ())
     return _PassPlan(plan, uncovered, autograd, V_auto, ops, acc, group_names)
 

@@ -81,7 +81,6 @@ bounded memory; a packed probe batch goes whole).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -95,9 +94,9 @@ from . import groups as groups_mod
 from . import logs
 from .directions import Direction
 from .engine import unwrap
-from .loss import IGNORE_INDEX, forward_logits, packed_samples, token_nll
+from .loss import has_labels, packed_samples, pool_size, risk, row_chunks, sample_counts, weighted_chunks
 from .objective_samples import objective_effects
-from .objectives import resolve
+from .objectives import forget_part, resolve
 from .state import preserved
 
 POLICIES = ("stop", "layers", "samples", "project")
@@ -225,10 +224,7 @@ class Guide:
         if not callable(getattr(objective, "per_sample", None)):
             raise TypeError(f"the samples policy needs an objective with per_sample(), not {objective!r}")
         t0 = time.perf_counter()
-        forget_only = objective
-        if getattr(objective, "retain", None):
-            forget_only = copy.copy(objective)
-            forget_only.retain = None
+        forget_only = forget_part(objective)
         d = Direction(self.probe_grads(), names=("unlearn", "retain"))
         E = objective_effects(self.model, forget_only, batch, d, self.groups, ref_model, self.backend, self.mode)
         w = sample_weights(E.total("unlearn"), E.total("retain"), self.clip)
@@ -292,10 +288,10 @@ class Guide:
                 g["lr"] = g["lr"] * self.anneal
             dec["annealed"], reason, streak = f"{reason}: lr × {self.anneal:g}", None, 0
         dec["stop"], dec["reason"], dec["taken"] = reason is not None, reason, reason is None
-        saved = self._apply(dec["scaled_groups"]) if reason is None else []
         theta = None
         if reason is None and "project" in self.policies:
             theta = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        saved = self._apply(dec["scaled_groups"], theta) if reason is None else []
         dec["seconds"] = time.perf_counter() - t0 + self._weight_seconds
         self._pending = {
             "decision": dec,
@@ -363,26 +359,22 @@ class Guide:
         return d
 
     def _probe_grad(self, key: str, named: list[tuple[str, nn.Parameter]], d: dict[str, Tensor], k: int) -> float:
-        """d[·][k] = ∇R of probe set ``key`` (R = Σ_t nll_t / N over its N labelled tokens, ``probe_batch`` rows
-        per backward, the chunks' gradients added); returns R."""
+        """d[·][k] = ∇R of probe set ``key`` (R its mean token NLL, ``probe_batch`` rows per backward, pooled
+        exactly: :func:`~geffect_fast.loss.weighted_chunks`); returns R."""
         batch = self.probes[key]
-        labels = batch["labels"]
-        N = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if N == 0:
+        if not has_labels(batch):
             raise ValueError(f"the {key!r} probe has no labelled token: its NLL is undefined")
-        rows = labels.shape[0]
         # a packed batch's keys are not all per row (cu_seq_lens): it goes whole
-        step = rows if self.probe_batch is None or packed_samples(batch) is not None else self.probe_batch
+        size = None if packed_samples(batch) is not None else self.probe_batch
+        D = pool_size(sample_counts(batch, packed_samples(batch)).cpu(), "token_mean")
         params = [p for _, p in named]
         total = 0.0
-        for r0 in range(0, rows, step):
-            chunk = {n: (t[r0 : r0 + step] if isinstance(t, Tensor) and t.dim() > 0 else t) for n, t in batch.items()}
-            nll, _ = token_nll(forward_logits(self.model, chunk), chunk["labels"])
-            L = nll.sum() / N
-            total += float(L.detach())
-            if not math.isfinite(total):
-                raise ValueError(f"the {key!r} probe's NLL is not finite: check the model and batch")
-            for (n, _), g in zip(named, torch.autograd.grad(L, params, allow_unused=True)):
+        for w, chunk in weighted_chunks(row_chunks(batch, size), D, "token_mean"):
+            R = risk(self.model, chunk)
+            if not bool(torch.isfinite(R.detach())):
+                raise ValueError(f"probe set {key!r}: the risk is not finite ({R.item()})")
+            total += w * float(R.detach())
+            for (n, _), g in zip(named, torch.autograd.grad(R * w, params, allow_unused=True)):
                 if g is not None:
                     d[n][k].add_(g)
         return total
@@ -461,9 +453,12 @@ class Guide:
         grouping = self.grouping()
         return {n: grouping.names[i] for n, i in grouping.of.items()}
 
-    def _apply(self, scales: Mapping[str, float]) -> list[tuple[nn.Parameter, float, Tensor | None, Tensor | None]]:
-        """Scale the chosen groups' ``.grad`` (scale="grad") or copy their parameters (scale="update"); returns
-        (parameter, factor, θ_before or None, the gradient before scaling or None) for end() and abort()."""
+    def _apply(
+        self, scales: Mapping[str, float], theta: Mapping[str, Tensor] | None = None
+    ) -> list[tuple[nn.Parameter, float, Tensor | None, Tensor | None]]:
+        """Scale the chosen groups' ``.grad`` (scale="grad") or copy their parameters (scale="update"; from
+        ``theta``, the project rule's copy of θ, where there is one); returns (parameter, factor, θ_before or None,
+        the gradient before scaling or None) for end() and abort()."""
         if not scales:
             return []
         of = self.group_of()
@@ -474,7 +469,7 @@ class Guide:
                 if factor is None or not p.requires_grad:
                     continue
                 if self.scale == "update":
-                    saved.append((p, factor, p.detach().clone(), None))
+                    saved.append((p, factor, theta[n] if theta is not None else p.detach().clone(), None))
                 elif p.grad is not None:
                     saved.append((p, factor, None, p.grad.detach().clone()))
                     p.grad.mul_(factor)

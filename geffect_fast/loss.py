@@ -305,3 +305,33 @@ def risk_parts(model: nn.Module, batch: Mapping[str, Tensor], reduction: str = "
         else:
             S = (per_sample_sums(nll, packed) / n.clamp_min(1).to(nll.dtype)).sum()
         return S.double(), D
+
+
+def has_labels(batch: Mapping[str, Tensor]) -> bool:
+    """Whether ``batch`` holds a labelled token (a shifted label that is not ignored)."""
+    return bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())
+
+
+def row_chunks(batch: Mapping[str, Tensor], size: int | None) -> list[dict[str, Tensor]]:
+    """``batch`` split into consecutive chunks of ``size`` rows (entries whose first dimension is not the batch
+    size, e.g. a broadcast ``position_ids`` [1, T], are passed whole); one chunk when ``size`` is None."""
+    B = batch["input_ids"].shape[0]
+    if size is None or size >= B:
+        return [dict(batch)]
+
+    def rows(v: Any, i: int) -> Any:
+        return v[i : i + size] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == B else v
+
+    return [{k: rows(v, i) for k, v in batch.items()} for i in range(0, B, size)]
+
+
+def weighted_chunks(
+    chunks: list[dict[str, Tensor]], D: Tensor | float, reduction: str
+) -> list[tuple[float, dict[str, Tensor]]]:
+    """(w_c, chunk) for the ``chunks`` of a batch that hold a labelled token, w_c = D_c / D (D the whole batch's
+    :func:`pool_size`): R(batch) = Σ_c w_c R(chunk) exactly, and so ∇R and ∇²R."""
+    out = []
+    for c in chunks:
+        if has_labels(c):
+            out.append((float(pool_size(sample_counts(c, packed_samples(c)).cpu(), reduction)) / float(D), c))
+    return out

@@ -18,7 +18,6 @@ the taps (there is no per-sample autograd fallback).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -31,7 +30,7 @@ from .directions import Direction, DirectionBase
 from .distributed import refuse_sharded
 from .engine import DenseDot, backward, module_map, opened, plan_taps, start_batch, unwrap
 from .loss import check_batch, packed_samples
-from .objectives import Objective, resolve, sample_losses, split_batch
+from .objectives import Objective, forget_part, resolve, sample_losses, split_batch
 from .ops import resolve as resolve_ops
 
 
@@ -83,9 +82,7 @@ def objective_effects(
             "objective_effects needs each forget sample's share of the objective: a built-in objective or one with "
             f"a per_sample(model, batch, ref_model) method, not {objective!r}"
         )
-    if getattr(objective, "retain", None):  # the retain term is no forget sample's share: L_u's forget part only
-        objective = copy.copy(objective)
-        objective.retain = None
+    objective = forget_part(objective)  # the retain term is no forget sample's share
     if isinstance(direction, DirectionBase) and direction.factored:
         raise TypeError("objective_effects takes a dense direction; pass the factored direction's .dense()")
     if not isinstance(direction, DirectionBase):
@@ -108,17 +105,13 @@ def objective_effects(
     if plan.uncovered:
         n, why = next(iter(plan.uncovered.items()))
         raise UnsupportedModuleError(f"objective_effects needs every parameter of the direction covered: {n}: {why}")
-    dtypes = [v.dtype for v in V.values()]
-    dir_dtype = dtypes[0]
-    for dt in dtypes:
-        dir_dtype = torch.promote_types(dir_dtype, dt)
+    dir_dtype, acc = mm.pass_dtypes(v.dtype for v in V.values())
     ops = resolve_ops(backend, mm.device, mm.act_dtype, dir_dtype)
     B = rows["input_ids"].shape[0]
     with opened(mm, plan, mode, ref_model=ref_model) as session:
         session.V = [V[n] for n in plan.order]
         session.ops = ops.unchecked
-        session.K, session.G, session.device = direction.k, len(grouping), mm.device
-        session.acc = torch.float64 if mm.f64 or dir_dtype == torch.float64 else torch.float32
+        session.K, session.G, session.device, session.acc = direction.k, len(grouping), mm.device, acc
         try:
             start_batch(model, session, rows)
             per = sample_losses(objective, model, batch, ref_model, B)

@@ -64,6 +64,7 @@ weights (per token for WGA/TNPO/WTNPO, per sequence for NPO and SimNPO) for anal
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Mapping
 
 import torch
@@ -75,6 +76,16 @@ from .loss import IGNORE_INDEX, forward_logits, risk, token_nll
 EPS = 1e-5  # the official code's constant in TNPO/WTNPO's denominators
 KL_POSITIONS = ("all", "labelled")
 RMU_DISTANCES = ("mse", "l1")
+
+
+def forget_part(objective: Any) -> Any:
+    """The objective without its retain term (itself where it has none): L_u's forget part, Σ_j ℓ^obj_j, which
+    :meth:`Objective.per_sample` splits by forget sample."""
+    if not getattr(objective, "retain", None):
+        return objective
+    part = copy.copy(objective)
+    part.retain = None
+    return part
 
 
 def sample_losses(objective: Any, model: nn.Module, batch: Any, ref_model: nn.Module | None, B: int) -> Tensor:

@@ -83,7 +83,17 @@ from . import logs
 from .api import measure
 from .directions import Direction
 from .engine import unwrap
-from .loss import IGNORE_INDEX, packed_samples, pool_size, reduction_weights, risk, risk_parts, sample_counts
+from .loss import (
+    has_labels,
+    packed_samples,
+    pool_size,
+    reduction_weights,
+    risk,
+    risk_parts,
+    row_chunks,
+    sample_counts,
+    weighted_chunks,
+)
 from .objectives import Objective, objective_name, resolve
 from .result import Result
 from .state import preserved
@@ -263,7 +273,7 @@ class Tracker:
     def _measure(self, direction: Direction) -> Result:
         chunked = any(len(cs) > 1 for cs in self._chunks.values())
         risks = (
-            {_chunk_name(r, i): c for r, cs in self._chunks.items() for i, c in enumerate(cs) if _has_labels(c)}
+            {_chunk_name(r, i): c for r, cs in self._chunks.items() for i, c in enumerate(cs) if has_labels(c)}
             if chunked
             else self.probes
         )
@@ -338,10 +348,7 @@ class Tracker:
                 D = pool_size(_counts(self.probes[r]), self.reduction)
                 acc: dict[str, Tensor] = {}
                 loss = 0.0
-                for c in cs:
-                    if not _has_labels(c):
-                        continue
-                    w = float(pool_size(_counts(c), self.reduction)) / float(D)
+                for w, c in weighted_chunks(cs, D, self.reduction):
                     R = risk(self.model, c, self.reduction)
                     if not bool(torch.isfinite(R.detach())):
                         raise ValueError(f"probe set {r!r}: the risk is not finite ({R.item()})")
@@ -479,7 +486,7 @@ class Tracker:
             if self._comm is None:
                 out = {}
                 for r, cs in self._chunks.items():
-                    parts = [risk_parts(self.model, c, self.reduction) for c in cs if _has_labels(c)]
+                    parts = [risk_parts(self.model, c, self.reduction) for c in cs if has_labels(c)]
                     out[r] = float(sum(S for S, _ in parts) / sum(D for _, D in parts))
                 return out
             parts = torch.stack(
@@ -502,10 +509,8 @@ class Tracker:
             for r, cs in self._chunks.items():
                 D = pool_size(_counts(self.probes[r]), self.reduction)
                 out[r] = 0.0
-                for c in cs:  # vᵀ∇²R v = Σ_chunks (D_chunk/D)·vᵀ∇²R_chunk v
-                    if not _has_labels(c):
-                        continue
-                    w = float(pool_size(_counts(c), self.reduction)) / float(D)
+                # vᵀ∇²R v = Σ_chunks (D_chunk/D)·vᵀ∇²R_chunk v
+                for w, c in weighted_chunks(cs, D, self.reduction):
                     R = risk(self.model, c, self.reduction)
                     grads = torch.autograd.grad(R, plist, create_graph=True, allow_unused=True)
                     dot = sum((g * t).sum() for g, t in zip(grads, vs) if g is not None)
@@ -620,25 +625,13 @@ def _probe_group(model: nn.Module, process_group: Any, smooth: bool, probe_batch
 
 
 def _chunked(probes: Mapping[str, Mapping[str, Tensor]], size: int | None) -> dict[str, list[dict[str, Tensor]]]:
-    """Each probe set in chunks of ``size`` rows (:func:`_row_chunks`); chunk names must not clash with probes."""
-    chunks = {r: _row_chunks(b, size) for r, b in probes.items()}
+    """Each probe set in chunks of ``size`` rows (:func:`~geffect_fast.loss.row_chunks`); chunk names must not clash
+    with probes."""
+    chunks = {r: row_chunks(b, size) for r, b in probes.items()}
     names = {_chunk_name(r, i) for r, cs in chunks.items() if len(cs) > 1 for i in range(len(cs))}
     if names & set(probes):
         raise ValueError(f"probe names must not look like chunk names {sorted(names & set(probes))}")
     return chunks
-
-
-def _row_chunks(batch: Mapping[str, Tensor], size: int | None) -> list[dict[str, Tensor]]:
-    """``batch`` split into consecutive chunks of ``size`` rows (entries whose first dimension is not the batch
-    size, e.g. a broadcast ``position_ids`` [1, T], are passed whole); one chunk when ``size`` is None."""
-    B = batch["input_ids"].shape[0]
-    if size is None or size >= B:
-        return [dict(batch)]
-
-    def rows(v: Any, i: int) -> Any:
-        return v[i : i + size] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == B else v
-
-    return [{k: rows(v, i) for k, v in batch.items()} for i in range(0, B, size)]
 
 
 def _chunk_name(risk_name: str, i: int) -> str:
@@ -648,7 +641,3 @@ def _chunk_name(risk_name: str, i: int) -> str:
 def _counts(batch: Mapping[str, Tensor]) -> Tensor:
     """n_b per sample of a probe batch (per packed sample where its rows are packed), on the CPU."""
     return sample_counts(batch, packed_samples(batch)).cpu()
-
-
-def _has_labels(batch: Mapping[str, Tensor]) -> bool:
-    return bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())

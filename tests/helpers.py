@@ -6,6 +6,7 @@ import torch
 import transformers as tf
 from torch import Tensor, nn
 
+from geffect_fast import groups as groups_mod
 from geffect_fast.loss import forward_logits, sample_nll
 
 VOCAB = 61  # odd on purpose
@@ -312,6 +313,17 @@ def random_direction(
     }
 
 
+def add_group_dots(e: Tensor, g: Tensor, v: Tensor, cols: int | tuple[int, ...]) -> None:
+    """e[k, col] += ⟨g, v_k⟩ in float64 for each of the K directions of ``v`` [K, *shape]; where ``cols`` is a
+    tuple, slice i of the first dimension goes to column cols[i] (MoE experts)."""
+    for k in range(v.shape[0]):
+        if isinstance(cols, tuple):
+            for i, col in enumerate(cols):
+                e[k, col] += (g[i].double() * v[k][i].double()).sum()
+        else:
+            e[k, cols] += (g.double() * v[k].double()).sum()
+
+
 def oracle(
     model: nn.Module,
     V: dict[str, Tensor],
@@ -347,13 +359,7 @@ def oracle(
             for name, gr in zip(names, grads):
                 if gr is None:
                     continue
-                cols = group_of[name]
-                for k in range(K):
-                    if isinstance(cols, tuple):
-                        for i, col in enumerate(cols):
-                            e[k, b, col] += (gr[i].double() * V[name][k][i].double()).sum()
-                    else:
-                        e[k, b, cols] += (gr.double() * V[name][k].double()).sum()
+                add_group_dots(e[:, b], gr, V[name], group_of[name])
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
@@ -363,6 +369,26 @@ def oracle(
     else:
         c = (n > 0).double() / (n > 0).sum()
     return e, c
+
+
+def objective_oracle(
+    model: nn.Module, objective, batch, V: dict[str, Tensor], groups, ref_model: nn.Module | None
+) -> tuple[Tensor, tuple[str, ...]]:
+    """(e [K, B, G], group names): e[k, j, g] = ⟨∇ℓ^obj_j, V_k⟩ over group g by per-sample autograd (each forget
+    sample's share of the objective differentiated alone, in the batch's forward), in float64; MoE slices split by
+    expert."""
+    params = dict(model.named_parameters())
+    names = list(V)
+    grouping = groups_mod.assign(model, groups, names)
+    per = objective.per_sample(model, batch, ref_model)
+    K, B = next(iter(V.values())).shape[0], per.shape[0]
+    e = torch.zeros(K, B, len(grouping.names), dtype=torch.float64)
+    for j in range(B):
+        grads = torch.autograd.grad(per[j], [params[n] for n in names], retain_graph=True, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                add_group_dots(e[:, j], g, V[n], grouping.columns(n))
+    return e, tuple(grouping.names)
 
 
 def assert_close_per_group(ours: Tensor, ref: Tensor, rtol: float, what: str = "") -> float:

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import Rows, make_batch, make_model
+from helpers import Rows, make_batch, make_model, objective_oracle
 
 import geffect_fast as gf
 from geffect_fast import objectives as O
@@ -139,17 +139,14 @@ def test_stop_never_fires_at_threshold_zero_and_fires_at_the_target_nll():
 
 
 def _sample_effects(model, objective, batch, probes, ref):
-    """u_j, h_j = ⟨∇R, ∇ℓ^obj_j⟩ for R the unlearn and retain probes' mean token NLL: per-sample autograd (each
-    forget sample's ℓ^obj_j differentiated alone, in the batch's forward), in float64."""
+    """u_j, h_j = ⟨∇R, ∇ℓ^obj_j⟩ for R the unlearn and retain probes' mean token NLL, by per-sample autograd in
+    float64 (helpers.objective_oracle)."""
+    names = [n for n, _ in model.named_parameters()]
     params = [p for p in model.parameters()]
     d = [torch.autograd.grad(gf.risk(model, probes[k]), params) for k in ("unlearn", "retain")]
-    out = ([], [])
-    per = objective.per_sample(model, batch, ref)
-    for j in range(batch["input_ids"].shape[0]):
-        g = torch.autograd.grad(per[j], params, retain_graph=True)
-        for k in range(2):
-            out[k].append(float(sum((a.double() * b.double()).sum() for a, b in zip(g, d[k]))))
-    return out
+    V = {n: torch.stack([du, dr]) for n, du, dr in zip(names, *d)}
+    e, _ = objective_oracle(model, objective, batch, V, "block", ref)
+    return e.sum(-1).tolist()
 
 
 @pytest.mark.parametrize("name", ["ga", "npo", "gd"])
@@ -415,3 +412,26 @@ def test_callback_projects_each_optimiser_step(tmp_path):
     assert [d["probe_age"] for d in decs] == [0, 1] and any(d["projected"] for d in decs)
     moved = [n for (n, p), q in zip(model.named_parameters(), plain.parameters()) if not torch.equal(p, q)]
     assert moved
+
+
+def test_layers_update_and_project_together():
+    """layers (scale="update", factor 0) then project: the scaled groups stay exactly where they were (their step
+    is zero, nothing to project), the others are projected (their first-order retain change is not positive)."""
+    model, forget, _, probes = _setup()
+    params = dict(model.named_parameters())
+    dr = dict(zip(params, torch.autograd.grad(gf.risk(model, probes["retain"]), list(params.values()))))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _ga_grad(model, forget)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    guide = Guide(model, probes, policies=("layers", "project"), quantile=0.5, scale="update")
+    assert guide.step(opt)
+    dec, of = guide.decisions[0], guide.group_of()
+    assert dec["scaled_groups"] and dec["projected"]
+    assert not set(dec["scaled_groups"]) & set(dec["projected"])
+    for g in set(of.values()):
+        ns = [n for n in params if of[n] == g]
+        if g in dec["scaled_groups"]:
+            assert all(torch.equal(params[n].detach(), before[n]) for n in ns), g
+        else:
+            change = sum(float((dr[n] * (params[n].detach() - before[n])).sum()) for n in ns)
+            assert change <= 1e-12, g

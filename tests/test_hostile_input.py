@@ -150,3 +150,21 @@ def test_a_reproduce_folder_with_a_bad_meta_json_is_refused_before_anything_is_r
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / 'meta.json'}:" in err and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["geffects.jsonl", "meta.json"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("projected", {"embed": "half"}, "projected.embed must be a finite number"),
+        ("scaled_groups", {"embed": None}, "scaled_groups.embed must be a finite number"),
+    ],
+)
+def test_report_on_a_bad_guide_decision_is_one_line_naming_file_and_field(tmp_path, capsys, field, value, message):
+    """Every field of guide.jsonl the report draws is checked before anything is written."""
+    rec = {"objective": "GA", "step": 1, "risk": "unlearn", "total": -1.0, "groups": {"embed": -1.0}}
+    (tmp_path / "geffects.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "guide.jsonl").write_text(json.dumps({"objective": "GA", "step": 1, field: value}) + "\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'guide.jsonl'}:1:" in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["geffects.jsonl", "guide.jsonl"]

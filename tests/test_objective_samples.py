@@ -6,35 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import make_batch, make_model, random_direction
+from helpers import make_batch, make_model, objective_oracle, random_direction
 
 import geffect_fast as gf
-from geffect_fast import groups as groups_mod
 from geffect_fast import objectives as O
 from geffect_fast.objective_samples import objective_effects
-
-
-def _oracle(model, objective, batch, rows, V, groups, ref):
-    """[K, B, G]: per-sample autograd of each ℓ^obj_j, dotted with V per group (MoE slices split by expert)."""
-    params = dict(model.named_parameters())
-    names = list(V)
-    grouping = groups_mod.assign(model, groups, names)
-    per = objective.per_sample(model, batch, ref)
-    K, B = next(iter(V.values())).shape[0], rows["input_ids"].shape[0]
-    e = torch.zeros(K, B, len(grouping.names), dtype=torch.float64)
-    for j in range(B):
-        grads = torch.autograd.grad(per[j], [params[n] for n in names], retain_graph=True, allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is None:
-                continue
-            cols = grouping.columns(n)
-            for k in range(K):
-                if isinstance(cols, tuple):
-                    for i, c in enumerate(cols):
-                        e[k, j, c] += (g[i].double() * V[n][k][i].double()).sum()
-                else:
-                    e[k, j, cols] += (g.double() * V[n][k].double()).sum()
-    return e, tuple(grouping.names)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +37,7 @@ def test_matches_per_sample_autograd(family, name, side, groups):
     objective = O.get(name)
     res = gf.objective_effects(model, objective, batch, gf.Direction(V, names=("a", "b")), groups, ref)
     forget_only = O.get("ga") if name == "gd" else objective  # the retain term is not a forget sample's share
-    want, names = _oracle(model, forget_only, batch, forget, V, groups, ref)
+    want, names = objective_oracle(model, forget_only, batch, V, groups, ref)
     assert res.groups == names and res.directions == ("a", "b") and res.values.shape == want.shape
     assert want.abs().max() > 0
     torch.testing.assert_close(res.values, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
@@ -80,7 +56,7 @@ def test_float32_model_and_the_model_left_as_it_was():
     res = objective_effects(model, "ga", batch, {n: v[0] for n, v in V.items()})
     assert model.training and all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     m64 = copy.deepcopy(model).double().eval()
-    want, _ = _oracle(m64, O.get("ga"), {k: v for k, v in batch.items()}, batch, V, "block", None)
+    want, _ = objective_oracle(m64, O.get("ga"), batch, V, "block", None)
     torch.testing.assert_close(res.values, want, rtol=2e-4, atol=2e-5 * float(want.abs().max()))
 
 

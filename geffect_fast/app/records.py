@@ -166,6 +166,7 @@ GUIDE_DECISION = {
     "step": INTEGER,
     **{f"{k}?": Maybe(NUMBER) for k in ("forget_nll", "retain_nll", "e_unlearn", "e_retain", "ratio")},
     "scaled_groups?": {"*": NUMBER},
+    "projected?": {"*": NUMBER},
     "sample_weights?": Maybe([NUMBER]),
     "stop?": bool,
     "reason?": Maybe(str),

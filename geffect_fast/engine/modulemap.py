@@ -14,7 +14,7 @@ import threading
 import weakref
 from itertools import chain
 from operator import attrgetter, is_
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -108,6 +108,15 @@ class ModuleMap:
         return v
 
     # -- per call ------------------------------------------------------------------------------------------
+    def pass_dtypes(self, dtypes: Iterable[torch.dtype]) -> tuple[torch.dtype, torch.dtype]:
+        """(the direction's dtype, the pass's accumulation dtype) for a direction whose entries have ``dtypes``: their
+        promotion, and float64 where the model or the direction holds float64, else float32."""
+        dtypes = set(dtypes)
+        dir_dtype = torch.float64 if torch.float64 in dtypes else next(iter(dtypes))
+        for dt in dtypes:
+            dir_dtype = torch.promote_types(dir_dtype, dt)
+        return dir_dtype, torch.float64 if self.f64 or torch.float64 in dtypes else torch.float32
+
     def trainable(self) -> tuple[str, ...]:
         """Names of the parameters that require grad now (the same tuple object while the flags are unchanged)."""
         flags = list(map(_REQUIRES_GRAD, self.params))
